@@ -1,0 +1,143 @@
+"""Atomic writes and the on-disk formats of wsss artifacts: npz CAMs, palette PNG masks, JSON manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+IGNORE_INDEX = 255
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), shape (n, 3) uint8; index 255 is (224, 224, 192)."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+VOC_PALETTE: list[int] = voc_colormap().reshape(-1).tolist()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`, on error delete it.
+
+    A killed run therefore leaves either the old file or no file, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a (H, W) uint8 label map as a palette PNG with the VOC colour map, atomically."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"{path}: mask must be a 2-D uint8 array, got {mask.dtype} {mask.shape}")
+    img = Image.fromarray(mask, mode="P")
+    img.putpalette(VOC_PALETTE)
+    with atomic_open(path, "wb") as f:
+        img.save(f, format="PNG")
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a label PNG as (H, W) uint8 indices.
+
+    Palette ("P") and greyscale ("L") PNGs are read as indices. An RGB PNG is accepted only when every colour
+    is a VOC palette colour (then mapped back to its index); otherwise it is an error naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: unreadable mask ({e})") from e
+    if mode in ("P", "L"):
+        return np.ascontiguousarray(arr, dtype=np.uint8)
+    if mode in ("RGB", "RGBA"):
+        return _rgb_to_index(arr[..., :3], path)
+    raise ValueError(f"{path}: mask has PIL mode {mode!r}; expected a palette (P) or greyscale (L) PNG")
+
+
+def _rgb_to_index(rgb: np.ndarray, path: Path) -> np.ndarray:
+    """Map an RGB rendering of a VOC palette mask back to indices, or fail naming the first foreign colour."""
+    cmap = voc_colormap().astype(np.int64)
+    code = (cmap[:, 0] << 16) | (cmap[:, 1] << 8) | cmap[:, 2]
+    lut = {int(c): i for i, c in enumerate(code)}
+    # Only indices 0..254 (classes) and 255 (void) are meaningful; later duplicates cannot occur in this map.
+    pix = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    uniq, inverse = np.unique(pix, return_inverse=True)
+    out = np.empty(len(uniq), dtype=np.uint8)
+    for j, u in enumerate(uniq):
+        if int(u) not in lut:
+            r, g, b = (int(u) >> 16) & 255, (int(u) >> 8) & 255, int(u) & 255
+            raise ValueError(
+                f"{path}: RGB mask has colour ({r}, {g}, {b}) that is not in the VOC palette; "
+                "save masks as palette PNGs"
+            )
+        out[j] = lut[int(u)]
+    return out[inverse].reshape(pix.shape)
+
+
+def write_cams(path: str | Path, keys: np.ndarray, maps: np.ndarray, **extra: np.ndarray) -> None:
+    """Write CAMs as npz: `keys` (K,) int16 foreground class indices, `maps` (K, H, W) float16, plus extras.
+
+    No pickled objects, so `np.load(..., allow_pickle=False)` reads it.
+    """
+    keys = np.asarray(keys, dtype=np.int16)
+    maps = np.asarray(maps, dtype=np.float16)
+    if maps.ndim != 3 or maps.shape[0] != keys.shape[0]:
+        raise ValueError(f"{path}: maps {maps.shape} do not match keys {keys.shape}")
+    with atomic_open(path, "wb") as f:
+        np.savez(f, keys=keys, maps=maps, **{k: np.asarray(v) for k, v in extra.items()})
+
+
+def read_cams(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a CAM npz written by `write_cams` (no pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CAM file not found: {path}")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,196 @@
+"""The embedded dataset: textured shapes on cluttered backgrounds, written once in PASCAL VOC layout.
+
+Each image holds 1-3 objects (a class may repeat) drawn with random colours, so only shape and texture tell the
+classes apart. Object sizes run from about 10 % to 70 % of the image side. Backgrounds are smooth colour noise
+with distractors that belong to no class (irregular blobs, line segments, speckle). Masks follow VOC: 0
+background, c + 1 for class c, a 255 void band along every object's outline. Generation is deterministic in
+(seed, index) and writes files atomically; `generator.json` records the parameters and is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from wsss.artifacts import IGNORE_INDEX, atomic_open, read_json, write_json, write_mask
+
+log = logging.getLogger(__name__)
+
+# Class = (shape, texture). Each texture is shared by two classes, so neither cue alone names a class.
+SYNTHETIC_CLASSES = ["disc", "triangle", "square", "star", "ring", "cross"]
+_TEXTURES = {"disc": "stripes", "triangle": "dots", "square": "checker", "star": "stripes", "ring": "checker",
+             "cross": "dots"}  # fmt: skip
+GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What determines the generated files."""
+
+    num_train: int = 1000
+    num_val: int = 200
+    image_size: int = 128
+    seed: int = 0
+    version: int = GENERATOR_VERSION
+
+
+def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A binary (size, size) mask of `shape`, randomly rotated and slightly stretched."""
+    m = np.zeros((size, size), np.uint8)
+    c = (size - 1) / 2.0
+    r = size / 2.0 - 1
+    angle = rng.uniform(0, 2 * np.pi)
+    stretch = rng.uniform(0.8, 1.0)
+
+    def poly(radii: np.ndarray, n: int) -> np.ndarray:
+        t = angle + np.arange(n) * 2 * np.pi / n
+        pts = np.stack([c + radii * np.cos(t), c + stretch * radii * np.sin(t)], 1)
+        return np.round(pts).astype(np.int32)
+
+    if shape == "disc":
+        cv2.ellipse(m, (round(c), round(c)), (round(r), round(r * stretch)), np.degrees(angle), 0, 360, 1, -1)
+    elif shape == "ring":
+        cv2.ellipse(m, (round(c), round(c)), (round(r), round(r * stretch)), np.degrees(angle), 0, 360, 1, -1)
+        inner = max(1, round(r * rng.uniform(0.45, 0.6)))
+        cv2.ellipse(m, (round(c), round(c)), (inner, round(inner * stretch)), np.degrees(angle), 0, 360, 0, -1)
+    elif shape == "triangle":
+        cv2.fillPoly(m, [poly(np.full(3, r), 3)], 1)
+    elif shape == "square":
+        cv2.fillPoly(m, [poly(np.full(4, r), 4)], 1)
+    elif shape == "star":
+        radii = np.tile([r, r * 0.42], 5)
+        cv2.fillPoly(m, [poly(radii, 10)], 1)
+    elif shape == "cross":
+        w = max(1, round(r * 0.36))
+        rot = cv2.getRotationMatrix2D((c, c), np.degrees(angle), 1.0)
+        bar = np.zeros_like(m)
+        cv2.rectangle(bar, (round(c - r), round(c - w)), (round(c + r), round(c + w)), 1, -1)
+        cv2.rectangle(bar, (round(c - w), round(c - r)), (round(c + w), round(c + r)), 1, -1)
+        m = cv2.warpAffine(bar, rot, (size, size), flags=cv2.INTER_NEAREST)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return m
+
+
+def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size) weight in [0, 1] blending the object's two colours."""
+    if kind == "plain":
+        return np.zeros((size, size), np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = rng.uniform(5, 9)
+    if kind == "stripes":
+        a = rng.uniform(0, np.pi)
+        return (np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period) > 0).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(xx / period) + np.floor(yy / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        d = np.hypot((xx % period) - period / 2, (yy % period) - period / 2)
+        return (d < period * 0.28).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0, 255, 3).astype(np.float32)
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth colour noise plus distractors: blobs, line segments and speckle that belong to no class."""
+    low = rng.uniform(0, 255, (rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
+    img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
+    for _ in range(rng.integers(1, 4)):  # irregular blobs: random star-convex polygons
+        n = rng.integers(5, 9)
+        cx, cy = rng.uniform(0, size, 2)
+        rad = rng.uniform(0.05, 0.2) * size * rng.uniform(0.5, 1.0, n)
+        t = np.sort(rng.uniform(0, 2 * np.pi, n))
+        pts = np.stack([cx + rad * np.cos(t), cy + rad * np.sin(t)], 1).round().astype(np.int32)
+        cv2.fillPoly(img, [pts], _colour(rng).tolist())
+    for _ in range(rng.integers(1, 5)):  # line segments
+        p, q = rng.uniform(0, size, (2, 2)).round().astype(int)
+        cv2.line(img, tuple(map(int, p)), tuple(map(int, q)), _colour(rng).tolist(), int(rng.integers(1, 4)))
+    img += rng.normal(0, rng.uniform(2, 12), img.shape).astype(np.float32)  # speckle
+    return img
+
+
+def render(index: int, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Image (H, W, 3) uint8 RGB and mask (H, W) uint8 of sample `index`; deterministic in (seed, index)."""
+    rng = np.random.default_rng([spec.seed, index])
+    size = spec.image_size
+    img = _background(size, rng)
+    mask = np.zeros((size, size), np.uint8)
+    border = np.zeros((size, size), bool)
+    kernel = np.ones((3, 3), np.uint8)
+    n_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+    classes = rng.integers(0, len(SYNTHETIC_CLASSES), n_objects)
+    if n_objects > 1 and rng.random() < 0.3:  # repeated instances of one class
+        classes[1] = classes[0]
+    for c in classes:
+        name = SYNTHETIC_CLASSES[c]
+        side = int(np.clip(round(size * np.exp(rng.uniform(np.log(0.12), np.log(0.7)))), 8, size))
+        shape = _shape_mask(name, side, rng)
+        tex = _texture(_TEXTURES[name], side, rng)
+        c1, c2 = _colour(rng), _colour(rng)
+        while np.abs(c1 - c2).sum() < 120 and _TEXTURES[name] != "plain":
+            c2 = _colour(rng)
+        patch = c1 * (1 - tex[..., None]) + c2 * tex[..., None]
+        patch += rng.normal(0, 4, patch.shape).astype(np.float32)
+        # Objects may be cut by the image edge, as in real photos.
+        x0, y0 = rng.integers(-side // 4, size - side + side // 4 + 1, 2)
+        xs, ys = slice(max(x0, 0), min(x0 + side, size)), slice(max(y0, 0), min(y0 + side, size))
+        sub = shape[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0].astype(bool)
+        region = img[ys, xs]
+        region[sub] = patch[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0][sub]
+        mask[ys, xs][sub] = c + 1
+        full = np.zeros((size, size), np.uint8)
+        full[ys, xs] = sub
+        edge = cv2.dilate(full, kernel) != cv2.erode(full, kernel)
+        border |= edge
+    mask[border] = IGNORE_INDEX
+    img = cv2.GaussianBlur(img, (3, 3), 0.6)
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed for {path}")
+    with atomic_open(path, "wb") as f:
+        f.write(buf.tobytes())
+
+
+def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
+    """Generate the dataset into `root` unless a complete one with the same spec is there; return `root`.
+
+    Raises:
+        ValueError: `root` holds a synthetic dataset generated with a different spec.
+    """
+    root = Path(root)
+    marker = root / "generator.json"
+    if marker.is_file():
+        found = read_json(marker)
+        if found != asdict(spec):
+            raise ValueError(
+                f"{root} holds a synthetic dataset generated with {found}, not {asdict(spec)}; "
+                "point dataset.root at another folder or delete this one"
+            )
+        return root
+    log.info("generating the synthetic dataset into %s (%s)", root, asdict(spec))
+    splits = {"train": range(spec.num_train), "val": range(spec.num_train, spec.num_train + spec.num_val)}
+    for split, indices in splits.items():
+        ids = [f"{split}_{i:05d}" for i in indices]
+        for image_id, i in zip(tqdm(ids, desc=f"synthetic {split}", unit="img"), indices, strict=True):
+            img_path = root / "JPEGImages" / f"{image_id}.jpg"
+            mask_path = root / "SegmentationClass" / f"{image_id}.png"
+            if img_path.is_file() and mask_path.is_file():  # atomic writes: an existing file is complete
+                continue
+            img, mask = render(i, spec)
+            _write_jpeg(img_path, img)
+            write_mask(mask_path, mask)
+        with atomic_open(root / "ImageSets" / "Segmentation" / f"{split}.txt", "w") as f:
+            f.write("\n".join(ids) + "\n")
+    write_json(marker, asdict(spec))
+    return root

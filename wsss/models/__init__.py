@@ -1,0 +1,5 @@
+"""Classifiers with a GAP head."""
+
+from wsss.models.classifier import BACKBONES, Classifier, load_checkpoint, save_checkpoint
+
+__all__ = ["BACKBONES", "Classifier", "load_checkpoint", "save_checkpoint"]

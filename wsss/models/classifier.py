@@ -1,0 +1,174 @@
+"""The classifier: torchvision ResNet trunk -> global average pooling -> bias-free 1x1 conv head.
+
+    x (B, 3, H, W) -> backbone -> feats (B, C, h, w) -> mean over (h, w) -> (B, C, 1, 1) -> head -> logits (B, K)
+
+Because the head is linear and bias-free after GAP, the class activation map of class k is exactly
+`head.weight[k] . feats` (Zhou et al. 2016, Eq. 2), and `wsss.cam` computes it without a backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from wsss.artifacts import atomic_open
+
+log = logging.getLogger(__name__)
+
+
+def resnet_tiny(weights: Any = None, **kwargs: Any) -> ResNet:
+    """A CPU-friendly ResNet: torchvision BasicBlocks, one per stage, widths 32-64-128-256 (1.2M parameters).
+
+    Has no pretrained weights; it exists so the pipeline trains from scratch in minutes on two cores.
+    """
+    if weights is not None:
+        raise ValueError(f"resnet_tiny has no pretrained weights (got weights={weights!r}); use weights=null")
+    net = ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+    widths = [32, 64, 128, 256]
+    # Rebuild the stem and stages at a quarter of ResNet's width, with the same module names.
+    net.inplanes = widths[0]
+    net.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(widths[0])
+    net.layer1 = net._make_layer(BasicBlock, widths[0], 1)
+    net.layer2 = net._make_layer(BasicBlock, widths[1], 1, stride=2)
+    net.layer3 = net._make_layer(BasicBlock, widths[2], 1, stride=2)
+    net.layer4 = net._make_layer(BasicBlock, widths[3], 1, stride=2)
+    net.fc = nn.Linear(widths[3], 1000)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+# name -> (builder, feature channels)
+BACKBONES: dict[str, tuple[Any, int]] = {
+    "resnet_tiny": (resnet_tiny, 256),
+    "resnet18": (torchvision.models.resnet18, 512),
+    "resnet34": (torchvision.models.resnet34, 512),
+    "resnet50": (torchvision.models.resnet50, 2048),
+}
+
+
+def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a stride-2 stage of BasicBlocks into a stride-1 stage with dilated 3x3 convs (DeepLab-style)."""
+    for block in layer:
+        for conv in (block.conv1, block.conv2):
+            conv.stride = (1, 1)
+            conv.dilation = (dilation, dilation)
+            conv.padding = (dilation, dilation)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+
+
+def _load_trunk(backbone: str, weights: str | None, output_stride: int) -> ResNet:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    builder, _ = BACKBONES[backbone]
+    dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[output_stride]
+    kwargs: dict[str, Any] = {}
+    if backbone == "resnet50":  # Bottleneck supports dilation natively (and keeps pretrained weights valid)
+        kwargs["replace_stride_with_dilation"] = dilate
+    if weights is not None and backbone != "resnet_tiny":
+        weights = torchvision.models.get_model_weights(builder)[weights]
+    try:
+        trunk = builder(weights=weights, **kwargs)
+    except (OSError, RuntimeError) as e:  # urllib errors are OSError subclasses
+        url = getattr(weights, "url", "?")
+        home = torch.hub.get_dir()
+        raise RuntimeError(
+            f"could not load {backbone} weights {weights}: {e}. Without network access, download {url} "
+            f"into {home}/checkpoints/ (TORCH_HOME), or use model.weights=null or model.checkpoint=PATH"
+        ) from e
+    if backbone != "resnet50":
+        rate = 1
+        for name, d in zip(("layer2", "layer3", "layer4"), dilate, strict=True):
+            if d:
+                rate *= 2
+                _dilate_basic_layer(getattr(trunk, name), rate)
+    return trunk
+
+
+class Classifier(nn.Module):
+    """Multi-label classifier with a GAP head, the model every CAM of wsss is read from.
+
+    Args:
+        num_classes: Number of foreground classes K.
+        backbone: One of `BACKBONES`.
+        output_stride: 32, 16 or 8; strides of the last stages are replaced by dilation.
+        weights: torchvision weights name (e.g. "IMAGENET1K_V1") or None for random init.
+    """
+
+    def __init__(
+        self, num_classes: int, backbone: str = "resnet_tiny", output_stride: int = 16, weights: str | None = None
+    ) -> None:
+        super().__init__()
+        self.kwargs = {
+            "num_classes": num_classes,
+            "backbone": backbone,
+            "output_stride": output_stride,
+            "weights": None,  # a checkpoint carries the trained weights; never re-download on rebuild
+        }
+        trunk = _load_trunk(backbone, weights, output_stride)
+        self.backbone = nn.Sequential(
+            OrderedDict(
+                stem=nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool),
+                layer1=trunk.layer1,
+                layer2=trunk.layer2,
+                layer3=trunk.layer3,
+                layer4=trunk.layer4,
+            )
+        )
+        channels = BACKBONES[backbone][1]
+        self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+        nn.init.kaiming_normal_(self.head.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.backbone(x)  # (B, C, h, w)
+        pooled = feats.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        return self.head(pooled).flatten(1)  # (B, K)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Backbone and head parameters, so a recipe can give the new head a larger learning rate."""
+        return [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}]
+
+
+def save_checkpoint(path: str | Path, model: Classifier, class_names: list[str], **extra: Any) -> None:
+    """Save what rebuilds the model alone: state_dict, constructor kwargs, class names (atomically)."""
+    payload = {
+        "state_dict": model.state_dict(),
+        "model_kwargs": dict(model.kwargs),
+        "class_names": list(class_names),
+        **extra,
+    }
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def load_checkpoint(
+    path: str | Path, class_names: list[str] | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[Classifier, list[str]]:
+    """Rebuild a `Classifier` from a checkpoint; if `class_names` is given, they must match the checkpoint's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    missing = {"state_dict", "model_kwargs", "class_names"} - set(payload)
+    if missing:
+        raise ValueError(f"{path}: not a wsss checkpoint (missing {sorted(missing)})")
+    names = list(payload["class_names"])
+    if class_names is not None and names != list(class_names):
+        raise ValueError(
+            f"{path}: checkpoint classes {names} differ from the dataset's classes {list(class_names)}"
+        )
+    model = Classifier(**payload["model_kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    return model, names
