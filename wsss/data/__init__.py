@@ -57,6 +57,7 @@ def build_source(cfg: Any, split: str) -> SegmentationSource:
         aug_mask_dir=cfg.aug_mask_dir,
         name=cfg.name,
         on_error=cfg.on_error,
+        require_masks=split == cfg.eval_split,  # a scored split needs every mask; training can use XML labels
     )
 
 

@@ -82,7 +82,7 @@ def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "plain":
         return np.zeros((size, size), np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = rng.uniform(5, 9)
+    period = rng.uniform(4, 7)
     if kind == "stripes":
         a = rng.uniform(0, np.pi)
         return (np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period) > 0).astype(np.float32)
@@ -130,7 +130,7 @@ def render(index: int, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
         classes[1] = classes[0]
     for c in classes:
         name = SYNTHETIC_CLASSES[c]
-        side = int(np.clip(round(size * np.exp(rng.uniform(np.log(0.12), np.log(0.7)))), 8, size))
+        side = int(np.clip(round(size * np.exp(rng.uniform(np.log(0.15), np.log(0.7)))), 8, size))
         shape = _shape_mask(name, side, rng)
         tex = _texture(_TEXTURES[name], side, rng)
         c1, c2 = _colour(rng), _colour(rng)
