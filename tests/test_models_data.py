@@ -98,3 +98,18 @@ def test_synthetic_statistics():
     assert counts.min() > 10
     assert repeats > 10
     assert min(sizes) < 0.01 and max(sizes) > 0.2  # small and large objects
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "resnet18", "resnet50"])
+def test_finer_output_stride_is_exact_a_trous(backbone):
+    """Reading an OS16 model at OS8 keeps every feature of the OS16 grid (the a-trous identity)."""
+    torch.manual_seed(0)
+    model = Classifier(3, backbone, 16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        coarse = model.backbone(x)  # (1, C, 4, 4)
+        fine = model.set_output_stride(8).backbone(x)  # (1, C, 8, 8)
+    assert fine.shape[-2:] == (8, 8) and model.output_stride == 8
+    torch.testing.assert_close(fine[..., ::2, ::2], coarse, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cannot coarsen"):
+        model.set_output_stride(16)

@@ -16,8 +16,8 @@ from omegaconf import MISSING
 class SyntheticConfig:
     """Parameters of the embedded dataset's generator (used when dataset.name == synthetic)."""
 
-    num_train: int = 1000
-    num_val: int = 200
+    num_train: int = 2000
+    num_val: int = 300
     image_size: int = 128
     seed: int = 0
 
@@ -50,14 +50,15 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Classifier training (multilabel soft margin loss, SGD with poly decay)."""
+    """Classifier training: multilabel soft margin loss, poly learning-rate decay (as IRN)."""
 
-    epochs: int = 24
+    epochs: int = 28
     batch_size: int = 32
-    lr: float = 0.1
+    optimizer: str = "adamw"  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
+    lr: float = 2e-3
     head_lr_mult: float = 1.0  # 10 is IRN's choice with a pretrained trunk
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-2
     crop_size: int | None = None  # null: the first image's longer side, rounded up to 32, at most 512
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
     num_workers: int = 2
@@ -69,6 +70,8 @@ class CamConfig:
 
     method: str = "cam"  # cam | gradcam | gradcampp | xgradcam | layercam | scorecam
     target_layer: str = "backbone.layer4"
+    output_stride: int | None = 8  # read the trained model at this stride (exact a-trous); null: as trained
+    batch_size: int = 16  # images of equal size per forward
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
     amp_dtype: str | None = None  # bfloat16 | float16: autocast, maps accumulated in float32

@@ -227,9 +227,22 @@ class Pipeline:
             log.info("%s: done in %.1f s", stage, seconds)
             return out_dir, manifest
 
+    def maps_for_split(self, split: str) -> tuple[SegmentationSource, Path]:
+        """The source and CAM folder of another split (made with the same model and CAM config if missing)."""
+        cfg = self.cfg.copy()
+        cfg.dataset.eval_split = split
+        other = Pipeline(cfg, self.run_dir)
+        _, manifest = other.ensure("cams")
+        for stage, how in other.report.items():
+            self.report[f"{stage}[{split}]"] = how
+        return other.source(split), Path(manifest["maps_dir"])
+
     def run(self, stage: str) -> dict[str, Any]:
-        """Run `stage` (and whatever upstream is missing); return its manifest."""
-        _, manifest = self.ensure(stage)
+        """Run `stage` (and whatever upstream is missing), let it report; return its manifest."""
+        out_dir, manifest = self.ensure(stage)
         summary = ", ".join(f"{s} {how}" for s, how in self.report.items())
         log.info("pipeline: %s", summary)
+        module = importlib.import_module(f"wsss.stages.{stage}")
+        if hasattr(module, "report"):
+            module.report(self.cfg, out_dir, manifest, self.run_dir)
         return manifest

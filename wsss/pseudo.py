@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wsss.artifacts import IGNORE_INDEX
+from wsss.metrics import pseudo_mask
 
 
 def threshold_mask(
@@ -17,6 +17,8 @@ def threshold_mask(
 ) -> Tensor:
     """Label map from normalised CAMs.
 
+    Thresholds compare as the real numbers they denote (t = 0.99 against float16/float32 maps is exact, see
+    `wsss.metrics.pseudo_mask`), so the masks agree with a float64 reference and with the threshold sweep.
     The plain rule is IRN's: argmax over [threshold, maps_0, ..., maps_{K-1}], ties to background, so a pixel
     is class keys[k] + 1 iff its largest map is maps_k and exceeds `threshold`. With `conf_fg` and `conf_bg`
     (IRN's cam_to_ir_label, without CRF), a pixel is foreground iff its largest map exceeds `conf_fg`,
@@ -36,16 +38,8 @@ def threshold_mask(
         raise ValueError(f"maps (K, H, W) and keys (K,) disagree: {tuple(maps.shape)} vs {tuple(keys.shape)}")
     if (conf_fg is None) != (conf_bg is None):
         raise ValueError(f"conf_fg and conf_bg go together, got conf_fg={conf_fg}, conf_bg={conf_bg}")
-    if conf_fg is not None and conf_bg > conf_fg:
-        raise ValueError(f"conf_bg={conf_bg} must not exceed conf_fg={conf_fg}")
-    h, w = maps.shape[-2:]
     if maps.shape[0] == 0:  # no foreground class in the image
-        return torch.zeros((h, w), dtype=torch.uint8, device=maps.device)
-    top, arg = maps.max(dim=0)  # (H, W) each; the winning class does not depend on the threshold
-    labels = (keys.to(maps.device).long() + 1)[arg].to(torch.uint8)  # (H, W)
-    zero = torch.zeros((), dtype=torch.uint8, device=maps.device)
+        return torch.zeros(maps.shape[-2:], dtype=torch.uint8, device=maps.device)
     if conf_fg is None:
-        return torch.where(top > threshold, labels, zero)
-    out = torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8, device=maps.device)
-    out = torch.where(top > conf_fg, labels, out)
-    return torch.where(top <= conf_bg, zero, out)
+        return pseudo_mask(maps, keys, threshold)
+    return pseudo_mask(maps, keys, conf_fg=conf_fg, conf_bg=conf_bg)

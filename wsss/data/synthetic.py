@@ -32,8 +32,8 @@ GENERATOR_VERSION = 1
 class SyntheticSpec:
     """What determines the generated files."""
 
-    num_train: int = 1000
-    num_val: int = 200
+    num_train: int = 2000
+    num_val: int = 300
     image_size: int = 128
     seed: int = 0
     version: int = GENERATOR_VERSION
@@ -82,7 +82,7 @@ def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "plain":
         return np.zeros((size, size), np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = rng.uniform(4, 7)
+    period = rng.uniform(6, 10)
     if kind == "stripes":
         a = rng.uniform(0, np.pi)
         return (np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period) > 0).astype(np.float32)
@@ -90,7 +90,7 @@ def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         return ((np.floor(xx / period) + np.floor(yy / period)) % 2).astype(np.float32)
     if kind == "dots":
         d = np.hypot((xx % period) - period / 2, (yy % period) - period / 2)
-        return (d < period * 0.28).astype(np.float32)
+        return (d < period * 0.33).astype(np.float32)
     raise ValueError(f"unknown texture {kind!r}")
 
 

@@ -56,31 +56,37 @@ BACKBONES: dict[str, tuple[Any, int]] = {
 }
 
 
-def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
-    """Turn a stride-2 stage of BasicBlocks into a stride-1 stage with dilated 3x3 convs (DeepLab-style)."""
-    for block in layer:
-        for conv in (block.conv1, block.conv2):
-            conv.stride = (1, 1)
-            conv.dilation = (dilation, dilation)
-            conv.padding = (dilation, dilation)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
+def halve_output_stride(stages: list[nn.Module]) -> None:
+    """Turn the stride-2 conv(s) of `stages[0]` into stride 1 and double the dilation of every later 3x3 conv.
+
+    This is the a-trous identity (Mallat; DeepLab): the new, twice denser feature map equals the old one at the
+    old grid positions (even rows and columns) exactly, so a model trained at output stride 16 can be read at
+    stride 8 without retraining. For ResNets it gives the same layers as torchvision's
+    `replace_stride_with_dilation` (the strided conv keeps the previous rate, later convs get the new one).
+    """
+    strided_seen = False
+    for stage in stages:
+        for m in stage.modules():
+            if not isinstance(m, nn.Conv2d):
+                continue
+            if stage is stages[0] and m.stride == (2, 2):
+                m.stride = (1, 1)  # the 3x3 and the 1x1 downsample conv of the stage's first block
+                strided_seen |= m.kernel_size == (3, 3)
+            elif strided_seen and m.kernel_size == (3, 3):
+                m.dilation = (2 * m.dilation[0], 2 * m.dilation[1])
+                m.padding = (2 * m.padding[0], 2 * m.padding[1])
+    if not strided_seen:
+        raise ValueError("no stride-2 3x3 conv to remove: the output stride is already as fine as it gets")
 
 
-def _load_trunk(backbone: str, weights: str | None, output_stride: int) -> ResNet:
+def _load_trunk(backbone: str, weights: str | None) -> ResNet:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
-    if output_stride not in (8, 16, 32):
-        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     builder, _ = BACKBONES[backbone]
-    dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[output_stride]
-    kwargs: dict[str, Any] = {}
-    if backbone == "resnet50":  # Bottleneck supports dilation natively (and keeps pretrained weights valid)
-        kwargs["replace_stride_with_dilation"] = dilate
     if weights is not None and backbone != "resnet_tiny":
         weights = torchvision.models.get_model_weights(builder)[weights]
     try:
-        trunk = builder(weights=weights, **kwargs)
+        return builder(weights=weights)
     except (OSError, RuntimeError) as e:  # urllib errors are OSError subclasses
         url = getattr(weights, "url", "?")
         home = torch.hub.get_dir()
@@ -88,13 +94,6 @@ def _load_trunk(backbone: str, weights: str | None, output_stride: int) -> ResNe
             f"could not load {backbone} weights {weights}: {e}. Without network access, download {url} "
             f"into {home}/checkpoints/ (TORCH_HOME), or use model.weights=null or model.checkpoint=PATH"
         ) from e
-    if backbone != "resnet50":
-        rate = 1
-        for name, d in zip(("layer2", "layer3", "layer4"), dilate, strict=True):
-            if d:
-                rate *= 2
-                _dilate_basic_layer(getattr(trunk, name), rate)
-    return trunk
 
 
 class Classifier(nn.Module):
@@ -117,7 +116,7 @@ class Classifier(nn.Module):
             "output_stride": output_stride,
             "weights": None,  # a checkpoint carries the trained weights; never re-download on rebuild
         }
-        trunk = _load_trunk(backbone, weights, output_stride)
+        trunk = _load_trunk(backbone, weights)
         self.backbone = nn.Sequential(
             OrderedDict(
                 stem=nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool),
@@ -127,6 +126,8 @@ class Classifier(nn.Module):
                 layer4=trunk.layer4,
             )
         )
+        self.output_stride = 32
+        self.set_output_stride(output_stride)
         channels = BACKBONES[backbone][1]
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.head.weight)
@@ -135,6 +136,23 @@ class Classifier(nn.Module):
         feats = self.backbone(x)  # (B, C, h, w)
         pooled = feats.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
         return self.head(pooled).flatten(1)  # (B, K)
+
+    def set_output_stride(self, output_stride: int) -> Classifier:
+        """Make the features denser (32 -> 16 -> 8) in place, exactly (see `halve_output_stride`); returns self.
+
+        Only finer strides are possible: a model trained at 16 can be read at 8 (sharper CAMs, about 2-3x the
+        cost of the last stages), not at 32.
+        """
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if output_stride > self.output_stride:
+            raise ValueError(f"cannot coarsen output stride {self.output_stride} to {output_stride}")
+        b = self.backbone
+        while self.output_stride > output_stride:
+            stages = [b.layer4] if self.output_stride == 32 else [b.layer3, b.layer4]
+            halve_output_stride(stages)
+            self.output_stride //= 2
+        return self
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Backbone and head parameters, so a recipe can give the new head a larger learning rate."""

@@ -26,6 +26,18 @@ def default_crop_size(source: SegmentationSource) -> int:
     return min(512, 32 * math.ceil(max(h, w) / 32))
 
 
+def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov) over backbone and head groups; the head's lr is `head_lr_mult` times larger."""
+    backbone, head = model.param_groups()
+    groups = [{**backbone, "lr": tc.lr}, {**head, "lr": tc.lr * tc.head_lr_mult}]
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
+                               nesterov=tc.momentum > 0)  # fmt: skip
+    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {tc.optimizer!r}")
+
+
 def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     source = ctx.source(cfg.dataset.train_split)
     ckpt_path = ctx.out_dir / "model.pt"
@@ -58,14 +70,7 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = Classifier(source.num_classes, m.backbone, m.output_stride, m.weights).to(ctx.device)
-    backbone, head = model.param_groups()
-    optimizer = torch.optim.SGD(
-        [{**backbone, "lr": tc.lr}, {**head, "lr": tc.lr * tc.head_lr_mult}],
-        lr=tc.lr,
-        momentum=tc.momentum,
-        weight_decay=tc.weight_decay,
-        nesterov=tc.momentum > 0,
-    )
+    optimizer = build_optimizer(model, tc)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     total = tc.epochs * len(loader)
     log.info("train: %d images, crop %d, %d epochs x %d steps on %s", len(dataset), crop, tc.epochs,
