@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,31 @@ def test_finer_output_stride_is_exact_a_trous(backbone):
     torch.testing.assert_close(fine[..., ::2, ::2], coarse, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cannot coarsen"):
         model.set_output_stride(16)
+
+
+def test_imagenet_weights_load_from_torch_home_offline(tmp_path, monkeypatch):
+    """model.weights goes through torchvision's weights API, which reads TORCH_HOME's cache before any download."""
+    import torchvision
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = torchvision.models.resnet18(weights=None)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / Path(ResNet18_Weights.IMAGENET1K_V1.url).name)
+    model = Classifier(4, "resnet18", 16, weights="IMAGENET1K_V1")
+    torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    assert model.kwargs["weights"] is None  # the checkpoint, not the hub, rebuilds a trained model
+
+
+def test_unavailable_weights_give_a_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"resnet18-f37072fd\.pth.*TORCH_HOME"):
+        Classifier(4, "resnet18", 16, weights="IMAGENET1K_V1")
