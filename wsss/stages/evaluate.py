@@ -1,0 +1,205 @@
+"""Stage `evaluate`: score pseudo masks (or any folder of PNG masks) against ground truth.
+
+One pass over the split accumulates the confusion matrix of the masks as written and, when the CAMs are
+available, the confusion matrices of every threshold of `evaluate.thresholds` plus PxAP. With
+`evaluate.select_on=SPLIT`, the threshold is chosen on SPLIT's labels and the evaluation split is reported at
+it, so the headline number uses no label of the split it describes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from wsss import dist
+from wsss.artifacts import read_cams, read_json, read_mask, write_json
+from wsss.data import SegmentationSource
+from wsss.metrics import (
+    ConfusionMatrix,
+    ThresholdSweep,
+    best_threshold,
+    confusion_matrix,
+    parse_thresholds,
+    scores,
+    threshold_curves,
+)
+
+log = logging.getLogger(__name__)
+
+PXAP_BINS = 1000  # thresholds i / 1000, the WSOL protocol's cam_curve_interval = 0.001
+CURVE_KEYS = ("miou", "fg_miou", "mprecision", "mrecall", "mfp_ratio", "mfn_ratio")
+REPORT_FILES = ("metrics.json", "summary.md", "threshold_curve.png", "class_iou.png", "overlays.png")
+
+
+def _named(values: list[float], names: list[str]) -> dict[str, float]:
+    return {n: (None if np.isnan(v) else round(v, 4)) for n, v in zip(names, values, strict=True)}
+
+
+def _summary(s: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A scores dict with per-label lists keyed by label name."""
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if not isinstance(v, list)}
+    for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio"):
+        out[k] = _named(s[k], names)
+    out["absent"] = [names[i] for i in s.get("absent", [])]
+    return out
+
+
+def sweep_split(
+    source: SegmentationSource, maps_dir: Path, thresholds: list[float], device: torch.device, desc: str
+) -> ThresholdSweep:
+    """A threshold sweep (with PxAP) over one split's CAM files; one pass."""
+    sweep = ThresholdSweep(source.num_classes + 1, thresholds, pxap_bins=PXAP_BINS, device=device)
+    for image_id in tqdm(dist.shard(source.ids), desc=desc, unit="img"):
+        cams = read_cams(maps_dir / f"{image_id}.npz")
+        gt = torch.from_numpy(source.load_mask(image_id)).to(device)
+        maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)
+        sweep.update(maps, torch.from_numpy(cams["keys"]).to(device).long(), gt)
+    return sweep
+
+
+def run(cfg: DictConfig, ctx) -> dict[str, Any]:
+    ev = cfg.evaluate
+    source = ctx.source(cfg.dataset.eval_split)
+    names = ["background", *source.class_names]
+    L = len(names)
+    if ev.masks_dir:
+        masks_dir, maps_dir, threshold = Path(ev.masks_dir), None, None
+        if not masks_dir.is_dir():
+            raise FileNotFoundError(f"evaluate.masks_dir not found: {masks_dir}")
+    else:
+        ctx.check_classes("pseudo_masks", source)
+        pm = ctx.manifests["pseudo_masks"]
+        masks_dir, maps_dir, threshold = Path(pm["masks_dir"]), Path(pm["maps_dir"]), cfg.pseudo.threshold
+    thresholds = parse_thresholds(ev.thresholds)
+
+    cm = ConfusionMatrix(L, device=ctx.device)
+    sweep = ThresholdSweep(L, thresholds, pxap_bins=PXAP_BINS, device=ctx.device) if maps_dir else None
+    per_image: dict[str, float] = {}
+    for image_id in tqdm(dist.shard(source.ids), desc="evaluate", unit="img"):
+        gt = torch.from_numpy(source.load_mask(image_id)).to(ctx.device)
+        pred_path = masks_dir / f"{image_id}.png"
+        if not pred_path.is_file():
+            raise FileNotFoundError(f"{pred_path}: no predicted mask for image {image_id!r} of split {source.split!r}")
+        pred = torch.from_numpy(read_mask(pred_path)).to(ctx.device)
+        if pred.shape != gt.shape:
+            raise ValueError(
+                f"{pred_path}: mask is {pred.shape[1]}x{pred.shape[0]} but the ground truth of {image_id!r} "
+                f"is {gt.shape[1]}x{gt.shape[0]}"
+            )
+        cm.update(gt, pred)
+        per_image[image_id] = scores(confusion_matrix(gt, pred, L))["miou"]
+        if sweep is not None:
+            cams = read_cams(maps_dir / f"{image_id}.npz")
+            maps = torch.from_numpy(cams["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
+            sweep.update(maps, torch.from_numpy(cams["keys"]).to(ctx.device).long(), gt)
+
+    masks_scores = cm.scores()
+    result: dict[str, Any] = {
+        "dataset": source.identity(),
+        "split": source.split,
+        "class_names": source.class_names,
+        "masks_dir": str(masks_dir),
+        "threshold": threshold,
+        "num_images": len(source.ids),
+        "skipped": dict(source.skipped),
+        "pseudo_masks": _summary(masks_scores, names),
+    }
+    headline, chosen_on, headline_t = masks_scores, None, threshold
+    if sweep is not None:
+        cms = sweep.compute()  # (T, L, L)
+        curves = threshold_curves(cms)
+        best_t, best = best_threshold(cms, thresholds)
+        result["sweep"] = {
+            "thresholds": thresholds,
+            **{k: [round(float(v), 4) for v in curves[k]] for k in CURVE_KEYS},
+            "best_threshold": best_t,
+            "best_chosen_on": source.split,  # oracle: chosen with this split's own labels
+            "best": _summary(best, names),
+        }
+        px = sweep.compute_pxap()
+        result["pxap"] = {"pxap": round(px["pxap"], 4), "mpxap": round(px["mpxap"], 4),
+                          "per_class": _named(px["pxap_per_class"], source.class_names)}  # fmt: skip
+        if ev.select_on:
+            sel_source, sel_maps = ctx.pipeline.maps_for_split(ev.select_on)
+            sel = sweep_split(sel_source, sel_maps, thresholds, ctx.device, f"select on {ev.select_on}")
+            headline_t, _ = best_threshold(sel.compute(), thresholds)
+            headline = scores(cms[thresholds.index(headline_t)])
+            chosen_on = ev.select_on
+    elif ev.select_on:
+        raise ValueError("evaluate.select_on needs CAMs; it cannot be used with evaluate.masks_dir")
+    result.update(
+        miou=round(headline["miou"], 4),
+        iou=_named(headline["iou"], names),
+        reported_threshold=headline_t,
+        threshold_chosen_on=chosen_on,
+        scores=_summary(headline, names),
+        per_image_miou={k: round(v, 3) for k, v in per_image.items()},
+    )
+    write_json(ctx.out_dir / "metrics.json", result)
+    _write_figures(cfg, ctx.out_dir, result, source, maps_dir, masks_dir)
+    return {"class_names": source.class_names, "dataset": source.identity(), "miou": result["miou"]}
+
+
+def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | None, masks_dir: Path) -> None:
+    """Plots and the Markdown summary beside metrics.json."""
+    from wsss import viz
+
+    names = ["background", *source.class_names]
+    iou = [result["iou"][n] if result["iou"][n] is not None else float("nan") for n in names]
+    viz.plot_class_iou(names, iou, out_dir / "class_iou.png")
+    if "sweep" in result:
+        sw = result["sweep"]
+        curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
+        viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
+    ranked = sorted(result["per_image_miou"].items(), key=lambda kv: kv[1])
+    n = cfg.evaluate.overlays
+    picks = ranked[-((n + 1) // 2) :][::-1] + ranked[: n // 2] if n > 0 else []
+    rows = []
+    for image_id, miou in picks:
+        image = source.load_image(image_id).permute(1, 2, 0).numpy()
+        gt = source.load_mask(image_id)
+        pred = read_mask(masks_dir / f"{image_id}.png")
+        heat = np.zeros(gt.shape, np.float32)
+        if maps_dir is not None:
+            maps = read_cams(maps_dir / f"{image_id}.npz")["maps"]
+            if len(maps):
+                heat = maps.astype(np.float32).max(0)
+        rows.append((f"{image_id} mIoU {miou:.1f}", image, heat, pred, gt))
+    if rows:
+        viz.overlay_grid(rows, out_dir / "overlays.png")
+    from wsss.artifacts import atomic_open
+
+    with atomic_open(out_dir / "summary.md", "w") as f:
+        f.write(viz.markdown_table(names, result["scores"]) + "\n")
+
+
+def report(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], run_dir: Path | None) -> None:
+    """Log the per-class table and copy metrics.json and the figures into the run directory."""
+    result = read_json(out_dir / "metrics.json")
+    names = ["background", *result["class_names"]]
+    s = result["scores"]
+    lines = [f"{'class':<16} {'IoU':>7} {'prec':>7} {'recall':>7} {'FP':>7} {'FN':>7}"]
+    for n in names:
+        vals = [s[k][n] for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")]
+        lines.append(f"{n:<16} " + " ".join(f"{v:7.2f}" if v is not None else f"{'-':>7}" for v in vals))
+    lines.append(f"{'mIoU':<16} {result['miou']:7.2f}")
+    how = (f"threshold {result['reported_threshold']} chosen on {result['threshold_chosen_on']}"
+           if result["threshold_chosen_on"] else f"threshold {result['reported_threshold']}")  # fmt: skip
+    log.info("evaluate: %s split %r, %d images, %s\n%s", result["dataset"]["dataset"], result["split"],
+             result["num_images"], how, "\n".join(lines))  # fmt: skip
+    if "sweep" in result:
+        sw = result["sweep"]
+        log.info("evaluate: sweep best mIoU %.2f at threshold %.2f (chosen on %s's own labels); PxAP %.2f",
+                 sw["best"]["miou"], sw["best_threshold"], sw["best_chosen_on"], result["pxap"]["pxap"])  # fmt: skip
+    if run_dir is not None:
+        for name in REPORT_FILES:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, Path(run_dir) / name)
+        log.info("evaluate: wrote %s", Path(run_dir) / "metrics.json")
