@@ -95,7 +95,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: unreadable mask ({e})") from e
     if mode in ("P", "L"):
-        return np.ascontiguousarray(arr, dtype=np.uint8)
+        return np.array(arr, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     if mode in ("RGB", "RGBA"):
         return _rgb_to_index(arr[..., :3], path)
     raise ValueError(f"{path}: mask has PIL mode {mode!r}; expected a palette (P) or greyscale (L) PNG")
