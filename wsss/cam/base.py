@@ -1,0 +1,461 @@
+"""The CAM engine: one forward, batched class gradients, and the shared post-processing.
+
+A method subclasses :class:`BaseCAM` and overrides :meth:`BaseCAM.weights`. Everything else lives here: hooks
+(registered for the duration of a call and removed in ``finally``), the train/eval mode and ``requires_grad``
+bookkeeping, the closed-form fast path for GAP + linear heads, the autograd path batched over classes, ReLU,
+upsampling, normalisation and the IRN multi-scale aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from types import TracebackType
+from typing import ClassVar, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .head import LinearHead, explicit_head, find_head_candidates, verified_head
+
+logger = logging.getLogger(__name__)
+
+CAMPath = Literal["closed_form", "autograd", "forward"]
+_Self = TypeVar("_Self", bound="BaseCAM")
+
+
+def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize (B, K, h, w) maps to ``size`` (align_corners=False); a no-op at the same size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def normalize_maps(maps: Tensor, eps: float = 0.0) -> Tensor:
+    """Divide every (b, k) map by its peak magnitude.
+
+    With ``eps == 0`` (the default) each map is divided by exactly its max, so a non-zero ReLU'd map peaks at
+    1 whatever its raw scale (Grad-CAM's maps carry a 1/(h*w) factor, Score-CAM's a softmax); an all-zero map
+    stays zero instead of becoming NaN. With ``eps > 0`` it divides by ``max + eps`` as IRN does
+    (``eps=1e-5``). Maps that were not ReLU'd are divided by their max absolute value and so lie in [-1, 1].
+
+    Args:
+        maps: (B, K, h, w) maps.
+        eps: added to the peak before dividing; 0 selects the exact-max form.
+
+    Returns:
+        Maps of the same shape.
+    """
+    peak = maps.abs().amax(dim=(-2, -1), keepdim=True)  # (B, K, 1, 1)
+    if eps > 0:
+        return maps / (peak + eps)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def resolve_layer(model: nn.Module, target_layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """Find the hooked module from a dotted path such as ``"backbone.layer4"`` or from the module itself."""
+    if isinstance(target_layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is target_layer:
+                return name, module
+        raise ValueError(f"target_layer {type(target_layer).__name__} is not a submodule of the model")
+    if not isinstance(target_layer, str):
+        raise TypeError(
+            f"target_layer must be a dotted module path or an nn.Module, got {type(target_layer)!r}"
+        )
+    try:
+        return target_layer, model.get_submodule(target_layer)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        hint = get_close_matches(target_layer, names, n=3)
+        raise ValueError(
+            f"no module {target_layer!r} in the model" + (f"; did you mean {hint}?" if hint else "")
+        ) from None
+
+
+@dataclass
+class _Capture:
+    """What the forward hook on the target layer records during one forward."""
+
+    cut: bool  # start a fresh autograd graph at the hooked activation (autograd path)
+    calls: int = 0
+    activations: Tensor | None = None  # (B, C, h, w); a leaf requiring grad when cut
+    errors: list[str] = field(default_factory=list)
+
+    def __call__(self, module: nn.Module, args: tuple[object, ...], output: object) -> Tensor | None:
+        self.calls += 1
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            self.errors.append(f"target layer output must be a (B, C, h, w) tensor, got {shape}")
+            return None
+        if self.cut:
+            # Detach so that the backward stops here; hand a copy downstream so that an in-place op after the
+            # hooked layer (e.g. ReLU(inplace=True)) neither corrupts the activations nor trips on a leaf.
+            self.activations = output.detach().requires_grad_(True)
+            return self.activations.clone()
+        self.activations = output.detach().clone()  # a copy: later in-place ops must not change it
+        return None
+
+
+class BaseCAM:
+    """Class activation maps for every requested class of every image, on any torchvision-style classifier.
+
+    Subclasses implement one function, :meth:`weights`. Use as a context manager::
+
+        with GradCAMPlusPlus(model, target_layer="layer4") as cam:
+            maps = cam(images, classes)  # (B, 3, H, W), (B, K) -> (B, K, H, W) in [0, 1]
+
+    During a call the model is put in eval mode and its parameters stop requiring grad; both are restored when
+    the call returns or raises. Hooks exist only during a call. Entries of ``classes`` below 0 are padding:
+    their maps are zero, so images with different numbers of labels share one batch.
+
+    Args:
+        model: a classifier mapping (B, 3, H, W) images to (B, N) logits.
+        target_layer: dotted module path (``"layer4"``, ``"backbone.layer4"``) or the module itself. It must
+            run once per forward and output (B, C, h, w).
+        head: the GAP + linear head that maps pooled target-layer activations to the logits. When None it is
+            looked for (``head``/``fc``/``classifier`` attributes, then the last linear layer). Either way it
+            is used only after it reproduces the model's logits on the call's batch.
+        fast_path: None uses the closed form whenever a verified head allows it and autograd otherwise; True
+            requires it (ValueError if no head verifies) and runs the forward without autograd; False always
+            uses autograd.
+        counterfactual: negate the gradients (Selvaraju et al. 2017, "Counterfactual Explanations") to show
+            what argues against the class. Gradient methods only.
+        amp_dtype: run the model under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``/``torch.float16``); weights and maps are still computed in float32.
+        norm_eps: 0 divides each map by exactly its max (all-zero maps stay zero); IRN uses max + 1e-5.
+    """
+
+    uses_gradients: ClassVar[bool] = True
+    """Whether :meth:`weights` needs ``dS/dA``."""
+    has_closed_form: ClassVar[bool] = True
+    """Whether :meth:`weights` is correct when given spatially constant (B, K, C, 1, 1) gradients."""
+    supports_counterfactual: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module,
+        *,
+        head: nn.Module | None = None,
+        fast_path: bool | None = None,
+        counterfactual: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        norm_eps: float = 0.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+        if fast_path not in (None, True, False):
+            raise ValueError(f"fast_path must be None, True or False, got {fast_path!r}")
+        if counterfactual and not self.supports_counterfactual:
+            raise ValueError(f"counterfactual=True needs a gradient method; {type(self).__name__} is not one")
+        if amp_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+        if norm_eps < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {norm_eps!r}")
+        if fast_path and not self.has_closed_form:
+            raise ValueError(f"{type(self).__name__} has no closed form; fast_path=True cannot apply")
+        self.model = model
+        self.layer_name, self.layer = resolve_layer(model, target_layer)
+        self.heads: list[LinearHead] = (
+            [explicit_head(model, head)] if head is not None else find_head_candidates(model)
+        )
+        self.fast_path = fast_path
+        self.counterfactual = counterfactual
+        self.amp_dtype = amp_dtype
+        self.norm_eps = norm_eps
+        self.last_path: CAMPath | None = None
+        """Path of the last call: "closed_form", "autograd", or "forward" (no gradients: Score-CAM)."""
+        self._handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ the one function a method overrides
+
+    def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
+        """Per-channel (or per-position) weights of the activations for every requested class.
+
+        Args:
+            activations: (B, C, h, w) hooked activations, float32 (float64 for a float64 model).
+            grads: ``dS_c/dA`` for the K requested classes, (B, K, C, h, w); on the closed-form path
+                (B, K, C, 1, 1), standing for a gradient constant over the h*w positions. Formulas written
+                with spatial means and broadcasting serve both. None for methods that use no gradients.
+            images: (B, 3, H, W) model input (Score-CAM scores masked copies of it).
+            classes: (B, K) class indices, padding already clamped to 0.
+
+        Returns:
+            (B, K, C) channel weights, or (B, K, C, h, w) per-position weights; the map is
+            ``sum_k weights[..., k] * A_k``.
+        """
+        raise TypeError(f"{type(self).__name__} must override BaseCAM.weights")
+
+    # ------------------------------------------------------------------ public API
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._remove_hooks()  # normally none are left; never swallows the exception
+
+    def __call__(
+        self,
+        images: Tensor,
+        classes: Tensor,
+        *,
+        relu: bool = True,
+        normalize: bool = True,
+        upsample: bool = True,
+    ) -> Tensor:
+        """Maps for every image and every requested class.
+
+        Args:
+            images: (B, 3, H, W) float images; moved to the model's device.
+            classes: (B, K) integer class indices; entries < 0 are padding and give zero maps.
+            relu: apply ReLU to the maps (at feature resolution, before upsampling).
+            normalize: divide each map by its max (see :func:`normalize_maps`). ``relu=False,
+                normalize=False`` gives the raw maps ``sum_k weights_k * A_k``.
+            upsample: bilinearly resize to (H, W); False keeps the method's own resolution, the hooked layer's
+                (h, w) (the input's for Guided Grad-CAM).
+
+        Returns:
+            (B, K, H, W) maps (or (B, K, h, w)), float32 (float64 for a float64 model), on the model's device.
+        """
+        images, classes = self._check_inputs(images, classes)
+        maps = self._native_maps(images, classes, relu=relu)  # (B, K, h, w)
+        if upsample:
+            maps = resize_maps(maps, tuple(images.shape[-2:]))
+        return normalize_maps(maps, self.norm_eps) if normalize else maps
+
+    def multiscale(
+        self,
+        images: Tensor,
+        classes: Tensor,
+        scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
+        flip: bool = True,
+        *,
+        stride: int = 4,
+    ) -> tuple[Tensor, Tensor]:
+        """Multi-scale, flip-augmented maps as IRN computes them for pseudo-labels (Ahn et al. 2019).
+
+        For each scale the images are resized bilinearly; the image and its horizontal flip go through one
+        forward together; their ReLU'd maps (the flipped one flipped back) are resized to the output sizes and
+        summed over scales; each sum is then normalised per class (see ``norm_eps``).
+
+        Args:
+            images: (B, 3, H, W) images.
+            classes: (B, K) class indices (< 0: padding, zero maps).
+            scales: image scale factors.
+            flip: add the horizontally flipped image at every scale.
+            stride: output stride of the strided maps.
+
+        Returns:
+            ``(highres, strided)``: (B, K, H, W) and (B, K, ceil(H/stride), ceil(W/stride)) maps in [0, 1].
+        """
+        images, classes = self._check_inputs(images, classes)
+        if not scales or any(not s > 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride!r}")
+        batch, _, height, width = images.shape
+        strided_size = (math.ceil(height / stride), math.ceil(width / stride))
+        pair_classes = torch.cat([classes, classes]) if flip else classes  # (2B, K) or (B, K)
+        highres: Tensor | None = None
+        strided: Tensor | None = None
+        for scale in scales:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scaled = resize_maps(images, size)  # (B, 3, h_s, w_s)
+            if flip:
+                scaled = torch.cat([scaled, scaled.flip(-1)])  # (2B, 3, h_s, w_s): one forward for both
+            maps = self._native_maps(scaled, pair_classes, relu=True)  # (2B, K, h, w)
+            if flip:
+                maps = maps[:batch] + maps[batch:].flip(-1)  # (B, K, h, w)
+            up = resize_maps(maps, (height, width))  # (B, K, H, W)
+            down = resize_maps(maps, strided_size)  # (B, K, ceil(H/4), ceil(W/4))
+            highres = up if highres is None else highres + up
+            strided = down if strided is None else strided + down
+        assert highres is not None and strided is not None
+        return normalize_maps(highres, self.norm_eps), normalize_maps(strided, self.norm_eps)
+
+    # ------------------------------------------------------------------ the engine
+
+    def _native_maps(self, images: Tensor, classes: Tensor, *, relu: bool) -> Tensor:
+        """Maps at the method's own resolution, padding classes zeroed: (B, K, h, w)."""
+        valid = classes >= 0  # (B, K)
+        index = classes.clamp(min=0)  # (B, K)
+        with self._session():
+            activations, grads = self._activations_and_grads(images, index)
+            weights = self.weights(activations, grads, images, index)
+        maps = _combine(weights, activations)  # (B, K, h, w)
+        if relu:
+            maps = F.relu(maps)
+        return maps * valid[..., None, None].to(maps.dtype)
+
+    def _activations_and_grads(self, images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One forward; returns the hooked activations (B, C, h, w) and, for gradient methods, dS/dA."""
+        try_closed_form = self.has_closed_form and self.fast_path is not False and bool(self.heads)
+        if self.fast_path and not self.heads:
+            raise ValueError("fast_path=True but the model has no GAP + linear head candidate; pass head=")
+        # Every parameter is frozen during a call, so the trunk records no graph even with grad enabled: the
+        # graph starts at the hooked activation (a fresh leaf) and covers only the layers after it. Where the
+        # closed form applies that is just GAP + head, kept in case the head check fails and autograd must
+        # take over. fast_path=True needs no graph at all and runs under no_grad.
+        cut = self.uses_gradients and not self.fast_path
+        capture = _Capture(cut=cut)
+        grad_mode = torch.enable_grad() if cut else torch.no_grad()
+        with self._hooks(capture), grad_mode, self._autocast(images.device):
+            logits = self.model(images)
+        activations = self._checked_activations(capture, logits)
+        compute = torch.promote_types(activations.dtype, torch.float32)
+        if try_closed_form:
+            head = verified_head(self.heads, activations.detach(), logits.detach(), self.amp_dtype)
+            if head is not None:
+                self.last_path = "closed_form"
+                size = tuple(activations.shape[-2:])
+                grads = head.score_gradients(classes, size, compute)  # (B, K, C, 1, 1)
+                return activations.detach().to(compute), -grads if self.counterfactual else grads
+            if self.fast_path:
+                raise ValueError(
+                    f"fast_path=True but no head maps GAP({self.layer_name}) to the logits "
+                    f"(candidates: {[h.name for h in self.heads]})"
+                )
+        if not self.uses_gradients:
+            self.last_path = "forward"
+            return activations.detach().to(compute), None
+        self.last_path = "autograd"
+        grads = class_gradients(logits, classes, activations).to(compute)  # (B, K, C, h, w)
+        return activations.detach().to(compute), -grads if self.counterfactual else grads
+
+    def _checked_activations(self, capture: _Capture, logits: object) -> Tensor:
+        if capture.errors:
+            raise ValueError(f"{self.layer_name!r}: {capture.errors[0]}")
+        if capture.calls != 1 or capture.activations is None:
+            raise ValueError(
+                f"target layer {self.layer_name!r} ran {capture.calls} times in one forward; "
+                "it must run exactly once"
+            )
+        if not isinstance(logits, Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"the model must return (B, N) logits, got {shape}")
+        return capture.activations
+
+    def _logits(self, images: Tensor) -> Tensor:
+        """Plain forward without autograd, inside a call but after the target-layer hook is gone."""
+        with torch.no_grad(), self._autocast(images.device):
+            return self.model(images)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _check_inputs(self, images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a float (B, 3, H, W) tensor, got {shape}")
+        if not isinstance(classes, Tensor) or classes.ndim != 2 or classes.is_floating_point():
+            shape = tuple(classes.shape) if isinstance(classes, Tensor) else type(classes).__name__
+            raise ValueError(f"classes must be an integer (B, K) tensor, got {shape}")
+        if classes.shape[0] != images.shape[0] or classes.shape[1] == 0:
+            raise ValueError(
+                f"classes {tuple(classes.shape)} must be (B, K>=1) for images {tuple(images.shape)}"
+            )
+        device = model_device(self.model, images.device)
+        return images.to(device), classes.to(device=device, dtype=torch.long)
+
+    def _autocast(self, device: torch.device) -> AbstractContextManager[object]:
+        return autocast(device, self.amp_dtype)
+
+    def _session(self) -> AbstractContextManager[None]:
+        return frozen_eval(self.model)
+
+    @contextmanager
+    def _hooks(self, capture: _Capture) -> Iterator[_Capture]:
+        """Register the target-layer hook for one forward; remove it on any exit."""
+        try:
+            self._handles.append(self.layer.register_forward_hook(capture))
+            yield capture
+        finally:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(target_layer={self.layer_name!r}, heads={[h.name for h in self.heads]})"
+        )
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for one call; the caller's modes and flags come back on any exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Device of the model's first parameter (or buffer); ``default`` for a model without either."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return default if tensor is None else tensor.device
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when dtype is None."""
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _combine(weights: Tensor, activations: Tensor) -> Tensor:
+    """``sum_k weights_k * A_k``: (B, K, C) or (B, K, C, h|1, w|1) weights with (B, C, h, w) activations."""
+    if weights.ndim == 5 and weights.shape[-2:] == (1, 1):
+        weights = weights.flatten(2)  # (B, K, C): constant in space
+    if weights.ndim == 3:
+        return torch.einsum("bkc,bchw->bkhw", weights, activations.to(weights.dtype))
+    return (weights * activations.unsqueeze(1)).sum(2)  # (B, K, h, w)
+
+
+def class_gradients(logits: Tensor, classes: Tensor, activations: Tensor) -> Tensor:
+    """``dS[b, k] / dA[b]`` for all K classes in one vmapped backward that stops at the hooked layer.
+
+    Samples are independent in eval mode, so the gradient of ``sum_b S[b, k]`` w.r.t. ``A[b]`` is the
+    per-sample one; the K one-hot ``grad_outputs`` are batched with ``is_grads_batched`` instead of K separate
+    backwards.
+
+    Returns:
+        (B, K, C, h, w) gradients.
+    """
+    scores = logits.gather(1, classes)  # (B, K)
+    num = classes.shape[1]
+    if num == 1:
+        (grads,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+        return _used(grads).unsqueeze(1)
+    one_hot = torch.eye(num, dtype=scores.dtype, device=scores.device)  # (K, K)
+    grad_outputs = one_hot[:, None, :].expand(num, *scores.shape)  # (K, B, K)
+    (grads,) = torch.autograd.grad(
+        scores, activations, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
+    )  # (K, B, C, h, w)
+    return _used(grads).transpose(0, 1)
+
+
+def _used(grads: Tensor | None) -> Tensor:
+    if grads is None:
+        raise ValueError("the logits do not depend on the target layer's output")
+    return grads
