@@ -61,9 +61,7 @@ class HandNet(nn.Module):
     @staticmethod
     def image() -> Tensor:
         """(1, 3, 2, 2): A_0 = [[1, 0], [2, 1]], A_1 = [[0, 3], [1, 0]] (means 1 and 1)."""
-        return torch.tensor(
-            [[[[1.0, 0.0], [2.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]], [[5.0, 5.0], [5.0, 5.0]]]]
-        )
+        return torch.tensor([[[[1.0, 0.0], [2.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]], [[5.0, 5.0], [5.0, 5.0]]]])
 
 
 class ProjectClassifier(nn.Module):

@@ -8,15 +8,11 @@ import pytest
 import torch
 import torchvision
 
-from tests.cam_models import (
-    HandNet,
-    InplaceAfterTarget,
-    TwoConvGAP,
-    reference_activations_and_grads,
-    reference_guided_backprop,
-    reference_maps,
-    reference_scorecam,
-)
+try:
+    import tests.cam_models as cm
+except ImportError:  # plain `pytest` puts tests/ itself on sys.path
+    import cam_models as cm
+
 from wsss.cam import METHODS, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM, guided_backprop
 
 RAW = {"relu": False, "normalize": False, "upsample": False}
@@ -41,26 +37,26 @@ HAND = {
 @pytest.mark.parametrize("fast_path", [None, False])
 @pytest.mark.parametrize("method", sorted(HAND))
 def test_hand_checked_values(method: str, fast_path: bool | None) -> None:
-    with METHODS[method](HandNet(), "features", fast_path=fast_path) as cam:
-        raw = cam(HandNet.image(), torch.tensor([[0, 1]]), **RAW)
+    with METHODS[method](cm.HandNet(), "features", fast_path=fast_path) as cam:
+        raw = cam(cm.HandNet.image(), torch.tensor([[0, 1]]), **RAW)
         assert cam.last_path == ("closed_form" if fast_path is None else "autograd")
     torch.testing.assert_close(raw[0], torch.tensor(HAND[method]), rtol=1e-6, atol=1e-7)
 
 
 def test_hand_checked_default_is_relu_and_max_normalised() -> None:
-    with GradCAM(HandNet(), "features") as cam:
-        maps = cam(HandNet.image(), torch.tensor([[0]]), upsample=False)
+    with GradCAM(cm.HandNet(), "features") as cam:
+        maps = cam(cm.HandNet.image(), torch.tensor([[0]]), upsample=False)
     torch.testing.assert_close(maps[0, 0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
 
 
 def test_hand_checked_counterfactual() -> None:
     # negated gradients: Grad-CAM c0 -> -(A_0 - 2 A_1) / 4; Grad-CAM++ c0: relu(-w)/(2 - w mean A) = (0, 2/4)
     for fast_path in (None, False):
-        with GradCAM(HandNet(), "features", counterfactual=True, fast_path=fast_path) as cam:
-            raw = cam(HandNet.image(), torch.tensor([[0]]), **RAW)
+        with GradCAM(cm.HandNet(), "features", counterfactual=True, fast_path=fast_path) as cam:
+            raw = cam(cm.HandNet.image(), torch.tensor([[0]]), **RAW)
         torch.testing.assert_close(raw[0, 0], torch.tensor([[-0.25, 1.5], [0.0, -0.25]]))
-        with GradCAMPlusPlus(HandNet(), "features", counterfactual=True, fast_path=fast_path) as cam:
-            raw = cam(HandNet.image(), torch.tensor([[0]]), **RAW)
+        with GradCAMPlusPlus(cm.HandNet(), "features", counterfactual=True, fast_path=fast_path) as cam:
+            raw = cam(cm.HandNet.image(), torch.tensor([[0]]), **RAW)
         torch.testing.assert_close(raw[0, 0], torch.tensor([[0.0, 1.5], [0.5, 0.0]]))
 
 
@@ -75,8 +71,8 @@ def test_hand_checked_scorecam() -> None:
     for scores in (s0, s1):
         e = [math.exp(s) for s in scores]
         expected.append((e[0] * a0 + e[1] * a1) / sum(e))
-    with ScoreCAM(HandNet(), "features") as cam:
-        raw = cam(HandNet.image(), torch.tensor([[0, 1]]), **RAW)
+    with ScoreCAM(cm.HandNet(), "features") as cam:
+        raw = cam(cm.HandNet.image(), torch.tensor([[0, 1]]), **RAW)
     torch.testing.assert_close(raw[0], torch.stack(expected))
 
 
@@ -94,10 +90,10 @@ CLASSES = torch.tensor([[0, 3, 1], [2, 2, 0]])
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_float64_reference(method: str, layer: str) -> None:
     """Every gradient method on a float64 model equals the paper's formula, with and without closed form."""
-    model = TwoConvGAP().double()
+    model = cm.TwoConvGAP().double()
     images = _images().double()
-    acts, grads = reference_activations_and_grads(model, images, CLASSES, layer)
-    expected = reference_maps(method, acts, grads)  # (B, K, h, w)
+    acts, grads = cm.reference_activations_and_grads(model, images, CLASSES, layer)
+    expected = cm.reference_maps(method, acts, grads)  # (B, K, h, w)
     for fast_path in (None, False):
         with METHODS[method](model, layer, fast_path=fast_path) as cam:
             raw = cam(images, CLASSES, **RAW)
@@ -109,9 +105,9 @@ def test_float64_reference(method: str, layer: str) -> None:
 
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_float32_model_matches_float64_reference(method: str) -> None:
-    model = TwoConvGAP()
-    acts, grads = reference_activations_and_grads(model, _images(), CLASSES, "features.1")
-    expected = reference_maps(method, acts, grads).float()
+    model = cm.TwoConvGAP()
+    acts, grads = cm.reference_activations_and_grads(model, _images(), CLASSES, "features.1")
+    expected = cm.reference_maps(method, acts, grads).float()
     with METHODS[method](model, "features.1") as cam:
         raw = cam(_images(), CLASSES, **RAW)
     assert raw.dtype == torch.float32
@@ -119,18 +115,18 @@ def test_float32_model_matches_float64_reference(method: str) -> None:
 
 
 def test_scorecam_float64_reference() -> None:
-    model = TwoConvGAP().double()
+    model = cm.TwoConvGAP().double()
     images = _images().double()
-    expected = reference_scorecam(model, images, CLASSES, "features.1")
+    expected = cm.reference_scorecam(model, images, CLASSES, "features.1")
     with ScoreCAM(model, "features.1", batch_size=5) as cam:
         raw = cam(images, CLASSES, **RAW)
     torch.testing.assert_close(raw, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_guided_backprop_float64_reference() -> None:
-    model = TwoConvGAP().double()
+    model = cm.TwoConvGAP().double()
     images = _images().double()
-    expected = reference_guided_backprop(model, images, CLASSES)  # (B, K, 3, H, W)
+    expected = cm.reference_guided_backprop(model, images, CLASSES)  # (B, K, 3, H, W)
     got = guided_backprop(model, images, CLASSES)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     # guided backprop is not the plain input gradient on this model
@@ -140,11 +136,11 @@ def test_guided_backprop_float64_reference() -> None:
 
 
 def test_guided_gradcam_is_upsampled_gradcam_times_guided_magnitude() -> None:
-    model = TwoConvGAP().double()
+    model = cm.TwoConvGAP().double()
     images = _images(size=8).double()
-    acts, grads = reference_activations_and_grads(model, images, CLASSES, "features.1")
-    gradcam = reference_maps("gradcam", acts, grads).clamp(min=0)  # (B, K, h, w), here h = H
-    guided = reference_guided_backprop(model, images, CLASSES)  # (B, K, 3, H, W)
+    acts, grads = cm.reference_activations_and_grads(model, images, CLASSES, "features.1")
+    gradcam = cm.reference_maps("gradcam", acts, grads).clamp(min=0)  # (B, K, h, w), here h = H
+    guided = cm.reference_guided_backprop(model, images, CLASSES)  # (B, K, 3, H, W)
     expected = gradcam * guided.abs().amax(2)
     with GuidedGradCAM(model, "features.1") as cam:
         raw = cam(images, CLASSES, normalize=False)
@@ -155,14 +151,14 @@ def test_guided_gradcam_is_upsampled_gradcam_times_guided_magnitude() -> None:
 
 def test_inplace_op_after_target_layer() -> None:
     """The hooked conv's output is ReLU'd in place downstream; activations and gradients stay correct."""
-    model = InplaceAfterTarget()
+    model = cm.InplaceAfterTarget()
     classes = torch.tensor([[0, 2], [2, 1]])
-    acts, grads = reference_activations_and_grads(model, _images(), classes, "conv2")
+    acts, grads = cm.reference_activations_and_grads(model, _images(), classes, "conv2")
     assert (acts < 0).any()  # the in-place ReLU would have changed them
     for method in ("gradcam", "gradcampp"):
         with METHODS[method](model, "conv2") as cam:
             raw = cam(_images(), classes, **RAW)
-        expected = reference_maps(method, acts, grads).float()
+        expected = cm.reference_maps(method, acts, grads).float()
         torch.testing.assert_close(raw, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -134,3 +134,56 @@ def test_cli_bad_overrides_fail_at_composition(override, needle):
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0
     assert needle in proc.stderr
+
+
+def test_foreign_voc_root_is_read_not_overwritten(tmp_path, synthetic_root):
+    """dataset.root=DIR with the default dataset reads a VOC-layout folder; it never generates into it."""
+    import shutil
+
+    root = tmp_path / "theirs"
+    shutil.copytree(synthetic_root, root)
+    (root / "generator.json").unlink()
+    before = sorted(p.name for p in (root / "JPEGImages").iterdir())
+    names = "[disc,triangle,square,star,ring,cross]"
+    cfg = _cfg(tmp_path, ["stage=evaluate", f"dataset.root={root}", f"dataset.class_names={names}",
+                          f"evaluate.masks_dir={root / 'SegmentationClass'}"])  # fmt: skip
+    assert Pipeline(cfg).run("evaluate")["miou"] == 100.0
+    assert sorted(p.name for p in (root / "JPEGImages").iterdir()) == before
+    cfg = _cfg(tmp_path, ["stage=evaluate", f"dataset.root={root}", f"evaluate.masks_dir={root}"])
+    with pytest.raises(ValueError, match="class_names"):
+        Pipeline(cfg).run("evaluate")
+
+
+def test_synthetic_refuses_a_non_empty_foreign_folder(tmp_path):
+    from wsss.data.synthetic import SyntheticSpec, ensure_synthetic
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing to write"):
+        ensure_synthetic(tmp_path, SyntheticSpec(num_train=2, num_val=1, image_size=32))
+
+
+def test_select_on_val_chooses_the_threshold_without_train_labels(tmp_path):
+    """The reported train mIoU sits at the best threshold of the val sweep, computed here independently."""
+    import numpy as np
+
+    from wsss.artifacts import read_cams, read_mask
+    from wsss.metrics import ThresholdSweep, best_threshold
+
+    cfg = _cfg(tmp_path, ["stage=evaluate", "evaluate.select_on=val", "evaluate.thresholds=0.0:0.9:0.1"])
+    pipe = Pipeline(cfg)
+    pipe.run("evaluate")
+    metrics = json.loads((pipe.artifact_dir("evaluate") / "metrics.json").read_text())
+    assert metrics["threshold_chosen_on"] == "val" and metrics["split"] == "train"
+    val_cams = sorted((tmp_path / "cache" / "cams").glob("*/manifest.json"))
+    val_dir = next(p.parent for p in val_cams if json.loads(p.read_text())["dataset"]["split"] == "val")
+    thresholds = [round(0.1 * i, 1) for i in range(10)]
+    sweep = ThresholdSweep(7, thresholds)
+    root = tmp_path / "data" / "synthetic"
+    for path in sorted((val_dir / "maps").glob("*.npz")):
+        cams = read_cams(path)
+        gt = read_mask(root / "SegmentationClass" / f"{path.stem}.png")
+        sweep.update(np.asarray(cams["maps"], np.float32), cams["keys"].astype(np.int64), gt)
+    expected, _ = best_threshold(sweep.compute(), thresholds)
+    assert metrics["reported_threshold"] == expected
+    idx = metrics["sweep"]["thresholds"].index(expected)
+    assert metrics["miou"] == pytest.approx(metrics["sweep"]["miou"][idx], abs=1e-3)

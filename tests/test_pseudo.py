@@ -49,3 +49,17 @@ def test_no_classes_gives_background():
 def test_bad_band_is_an_error(kw):
     with pytest.raises(ValueError, match="conf_"):
         threshold_mask(torch.rand(1, 2, 2), torch.tensor([0]), 0.1, **kw)
+
+
+def test_rle_results_roundtrip_through_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    from wsss.artifacts import rle_results
+
+    rng = np.random.default_rng(0)
+    mask = rng.choice(np.array([0, 1, 3, 255], dtype=np.uint8), size=(13, 9))
+    entries = rle_results("img", mask, ["a", "b", "c"])
+    assert [(e["category_id"], e["category"]) for e in entries] == [(1, "a"), (3, "c")]
+    for e in entries:
+        rle = {**e["segmentation"], "counts": e["segmentation"]["counts"].encode()}
+        np.testing.assert_array_equal(mask_utils.decode(rle), (mask == e["category_id"]).astype(np.uint8))

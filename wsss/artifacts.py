@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = 255
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -43,6 +45,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -141,3 +144,28 @@ def read_cams(path: str | Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"CAM file not found: {path}")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def mask_to_rle(mask: np.ndarray, label: int) -> dict[str, Any]:
+    """COCO RLE (pycocotools) of `mask == label`, with `counts` as str so that it can go into JSON."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask == label, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_results(image_id: str, mask: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    """COCO-style segmentation results of one label mask: one entry per foreground class present.
+
+    `category_id` is the foreground index + 1 (the mask value); `category` names it. 0 and 255 are skipped.
+    """
+    labels = [int(v) for v in np.unique(mask) if 0 < v <= len(class_names)]
+    return [
+        {
+            "image_id": image_id,
+            "category_id": v,
+            "category": class_names[v - 1],
+            "segmentation": mask_to_rle(mask, v),
+        }
+        for v in labels
+    ]

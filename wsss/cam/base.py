@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class _Capture:
         return None
 
 
-class BaseCAM:
+class BaseCAM(ABC):
     """Class activation maps for every requested class of every image, on any torchvision-style classifier.
 
     Subclasses implement one function, :meth:`weights`. Use as a context manager::
@@ -176,6 +177,7 @@ class BaseCAM:
 
     # ------------------------------------------------------------------ the one function a method overrides
 
+    @abstractmethod
     def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
         """Per-channel (or per-position) weights of the activations for every requested class.
 
@@ -191,7 +193,6 @@ class BaseCAM:
             (B, K, C) channel weights, or (B, K, C, h, w) per-position weights; the map is
             ``sum_k weights[..., k] * A_k``.
         """
-        raise TypeError(f"{type(self).__name__} must override BaseCAM.weights")
 
     # ------------------------------------------------------------------ public API
 
@@ -311,7 +312,7 @@ class BaseCAM:
         cut = self.uses_gradients and not self.fast_path
         capture = _Capture(cut=cut)
         grad_mode = torch.enable_grad() if cut else torch.no_grad()
-        with self._hooks(capture), grad_mode, self._autocast(images.device):
+        with self._hooks(capture), torch.inference_mode(False), grad_mode, self._autocast(images.device):
             logits = self.model(images)
         activations = self._checked_activations(capture, logits)
         compute = torch.promote_types(activations.dtype, torch.float32)
@@ -442,16 +443,18 @@ def class_gradients(logits: Tensor, classes: Tensor, activations: Tensor) -> Ten
     Returns:
         (B, K, C, h, w) gradients.
     """
-    scores = logits.gather(1, classes)  # (B, K)
-    num = classes.shape[1]
-    if num == 1:
-        (grads,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
-        return _used(grads).unsqueeze(1)
-    one_hot = torch.eye(num, dtype=scores.dtype, device=scores.device)  # (K, K)
-    grad_outputs = one_hot[:, None, :].expand(num, *scores.shape)  # (K, B, K)
-    (grads,) = torch.autograd.grad(
-        scores, activations, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
-    )  # (K, B, C, h, w)
+    with torch.inference_mode(False), torch.enable_grad():  # also inside the caller's no_grad/inference_mode
+        # gather saves its index for backward; a clone is never an inference tensor
+        scores = logits.gather(1, classes.clone())  # (B, K)
+        num = classes.shape[1]
+        if num == 1:
+            (grads,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+            return _used(grads).unsqueeze(1)
+        one_hot = torch.eye(num, dtype=scores.dtype, device=scores.device)  # (K, K)
+        grad_outputs = one_hot[:, None, :].expand(num, *scores.shape)  # (K, B, K)
+        (grads,) = torch.autograd.grad(
+            scores, activations, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
+        )  # (K, B, C, h, w)
     return _used(grads).transpose(0, 1)
 
 

@@ -46,12 +46,13 @@ def guided_backprop(
         (B, K, 3, H, W) float32 (float64 for a float64 model) input gradients.
     """
     device = model_device(model, images.device)
-    inputs = images.detach().to(device).requires_grad_(True)  # (B, 3, H, W)
     classes = classes.to(device)
     relus = [module for module in model.modules() if isinstance(module, nn.ReLU)]
     handles = []
     try:
-        with frozen_eval(model):
+        with frozen_eval(model), torch.inference_mode(False):
+            # a clone: the caller's images may be inference tensors, which cannot require grad
+            inputs = images.detach().to(device).clone().requires_grad_(True)  # (B, 3, H, W)
             handles = [module.register_forward_hook(_guide) for module in relus]
             with torch.enable_grad(), autocast(device, amp_dtype):
                 logits = model(inputs)  # (B, N)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ __all__ = [
     "collate_list",
     "dataset_identity",
 ]
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("synthetic", "voc12", "coco")
 
@@ -40,10 +43,17 @@ def build_source(cfg: Any, split: str) -> SegmentationSource:
     if cfg.name == "synthetic":
         from wsss.data.synthetic import SYNTHETIC_CLASSES, SyntheticSpec, ensure_synthetic
 
-        s = cfg.synthetic
-        spec = SyntheticSpec(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed)
-        ensure_synthetic(cfg.root, spec)
-        class_names = class_names or list(SYNTHETIC_CLASSES)
+        root = Path(cfg.root)
+        if not (root / "generator.json").is_file() and (root / "ImageSets" / "Segmentation").is_dir():
+            # A VOC-layout folder someone else made: read it, never generate into it.
+            log.info("dataset.root %s is a VOC-layout dataset, not a generated one: reading it as such", root)
+            if class_names is None:
+                raise ValueError(f"{root}: a VOC-layout dataset needs dataset.class_names=[...] (foreground classes)")
+        else:
+            s = cfg.synthetic
+            spec = SyntheticSpec(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed)
+            ensure_synthetic(root, spec)
+            class_names = class_names or list(SYNTHETIC_CLASSES)
     elif not Path(cfg.root).is_dir():
         raise FileNotFoundError(
             f"dataset root not found: {cfg.root} (set dataset.root=... or the WSSS_DATA environment variable; "

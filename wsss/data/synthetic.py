@@ -178,6 +178,12 @@ def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
                 "point dataset.root at another folder or delete this one"
             )
         return root
+    if root.is_dir() and any(root.iterdir()):
+        raise ValueError(
+            f"{root} is not empty and holds no wsss synthetic dataset (no generator.json); refusing to write "
+            "into it. To read a dataset in VOC layout there, use dataset=voc12 dataset.root=... "
+            "dataset.class_names=[...]"
+        )
     log.info("generating the synthetic dataset into %s (%s)", root, asdict(spec))
     splits = {"train": range(spec.num_train), "val": range(spec.num_train, spec.num_train + spec.num_val)}
     for split, indices in splits.items():

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from wsss import dist
-from wsss.artifacts import read_cams, write_mask
+from wsss.artifacts import read_cams, rle_results, write_json, write_mask
 from wsss.pseudo import threshold_mask
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,12 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     masks_dir = ctx.out_dir / "masks"
     p = cfg.pseudo
     if p.crf:
-        raise ValueError("pseudo.crf=true: no dense-CRF package is installed with wsss; see README (Pseudo masks)")
+        raise ValueError(
+            "pseudo.crf=true: no dense-CRF package is installed with wsss; see README (Pseudo masks)"
+        )
     ignored = torch.zeros((), dtype=torch.long)
     total = 0
+    rle: list[dict[str, Any]] = []
     for image_id in tqdm(dist.shard(source.ids), desc="pseudo masks", unit="img"):
         cams = read_cams(maps_dir / f"{image_id}.npz")
         maps = torch.from_numpy(cams["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
@@ -34,13 +37,24 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
         mask = threshold_mask(maps, keys, p.threshold, p.conf_fg, p.conf_bg)
         ignored += (mask == 255).sum().cpu()
         total += mask.numel()
-        write_mask(masks_dir / f"{image_id}.png", mask.cpu().numpy())
+        mask_np = mask.cpu().numpy()
+        write_mask(masks_dir / f"{image_id}.png", mask_np)
+        if p.rle_json:
+            rle.extend(rle_results(image_id, mask_np, source.class_names))
     ignored = dist.all_reduce_sum(ignored)
+    if p.rle_json:
+        write_json(
+            ctx.out_dir / f"masks.rle.rank{dist.rank()}.json"
+            if dist.is_dist()
+            else ctx.out_dir / "masks.rle.json",
+            rle,
+        )
     dist.barrier()
     return {
         "class_names": source.class_names,
         "dataset": source.identity(),
         "masks_dir": str(masks_dir),
+        "rle_json": str(ctx.out_dir / "masks.rle.json") if p.rle_json else None,
         "maps_dir": str(maps_dir),
         "counts": {"images": len(source.ids), "ignored_pixel_share": float(ignored) / max(total, 1)},
     }

@@ -51,15 +51,16 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     tc = cfg.train
     crop = tc.crop_size or default_crop_size(source)
     dataset = ClassificationDataset(source, TrainTransform(crop, tuple(tc.scale_range)))
-    if len(dataset) < tc.batch_size:
-        raise ValueError(
-            f"train split {source.split!r} has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}"
-        )
+    batch_size = tc.batch_size
+    if len(dataset) < batch_size:
+        batch_size = len(dataset)
+        log.warning("train: split %r has %d images, fewer than train.batch_size=%d; using batches of %d",
+                    source.split, len(dataset), tc.batch_size, batch_size)  # fmt: skip
     # Workers' torch RNGs (which the transforms draw from) are seeded from this generator.
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(
         dataset,
-        batch_size=tc.batch_size,
+        batch_size=batch_size,
         shuffle=True,
         drop_last=True,
         num_workers=tc.num_workers,
