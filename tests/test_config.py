@@ -15,7 +15,10 @@ from wsss.config import register_configs
 
 register_configs()
 
-GROUPS = {name: sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml")) for name in ("dataset", "model", "cam", "stage")}
+GROUPS = {
+    name: sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
+    for name in ("dataset", "model", "cam", "stage")
+}
 
 
 def _compose(overrides: list[str]):
@@ -49,7 +52,11 @@ def test_group_combinations_compose(dataset, model, cam, stage):
 def test_defaults():
     cfg = _compose([])
     assert (cfg.dataset.name, cfg.model.backbone, cfg.cam.method, cfg.stage.name) == (
-        "synthetic", "resnet_tiny", "cam", "evaluate")  # fmt: skip
+        "synthetic",
+        "resnet_tiny",
+        "cam",
+        "evaluate",
+    )
     assert cfg.model.weights is None
 
 

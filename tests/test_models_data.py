@@ -15,8 +15,10 @@ from wsss.data.voc import VOCSource
 from wsss.models import Classifier, load_checkpoint, save_checkpoint
 
 
-@pytest.mark.parametrize("backbone,os_,feat", [("resnet_tiny", 16, 4), ("resnet_tiny", 8, 8),
-                                               ("resnet18", 32, 2), ("resnet18", 16, 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    "backbone,os_,feat",
+    [("resnet_tiny", 16, 4), ("resnet_tiny", 8, 8), ("resnet18", 32, 2), ("resnet18", 16, 4)],
+)
 def test_classifier_shapes(backbone, os_, feat):
     model = Classifier(5, backbone, os_).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -69,9 +69,16 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_oracle_masks_dir_scores_100(tmp_path, synthetic_root):
-    cfg = _cfg(tmp_path, ["stage=evaluate", f"dataset.root={synthetic_root}",
-                          f"evaluate.masks_dir={synthetic_root / 'SegmentationClass'}",
-                          "dataset.synthetic.num_train=24", "dataset.synthetic.num_val=8"])  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        [
+            "stage=evaluate",
+            f"dataset.root={synthetic_root}",
+            f"evaluate.masks_dir={synthetic_root / 'SegmentationClass'}",
+            "dataset.synthetic.num_train=24",
+            "dataset.synthetic.num_val=8",
+        ],
+    )
     pipe = Pipeline(cfg)
     assert pipe.run("evaluate")["miou"] == 100.0
     assert pipe.report == {"evaluate": "ran"}  # nothing upstream is trained for a folder of masks
@@ -105,8 +112,16 @@ def test_checkpoint_with_other_classes_is_refused(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_trains_once(tmp_path):
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "wsss.run", "-m", "stage=pseudo_masks", "pseudo.threshold=0.2,0.3",
-           *TINY, f"hydra.sweep.dir={tmp_path / 'multirun'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsss.run",
+        "-m",
+        "stage=pseudo_masks",
+        "pseudo.threshold=0.2,0.3",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
@@ -127,11 +142,14 @@ def test_cli_default_stage_prints_table(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["miou"] >= 0
 
 
-@pytest.mark.parametrize("override,needle", [("stage=nope", "stage/nope"), ("cam=nope", "cam/nope"),
-                                             ("pseudo.threshold=abc", "abc")])  # fmt: skip
+@pytest.mark.parametrize(
+    "override,needle",
+    [("stage=nope", "stage/nope"), ("cam=nope", "cam/nope"), ("pseudo.threshold=abc", "abc")],
+)
 def test_cli_bad_overrides_fail_at_composition(override, needle):
-    proc = subprocess.run([sys.executable, "-m", "wsss.run", override], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsss.run", override], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert needle in proc.stderr
 
@@ -145,8 +163,15 @@ def test_foreign_voc_root_is_read_not_overwritten(tmp_path, synthetic_root):
     (root / "generator.json").unlink()
     before = sorted(p.name for p in (root / "JPEGImages").iterdir())
     names = "[disc,triangle,square,star,ring,cross]"
-    cfg = _cfg(tmp_path, ["stage=evaluate", f"dataset.root={root}", f"dataset.class_names={names}",
-                          f"evaluate.masks_dir={root / 'SegmentationClass'}"])  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        [
+            "stage=evaluate",
+            f"dataset.root={root}",
+            f"dataset.class_names={names}",
+            f"evaluate.masks_dir={root / 'SegmentationClass'}",
+        ],
+    )
     assert Pipeline(cfg).run("evaluate")["miou"] == 100.0
     assert sorted(p.name for p in (root / "JPEGImages").iterdir()) == before
     cfg = _cfg(tmp_path, ["stage=evaluate", f"dataset.root={root}", f"evaluate.masks_dir={root}"])

@@ -32,7 +32,12 @@ from wsss.data import SegmentationSource, build_source, dataset_identity
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "cams", "pseudo_masks", "evaluate")
-UPSTREAM: dict[str, str | None] = {"train": None, "cams": "train", "pseudo_masks": "cams", "evaluate": "pseudo_masks"}
+UPSTREAM: dict[str, str | None] = {
+    "train": None,
+    "cams": "train",
+    "pseudo_masks": "cams",
+    "evaluate": "pseudo_masks",
+}
 
 
 def _plain(node: Any) -> Any:
@@ -87,13 +92,22 @@ def stage_config(cfg: DictConfig, stage: str) -> dict[str, Any]:
             path = Path(cfg.model.checkpoint)
             if not path.is_file():
                 raise FileNotFoundError(f"model.checkpoint not found: {path}")
-            return {"checkpoint": str(path.resolve()), "sha256": file_digest(path),
-                    "class_names": dataset_identity(d, d.train_split)["class_names"], "dataset": d.name}  # fmt: skip
+            return {
+                "checkpoint": str(path.resolve()),
+                "sha256": file_digest(path),
+                "class_names": dataset_identity(d, d.train_split)["class_names"],
+                "dataset": d.name,
+            }
         model = _plain(cfg.model)
         model.pop("checkpoint")
         train = _plain(cfg.train)
         train.pop("num_workers")  # does not change the result
-        return {"dataset": dataset_identity(d, d.train_split), "model": model, "train": train, "seed": cfg.seed}
+        return {
+            "dataset": dataset_identity(d, d.train_split),
+            "model": model,
+            "train": train,
+            "seed": cfg.seed,
+        }
     if stage == "cams":
         return {"dataset": dataset_identity(d, d.eval_split), "cam": _plain(cfg.cam)}
     if stage == "pseudo_masks":
@@ -165,8 +179,11 @@ class Pipeline:
     def key(self, stage: str) -> str:
         if stage not in self._keys:
             up = upstream_of(self.cfg, stage)
-            payload = {"stage": stage, "config": stage_config(self.cfg, stage),
-                       "upstream": self.key(up) if up else None}  # fmt: skip
+            payload = {
+                "stage": stage,
+                "config": stage_config(self.cfg, stage),
+                "upstream": self.key(up) if up else None,
+            }
             self._keys[stage] = digest(payload)
         return self._keys[stage]
 
@@ -215,8 +232,11 @@ class Pipeline:
                 "code_version": code_version(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "inputs": {
-                    name: {"dir": str(path), "key": manifests[name]["key"],
-                           "manifest_sha256": file_digest(path / "manifest.json")}  # fmt: skip
+                    name: {
+                        "dir": str(path),
+                        "key": manifests[name]["key"],
+                        "manifest_sha256": file_digest(path / "manifest.json"),
+                    }
                     for name, path in inputs.items()
                 },
                 "timings": {"seconds": round(seconds, 3)},

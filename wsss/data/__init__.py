@@ -48,10 +48,14 @@ def build_source(cfg: Any, split: str) -> SegmentationSource:
             # A VOC-layout folder someone else made: read it, never generate into it.
             log.info("dataset.root %s is a VOC-layout dataset, not a generated one: reading it as such", root)
             if class_names is None:
-                raise ValueError(f"{root}: a VOC-layout dataset needs dataset.class_names=[...] (foreground classes)")
+                raise ValueError(
+                    f"{root}: a VOC-layout dataset needs dataset.class_names=[...] (foreground classes)"
+                )
         else:
             s = cfg.synthetic
-            spec = SyntheticSpec(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed)
+            spec = SyntheticSpec(
+                num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed
+            )
             ensure_synthetic(root, spec)
             class_names = class_names or list(SYNTHETIC_CLASSES)
     elif not Path(cfg.root).is_dir():

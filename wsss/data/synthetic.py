@@ -1,7 +1,7 @@
 """The embedded dataset: textured shapes on cluttered backgrounds, written once in PASCAL VOC layout.
 
 Each image holds 1-3 objects (a class may repeat) drawn with random colours, so only shape and texture tell the
-classes apart. Object sizes run from about 10 % to 70 % of the image side. Backgrounds are smooth colour noise
+classes apart. Object sizes run from about 15 % to 70 % of the image side. Backgrounds are smooth colour noise
 with distractors that belong to no class (irregular blobs, line segments, speckle). Masks follow VOC: 0
 background, c + 1 for class c, a 255 void band along every object's outline. Generation is deterministic in
 (seed, index) and writes files atomically; `generator.json` records the parameters and is written last.
@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 
 # Class = (shape, texture). Each texture is shared by two classes, so neither cue alone names a class.
 SYNTHETIC_CLASSES = ["disc", "triangle", "square", "star", "ring", "cross"]
-_TEXTURES = {"disc": "stripes", "triangle": "dots", "square": "checker", "star": "stripes", "ring": "checker",
-             "cross": "dots"}  # fmt: skip
+_TEXTURES = {
+    "disc": "stripes",
+    "triangle": "dots",
+    "square": "checker",
+    "star": "stripes",
+    "ring": "checker",
+    "cross": "dots",
+}
 GENERATOR_VERSION = 1
 
 
@@ -57,7 +63,9 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     elif shape == "ring":
         cv2.ellipse(m, (round(c), round(c)), (round(r), round(r * stretch)), np.degrees(angle), 0, 360, 1, -1)
         inner = max(1, round(r * rng.uniform(0.45, 0.6)))
-        cv2.ellipse(m, (round(c), round(c)), (inner, round(inner * stretch)), np.degrees(angle), 0, 360, 0, -1)
+        cv2.ellipse(
+            m, (round(c), round(c)), (inner, round(inner * stretch)), np.degrees(angle), 0, 360, 0, -1
+        )
     elif shape == "triangle":
         cv2.fillPoly(m, [poly(np.full(3, r), 3)], 1)
     elif shape == "square":

@@ -107,7 +107,11 @@ class Classifier(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, backbone: str = "resnet_tiny", output_stride: int = 16, weights: str | None = None
+        self,
+        num_classes: int,
+        backbone: str = "resnet_tiny",
+        output_stride: int = 16,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         self.kwargs = {

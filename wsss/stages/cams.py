@@ -44,10 +44,20 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     maps_dir = ctx.out_dir / "maps"
     # Resume: npz files are written atomically, so an existing one is complete.
     todo = [i for i in dist.shard(source.ids) if not (maps_dir / f"{i}.npz").is_file()]
-    log.info("cams: %s on %s at output stride %s, %d of %d images to do", cc.method, cc.target_layer,
-             model.output_stride, len(todo), len(source.ids))  # fmt: skip
-    loader = DataLoader(InferenceDataset(source, todo), batch_size=cc.batch_size,
-                        num_workers=cfg.train.num_workers, collate_fn=collate_list)  # fmt: skip
+    log.info(
+        "cams: %s on %s at output stride %s, %d of %d images to do",
+        cc.method,
+        cc.target_layer,
+        model.output_stride,
+        len(todo),
+        len(source.ids),
+    )
+    loader = DataLoader(
+        InferenceDataset(source, todo),
+        batch_size=cc.batch_size,
+        num_workers=cfg.train.num_workers,
+        collate_fn=collate_list,
+    )
     empty = 0
     bar = tqdm(total=len(todo), desc=f"cams {cc.method}", unit="img")
     with build_cam(cc.method, model, target_layer=cc.target_layer, amp_dtype=AMP_DTYPES[cc.amp_dtype]) as cam:
@@ -59,13 +69,16 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
                 classes = torch.full((len(group), max(k, 1)), -1, dtype=torch.long)  # -1 pads: zero maps
                 for row, it in enumerate(group):
                     classes[row, : len(it["labels"])] = it["labels"]
-                highres, strided = cam.multiscale(images, classes.to(ctx.device), scales=tuple(cc.scales),
-                                                  flip=cc.flip)  # (B, K, H, W), (B, K, H/4, W/4)  # fmt: skip
+                highres, strided = cam.multiscale(
+                    images, classes.to(ctx.device), scales=tuple(cc.scales), flip=cc.flip
+                )  # (B, K, H, W), (B, K, H/4, W/4)
                 highres, strided = highres.cpu(), strided.cpu().half()
                 for row, it in enumerate(group):
                     n = len(it["labels"])
                     empty += n == 0
-                    write_cams(maps_dir / f"{it['id']}.npz", it["labels"], highres[row, :n], strided=strided[row, :n])
+                    write_cams(
+                        maps_dir / f"{it['id']}.npz", it["labels"], highres[row, :n], strided=strided[row, :n]
+                    )
                 bar.update(len(group))
     bar.close()
     dist.barrier()
@@ -73,6 +86,10 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
         "class_names": source.class_names,
         "dataset": source.identity(),
         "maps_dir": str(maps_dir),
-        "counts": {"images": len(source.ids), "computed": len(todo), "no_labels": empty,
-                   "skipped": dict(source.skipped)},  # fmt: skip
+        "counts": {
+            "images": len(source.ids),
+            "computed": len(todo),
+            "no_labels": empty,
+            "skipped": dict(source.skipped),
+        },
     }

@@ -86,7 +86,9 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
         gt = torch.from_numpy(source.load_mask(image_id)).to(ctx.device)
         pred_path = masks_dir / f"{image_id}.png"
         if not pred_path.is_file():
-            raise FileNotFoundError(f"{pred_path}: no predicted mask for image {image_id!r} of split {source.split!r}")
+            raise FileNotFoundError(
+                f"{pred_path}: no predicted mask for image {image_id!r} of split {source.split!r}"
+            )
         pred = torch.from_numpy(read_mask(pred_path)).to(ctx.device)
         if pred.shape != gt.shape:
             raise ValueError(
@@ -124,8 +126,11 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
             "best": _summary(best, names),
         }
         px = sweep.compute_pxap()
-        result["pxap"] = {"pxap": round(px["pxap"], 4), "mpxap": round(px["mpxap"], 4),
-                          "per_class": _named(px["pxap_per_class"], source.class_names)}  # fmt: skip
+        result["pxap"] = {
+            "pxap": round(px["pxap"], 4),
+            "mpxap": round(px["mpxap"], 4),
+            "per_class": _named(px["pxap_per_class"], source.class_names),
+        }
         if ev.select_on:
             sel_source, sel_maps = ctx.pipeline.maps_for_split(ev.select_on)
             sel = sweep_split(sel_source, sel_maps, thresholds, ctx.device, f"select on {ev.select_on}")
@@ -157,7 +162,9 @@ def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | No
     if "sweep" in result:
         sw = result["sweep"]
         curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
-        viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
+        viz.plot_threshold_curve(
+            sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png"
+        )
     ranked = sorted(result["per_image_miou"].items(), key=lambda kv: kv[1])
     n = cfg.evaluate.overlays
     picks = ranked[-((n + 1) // 2) :][::-1] + ranked[: n // 2] if n > 0 else []
@@ -190,14 +197,28 @@ def report(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], run_dir: Pa
         vals = [s[k][n] for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")]
         lines.append(f"{n:<16} " + " ".join(f"{v:7.2f}" if v is not None else f"{'-':>7}" for v in vals))
     lines.append(f"{'mIoU':<16} {result['miou']:7.2f}")
-    how = (f"threshold {result['reported_threshold']} chosen on {result['threshold_chosen_on']}"
-           if result["threshold_chosen_on"] else f"threshold {result['reported_threshold']}")  # fmt: skip
-    log.info("evaluate: %s split %r, %d images, %s\n%s", result["dataset"]["dataset"], result["split"],
-             result["num_images"], how, "\n".join(lines))  # fmt: skip
+    how = (
+        f"threshold {result['reported_threshold']} chosen on {result['threshold_chosen_on']}"
+        if result["threshold_chosen_on"]
+        else f"threshold {result['reported_threshold']}"
+    )
+    log.info(
+        "evaluate: %s split %r, %d images, %s\n%s",
+        result["dataset"]["dataset"],
+        result["split"],
+        result["num_images"],
+        how,
+        "\n".join(lines),
+    )
     if "sweep" in result:
         sw = result["sweep"]
-        log.info("evaluate: sweep best mIoU %.2f at threshold %.2f (chosen on %s's own labels); PxAP %.2f",
-                 sw["best"]["miou"], sw["best_threshold"], sw["best_chosen_on"], result["pxap"]["pxap"])  # fmt: skip
+        log.info(
+            "evaluate: sweep best mIoU %.2f at threshold %.2f (chosen on %s's own labels); PxAP %.2f",
+            sw["best"]["miou"],
+            sw["best_threshold"],
+            sw["best_chosen_on"],
+            result["pxap"]["pxap"],
+        )
     if run_dir is not None:
         for name in REPORT_FILES:
             if (out_dir / name).is_file():

@@ -33,8 +33,9 @@ def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
     if tc.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay,
-                               nesterov=tc.momentum > 0)  # fmt: skip
+        return torch.optim.SGD(
+            groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=tc.momentum > 0
+        )
     raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {tc.optimizer!r}")
 
 
@@ -45,8 +46,11 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
         # A given checkpoint replaces training; it must carry this dataset's classes.
         load_checkpoint(cfg.model.checkpoint, source.class_names)
         log.info("train: using checkpoint %s", cfg.model.checkpoint)
-        return {"checkpoint": str(cfg.model.checkpoint), "class_names": source.class_names,
-                "dataset": source.identity()}  # fmt: skip
+        return {
+            "checkpoint": str(cfg.model.checkpoint),
+            "class_names": source.class_names,
+            "dataset": source.identity(),
+        }
 
     tc = cfg.train
     crop = tc.crop_size or default_crop_size(source)
@@ -54,8 +58,13 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     batch_size = tc.batch_size
     if len(dataset) < batch_size:
         batch_size = len(dataset)
-        log.warning("train: split %r has %d images, fewer than train.batch_size=%d; using batches of %d",
-                    source.split, len(dataset), tc.batch_size, batch_size)  # fmt: skip
+        log.warning(
+            "train: split %r has %d images, fewer than train.batch_size=%d; using batches of %d",
+            source.split,
+            len(dataset),
+            tc.batch_size,
+            batch_size,
+        )
     # Workers' torch RNGs (which the transforms draw from) are seeded from this generator.
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(
@@ -74,8 +83,14 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     optimizer = build_optimizer(model, tc)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     total = tc.epochs * len(loader)
-    log.info("train: %d images, crop %d, %d epochs x %d steps on %s", len(dataset), crop, tc.epochs,
-             len(loader), ctx.device)  # fmt: skip
+    log.info(
+        "train: %d images, crop %d, %d epochs x %d steps on %s",
+        len(dataset),
+        crop,
+        tc.epochs,
+        len(loader),
+        ctx.device,
+    )
     model.train()
     step, losses, start = 0, [], time.perf_counter()
     for epoch in range(tc.epochs):
