@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.models import ResNet18_Weights
 
 from wsss.artifacts import read_mask, voc_colormap
 from wsss.data.synthetic import SYNTHETIC_CLASSES, SyntheticSpec, ensure_synthetic, render
@@ -50,7 +51,7 @@ def test_checkpoint_roundtrip(tmp_path):
 
 def test_unknown_weights_and_backbone_errors():
     with pytest.raises(ValueError, match="resnet_tiny has no pretrained weights"):
-        Classifier(2, "resnet_tiny", weights="IMAGENET1K_V1")
+        Classifier(2, "resnet_tiny", weights=ResNet18_Weights.IMAGENET1K_V1.name)
     with pytest.raises(ValueError, match="unknown backbone"):
         Classifier(2, "vgg")
     with pytest.raises(KeyError):
@@ -129,7 +130,7 @@ def test_imagenet_weights_load_from_torch_home_offline(tmp_path, monkeypatch):
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(reference.state_dict(), cache / Path(ResNet18_Weights.IMAGENET1K_V1.url).name)
-    model = Classifier(4, "resnet18", 16, weights="IMAGENET1K_V1")
+    model = Classifier(4, "resnet18", 16, weights=ResNet18_Weights.IMAGENET1K_V1.name)
     torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
     assert model.kwargs["weights"] is None  # the checkpoint, not the hub, rebuilds a trained model
 
@@ -144,4 +145,4 @@ def test_unavailable_weights_give_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match=r"resnet18-f37072fd\.pth.*TORCH_HOME"):
-        Classifier(4, "resnet18", 16, weights="IMAGENET1K_V1")
+        Classifier(4, "resnet18", 16, weights=ResNet18_Weights.IMAGENET1K_V1.name)
