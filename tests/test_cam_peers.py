@@ -129,14 +129,10 @@ def test_gradcampp_over_gradient_scales(layer: str) -> None:
         assert relative <= 1e-5, (scale, relative)
 
         pgc_deviation = float(
-            (_pytorch_grad_cam("GradCAMPlusPlus", model, layer, images) - _min_max_normalised(reference))
-            .abs()
-            .max()
+            (_pytorch_grad_cam("GradCAMPlusPlus", model, layer, images) - _min_max_normalised(reference)).abs().max()
         )
         torchcam_deviation = float(
-            (_max_normalised(_torchcam("GradCAMpp", model, layer, images)) - _max_normalised(reference))
-            .abs()
-            .max()
+            (_max_normalised(_torchcam("GradCAMpp", model, layer, images)) - _max_normalised(reference)).abs().max()
         )
         if scale <= 1e-2:  # |dS/dA| <= ~2e-3: the 1e-6 epsilon dominates 2 g^2
             assert pgc_deviation > 0.1, (scale, pgc_deviation)

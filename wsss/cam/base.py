@@ -67,9 +67,7 @@ def resolve_layer(model: nn.Module, target_layer: str | nn.Module) -> tuple[str,
                 return name, module
         raise ValueError(f"target_layer {type(target_layer).__name__} is not a submodule of the model")
     if not isinstance(target_layer, str):
-        raise TypeError(
-            f"target_layer must be a dotted module path or an nn.Module, got {type(target_layer)!r}"
-        )
+        raise TypeError(f"target_layer must be a dotted module path or an nn.Module, got {type(target_layer)!r}")
     try:
         return target_layer, model.get_submodule(target_layer)
     except AttributeError:
@@ -164,9 +162,7 @@ class BaseCAM(ABC):
             raise ValueError(f"{type(self).__name__} has no closed form; fast_path=True cannot apply")
         self.model = model
         self.layer_name, self.layer = resolve_layer(model, target_layer)
-        self.heads: list[LinearHead] = (
-            [explicit_head(model, head)] if head is not None else find_head_candidates(model)
-        )
+        self.heads: list[LinearHead] = [explicit_head(model, head)] if head is not None else find_head_candidates(model)
         self.fast_path = fast_path
         self.counterfactual = counterfactual
         self.amp_dtype = amp_dtype
@@ -340,8 +336,7 @@ class BaseCAM(ABC):
             raise ValueError(f"{self.layer_name!r}: {capture.errors[0]}")
         if capture.calls != 1 or capture.activations is None:
             raise ValueError(
-                f"target layer {self.layer_name!r} ran {capture.calls} times in one forward; "
-                "it must run exactly once"
+                f"target layer {self.layer_name!r} ran {capture.calls} times in one forward; it must run exactly once"
             )
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -363,9 +358,7 @@ class BaseCAM(ABC):
             shape = tuple(classes.shape) if isinstance(classes, Tensor) else type(classes).__name__
             raise ValueError(f"classes must be an integer (B, K) tensor, got {shape}")
         if classes.shape[0] != images.shape[0] or classes.shape[1] == 0:
-            raise ValueError(
-                f"classes {tuple(classes.shape)} must be (B, K>=1) for images {tuple(images.shape)}"
-            )
+            raise ValueError(f"classes {tuple(classes.shape)} must be (B, K>=1) for images {tuple(images.shape)}")
         device = model_device(self.model, images.device)
         return images.to(device), classes.to(device=device, dtype=torch.long)
 
@@ -389,9 +382,7 @@ class BaseCAM(ABC):
             self._handles.pop().remove()
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(target_layer={self.layer_name!r}, heads={[h.name for h in self.heads]})"
-        )
+        return f"{type(self).__name__}(target_layer={self.layer_name!r}, heads={[h.name for h in self.heads]})"
 
 
 @contextmanager

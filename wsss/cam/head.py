@@ -67,9 +67,7 @@ class LinearHead:
         compute = torch.promote_types(activations.dtype, torch.float32)
         pooled = activations.to(compute).mean((2, 3))  # (B, C)
         bias = self.layer.bias
-        predicted = F.linear(
-            pooled, self.weight().to(compute), None if bias is None else bias.to(compute)
-        )  # (B, N)
+        predicted = F.linear(pooled, self.weight().to(compute), None if bias is None else bias.to(compute))  # (B, N)
         dtypes = [activations.dtype, logits.dtype] + ([dtype] if dtype is not None else [])
         tolerance = max(_TOLERANCE.get(d, 1e-4) for d in dtypes)
         reference = logits.to(compute)
@@ -126,9 +124,7 @@ def find_head_candidates(model: nn.Module) -> list[LinearHead]:
         if name and name.rsplit(".", 1)[-1] in HEAD_NAMES
     ]
     candidates = [
-        head
-        for _, name, module in sorted(named, key=lambda t: t[0])
-        if (head := as_linear_head(module, name))
+        head for _, name, module in sorted(named, key=lambda t: t[0]) if (head := as_linear_head(module, name))
     ]
     last = None
     for name, module in model.named_modules():

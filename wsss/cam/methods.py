@@ -117,9 +117,7 @@ class ScoreCAM(BaseCAM):
     has_closed_form = False
     supports_counterfactual = False
 
-    def __init__(
-        self, model: nn.Module, target_layer: str | nn.Module, *, batch_size: int = 32, **kwargs
-    ) -> None:
+    def __init__(self, model: nn.Module, target_layer: str | nn.Module, *, batch_size: int = 32, **kwargs) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         super().__init__(model, target_layer, **kwargs)
