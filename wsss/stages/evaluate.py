@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from wsss import dist
-from wsss.artifacts import read_cams, read_json, read_mask, write_json
+from wsss.artifacts import atomic_open, read_cams, read_json, read_mask, write_json
 from wsss.data import SegmentationSource
 from wsss.metrics import (
     ConfusionMatrix,
@@ -181,8 +181,6 @@ def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | No
         rows.append((f"{image_id} mIoU {miou:.1f}", image, heat, pred, gt))
     if rows:
         viz.overlay_grid(rows, out_dir / "overlays.png")
-    from wsss.artifacts import atomic_open
-
     with atomic_open(out_dir / "summary.md", "w") as f:
         f.write(viz.markdown_table(names, result["scores"]) + "\n")
 
