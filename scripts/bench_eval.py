@@ -29,9 +29,7 @@ NUM_LABELS = 21
 SIZES = [(375, 500), (500, 375), (333, 500), (375, 500), (281, 500)]
 
 
-def synthetic(
-    n: int, device: torch.device, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def synthetic(n: int, device: torch.device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`n` (maps (K,H,W) float32 in [0,1], keys (K,) int64, gt (H,W) uint8) triples on `device`."""
     gen = torch.Generator().manual_seed(seed)
     data = []
@@ -62,9 +60,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--thresholds", default="0.00:0.99:0.01", help="sweep thresholds (default: 100)")

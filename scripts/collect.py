@@ -139,9 +139,7 @@ def write(columns: list[str], rows: list[dict[str, Any]], prefix: Path) -> tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", type=Path, help="a Hydra multirun directory")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default: DIR/summary)")
     args = parser.parse_args(argv)

@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--out names one folder: give one split with it")
     out = args.out.resolve() if args.out is not None else None
     for split in args.splits:
-        source = COCOSource(
-            args.root, split, args.year, empty_images="keep", masks="rasterise", export_dir=out
-        )
+        source = COCOSource(args.root, split, args.year, empty_images="keep", masks="rasterise", export_dir=out)
         export_split(source, overwrite=args.overwrite, workers=args.workers)
     return 0
 

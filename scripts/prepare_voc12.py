@@ -144,9 +144,7 @@ def check_split(voc: Path, ids: list[str], mask_dirs: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--voc", type=Path, required=True, help="the VOCdevkit/VOC2012 folder")
-    p.add_argument(
-        "--sbd", type=Path, required=True, help="SBD's benchmark_RELEASE/dataset folder (cls/, *.txt)"
-    )
+    p.add_argument("--sbd", type=Path, required=True, help="SBD's benchmark_RELEASE/dataset folder (cls/, *.txt)")
     p.add_argument("--mask-dir", default="SegmentationClassAug", help="output folder name under --voc")
     p.add_argument("--no-convert", action="store_true", help="only build and check the train_aug list")
     p.add_argument("--overwrite", action="store_true", help="rewrite existing PNGs and a differing list")
@@ -165,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     write_split(args.voc, "train_aug", ids, args.overwrite)
     check_split(args.voc, ids, ["SegmentationClass", args.mask_dir])
     if len(ids) != EXPECTED_TRAIN_AUG:
-        log.warning(
-            "train_aug has %d ids; the full VOC 2012 + SBD releases give %d", len(ids), EXPECTED_TRAIN_AUG
-        )
+        log.warning("train_aug has %d ids; the full VOC 2012 + SBD releases give %d", len(ids), EXPECTED_TRAIN_AUG)
     return 0
 
 

@@ -17,7 +17,7 @@ register_configs()
 
 GROUPS = {
     name: sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
-    for name in ("dataset", "model", "cam", "stage")
+    for name in ("dataset", "model", "cam", "stage", "experiment")
 }
 
 
@@ -26,10 +26,29 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_groups_exist():
-    assert GROUPS["stage"] == ["cams", "evaluate", "pseudo_masks", "train"]
-    assert {"synthetic", "voc12", "coco"} <= set(GROUPS["dataset"])
-    assert {"cam", "gradcam", "gradcampp"} <= set(GROUPS["cam"])
+def test_groups_match_the_registries():
+    """Every stage, dataset, backbone and CAM method of the code has its conf file, and nothing else does."""
+    from wsss.cam import METHODS
+    from wsss.data import DATASETS
+    from wsss.models import BACKBONES
+    from wsss.stages import STAGES
+
+    assert GROUPS["stage"] == sorted(STAGES)
+    assert GROUPS["dataset"] == sorted(DATASETS)
+    assert GROUPS["cam"] == sorted(METHODS)
+    assert GROUPS["model"] == sorted(BACKBONES)
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "cam", "stage", "experiment"])
+def test_every_option_of_every_group_composes_and_validates(group):
+    from wsss.config import validate
+
+    for option in GROUPS[group]:
+        cfg = _compose([f"{group}={option}"])
+        OmegaConf.to_container(cfg, resolve=True)
+        if group == "experiment":
+            cfg.model.weights = None  # the recipe's ImageNet weights are checked against torchvision's list below
+        validate(cfg)
 
 
 # Every option of every group appears at least once; datasets and stages (the pairs that interact) in full.
@@ -81,3 +100,60 @@ def test_unknown_group_option_fails(override):
 def test_misspelled_key_fails():
     with pytest.raises(ConfigCompositionException):
         _compose(["pseudo.treshold=0.2"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "cam.method=nope",
+        "train.optimizer=adamx",
+        "model.backbone=resnet9",
+        "cam.amp_dtype=fp8",
+        "dataset.on_error=ignore",
+        "cam.output_stride=eight",
+    ],
+)
+def test_bad_choice_fails_at_composition(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose([override])
+    message = str(e.value) + str(e.value.__cause__)
+    assert value in message and key.split(".")[-1] in message
+
+
+def test_choices_read_as_their_strings():
+    cfg = _compose(["cam=gradcampp", "dataset.on_error=skip"])
+    assert cfg.cam.method == "gradcampp" and f"{cfg.cam.method}" == "gradcampp" and str(cfg.dataset.on_error) == "skip"
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["pseudo.threshold=1.5"], "pseudo.threshold=1.5: must be in [0, 1]"),
+        (["pseudo.threshold=-0.1"], "pseudo.threshold=-0.1: must be in [0, 1]"),
+        (["pseudo.conf_fg=0.3"], "set both or neither"),
+        (["pseudo.conf_fg=0.1", "pseudo.conf_bg=0.3"], "pseudo.conf_bg=0.3: must be <= pseudo.conf_fg=0.1"),
+        (["cam.scales=[1.0,0]"], "cam.scales=[1.0, 0.0]: must be a non-empty list of values > 0"),
+        (["cam.scales=[]"], "cam.scales=[]"),
+        (["train.epochs=0"], "train.epochs=0: must be >= 1"),
+        (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
+        (["cam.batch_size=0"], "cam.batch_size=0: must be >= 1"),
+        (["model.output_stride=12"], "model.output_stride=12: must be 8, 16 or 32"),
+        (["cam.output_stride=32"], "cam.output_stride=32: must be <= model.output_stride=16"),
+        (["evaluate.thresholds=0.5:0.1:0.1"], "evaluate.thresholds=0.5:0.1:0.1"),
+        (["evaluate.select_on=val", "evaluate.masks_dir=x"], "cannot be used with evaluate.masks_dir"),
+        (["device=gpu"], "device=gpu: must be auto, cpu, cuda or cuda:N"),
+        (["model=resnet18", "model.weights=IMAGENET9"], "model.weights=IMAGENET9: must be one of ['IMAGENET1K_V1']"),
+        (["model.weights=IMAGENET1K_V1"], "resnet_tiny has no weights"),
+        (["train.scale_range=[1.3,0.7]"], "train.scale_range=[1.3, 0.7]"),
+        (["dataset.max_pixels=0"], "dataset.max_pixels=0: must be >= 1"),
+    ],
+)
+def test_out_of_range_values_name_key_value_and_what_is_allowed(overrides, needle):
+    from wsss.config import validate
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(overrides))
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)

@@ -133,9 +133,7 @@ def assert_close(actual, expected, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def random_image(
-    rng: np.random.Generator, h: int, w: int, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_image(rng: np.random.Generator, h: int, w: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     keys = np.sort(rng.choice(L - 1, size=k, replace=False)).astype(np.int64)
     maps = rng.random((k, h, w)).astype(np.float32)
     if k:
@@ -157,8 +155,7 @@ def random_image(
 def images() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
     out = [
-        random_image(rng, int(rng.integers(3, 9)), int(rng.integers(3, 9)), int(rng.integers(1, 4)))
-        for _ in range(12)
+        random_image(rng, int(rng.integers(3, 9)), int(rng.integers(3, 9)), int(rng.integers(1, 4))) for _ in range(12)
     ]
     out.append(random_image(rng, 4, 5, 0))  # an image without image-level labels
     return out
@@ -437,9 +434,7 @@ def test_sweep_list_batch_and_dtypes_agree(images):
         sweep = ThresholdSweep(L, THRESHOLDS)
         for m, k, g in cast:
             sweep.update(torch.from_numpy(m), torch.from_numpy(k), torch.from_numpy(g))
-        np.testing.assert_array_equal(
-            sweep.compute().numpy(), reference_sweep(cast, THRESHOLDS), err_msg=str(dtype)
-        )
+        np.testing.assert_array_equal(sweep.compute().numpy(), reference_sweep(cast, THRESHOLDS), err_msg=str(dtype))
 
 
 def test_sweep_with_close_thresholds_falls_back_and_stays_exact(images):

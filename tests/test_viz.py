@@ -57,9 +57,7 @@ def test_overlay_grid(tmp_path):
         rows.append((f"image {i}", image, heat, pred, gt))
     w, h = png_size(viz.overlay_grid(rows, tmp_path / "grid.png"))
     assert (w, h) == (960, 500)  # 4 panels x 2.4 in, 2 rows x 2.4 in + 0.2 in, at 100 dpi
-    assert viz.colorize(np.array([[0, 1, 255]], np.uint8)).tolist() == [
-        [[0, 0, 0], [128, 0, 0], [224, 224, 192]]
-    ]
+    assert viz.colorize(np.array([[0, 1, 255]], np.uint8)).tolist() == [[[0, 0, 0], [128, 0, 0], [224, 224, 192]]]
 
 
 def test_markdown_table_lists_each_class_and_the_miou():
@@ -73,8 +71,6 @@ def test_markdown_table_lists_each_class_and_the_miou():
     assert f"{s['miou']:.2f}" in table and table.rstrip().endswith(f"foreground mIoU {s['fg_miou']:.2f}")
     assert "| bird | – |" in table
     # The evaluate stage's summary form: per-label dicts keyed by name, None for undefined values.
-    named = {
-        k: dict(zip(NAMES, s[k], strict=True)) for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")
-    }
+    named = {k: dict(zip(NAMES, s[k], strict=True)) for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")}
     named["iou"]["bird"] = None
     assert viz.markdown_table(NAMES, {**s, **named}) == viz.markdown_table(NAMES, s)

@@ -6,12 +6,16 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from PIL import Image
+
+from wsss.errors import DamagedFileError, WriteError
 
 IGNORE_INDEX = 255
 _UMASK = os.umask(0)
@@ -36,25 +40,56 @@ def voc_colormap(n: int = 256) -> np.ndarray:
 VOC_PALETTE: list[int] = voc_colormap().reshape(-1).tolist()
 
 
+class _WriteRecorder:
+    """A file wrapper that remembers an OSError from `write` (writers such as torch.save replace it with their own)."""
+
+    def __init__(self, f: IO[Any]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`, on error delete it.
 
-    A killed run therefore leaves either the old file or no file, never a half-written one.
+    A killed run therefore leaves either the old file or no file, never a half-written one (a leftover
+    `.<name>.*.tmp` of a killed run is removed by the pipeline before the artifact is built again).
+
+    Raises:
+        WriteError: the write failed (no space left, file too large, permission denied, read-only filesystem),
+            also where a writer such as `torch.save` reports it in its own words; the message names `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror or e})") from e
+    recorder = None
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, mode) as f:
-            yield f
+            recorder = _WriteRecorder(f)
+            yield recorder
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        cause = e if isinstance(e, OSError) else (recorder.error if recorder is not None else None)
+        if cause is not None and not isinstance(e, WriteError):
+            raise WriteError(f"{path}: cannot write ({cause.strerror or cause})") from e
         raise
 
 
@@ -66,9 +101,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file."""
+    """Read a JSON file; a file that is not valid JSON is a `DamagedFileError` naming it."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedFileError(path, f"not valid JSON ({e})") from e
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:
@@ -138,12 +176,18 @@ def write_cams(path: str | Path, keys: np.ndarray, maps: np.ndarray, **extra: np
 
 
 def read_cams(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a CAM npz written by `write_cams` (no pickles)."""
+    """Read a CAM npz written by `write_cams` (no pickles); a damaged file is a `DamagedFileError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CAM file not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DamagedFileError(path, f"unreadable CAM file ({type(e).__name__}: {e})") from e
+    if "keys" not in out or "maps" not in out or out["maps"].ndim != 3 or len(out["keys"]) != len(out["maps"]):
+        raise DamagedFileError(path, f"not a wsss CAM file (arrays {sorted(out)})")
+    return out
 
 
 def mask_to_rle(mask: np.ndarray, label: int) -> dict[str, Any]:

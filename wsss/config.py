@@ -1,15 +1,45 @@
 """Typed config schemas, registered in Hydra's ConfigStore; the YAML files under conf/ fill them in.
 
-Types are checked at composition: `pseudo.threshold=abc` or a misspelled key fails with Hydra's own message.
+Checked at composition, with Hydra's own message: types (`pseudo.threshold=abc`), misspelled keys, and every
+choice, which is an enum built from the registry it names (`cam.method` from `wsss.cam.METHODS`,
+`model.backbone` from `wsss.models.BACKBONES`, ...). Ranges and relations between values (`conf_bg <=
+conf_fg`, thresholds in [0, 1]) are checked by `validate`, which `wsss.run` calls before any stage starts.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+from wsss.cam import METHODS
+from wsss.errors import ConfigError
+from wsss.models import BACKBONES
+
+
+class Choice(str, Enum):
+    """A string choice: compares equal to, prints and serialises as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def _choice(name: str, values: Any) -> type[Choice]:
+    return Choice(name, {str(v): str(v) for v in values})
+
+
+CamMethod = _choice("CamMethod", METHODS)
+Backbone = _choice("Backbone", BACKBONES)
+Optimizer = _choice("Optimizer", ("adamw", "sgd"))
+AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
+OnError = _choice("OnError", ("raise", "skip"))
 
 
 @dataclass
@@ -26,15 +56,17 @@ class SyntheticConfig:
 class DatasetConfig:
     """Which data, where, and which splits. Background is implicit: class_names lists foreground classes."""
 
-    name: str = MISSING  # synthetic | voc12 | coco
+    name: str = MISSING  # a key of wsss.data.DATASETS: synthetic | voc12 | coco
     root: str = MISSING
     class_names: list[str] | None = None  # null: the dataset's own list
     train_split: str = "train"  # the classifier trains on this split
     eval_split: str = "train"  # CAMs, pseudo masks and scores are made on this split
     mask_dir: str = "SegmentationClass"  # VOC layout: where ground-truth PNGs live
-    aug_mask_dir: str = "SegmentationClassAug"  # VOC layout: fallback masks (SBD) for train_aug ids
+    aug_mask_dir: str | None = "SegmentationClassAug"  # VOC layout: fallback masks (SBD) for train_aug ids
     year: int = 2017  # coco: 2014 or 2017
-    on_error: str = "raise"  # raise | skip: what a bad sample does (skips are counted in the manifest)
+    on_error: OnError = OnError("raise")  # raise | skip: what a bad sample does (skips are counted and logged)
+    max_pixels: int = 50_000_000  # images above this are refused (decompression bombs); real ones are < 0.5 M
+    num_workers: int = 2  # DataLoader workers (does not change any result, so it is in no cache key)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -42,7 +74,7 @@ class DatasetConfig:
 class ModelConfig:
     """The classifier: torchvision ResNet trunk, GAP, bias-free 1x1 conv head."""
 
-    backbone: str = "resnet_tiny"  # resnet_tiny | resnet18 | resnet34 | resnet50
+    backbone: Backbone = Backbone("resnet_tiny")
     output_stride: int = 16  # 32, 16 or 8 (stride replaced by dilation)
     weights: str | None = None  # torchvision weights name, e.g. IMAGENET1K_V1 (needs them in TORCH_HOME)
     checkpoint: str | None = None  # a wsss checkpoint file: skips training
@@ -54,27 +86,26 @@ class TrainConfig:
 
     epochs: int = 28
     batch_size: int = 32
-    optimizer: str = "adamw"  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
+    optimizer: Optimizer = Optimizer("adamw")  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
     lr: float = 2e-3
     head_lr_mult: float = 1.0  # 10 is IRN's choice with a pretrained trunk
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-2
     crop_size: int | None = None  # null: the first image's longer side, rounded up to 32, at most 512
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
-    num_workers: int = 2
 
 
 @dataclass
 class CamConfig:
     """How class activation maps are computed (wsss.cam)."""
 
-    method: str = "cam"  # cam | gradcam | gradcampp | xgradcam | layercam | scorecam
+    method: CamMethod = CamMethod("cam")
     target_layer: str = "backbone.layer4"
     output_stride: int | None = 8  # read the trained model at this stride (exact a-trous); null: as trained
     batch_size: int = 16  # images of equal size per forward
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
-    amp_dtype: str | None = None  # bfloat16 | float16: autocast, maps accumulated in float32
+    amp_dtype: AmpDtype | None = None  # bfloat16 | float16: autocast, maps accumulated in float32
 
 
 @dataclass
@@ -84,7 +115,6 @@ class PseudoConfig:
     threshold: float = 0.5  # from-scratch CAMs are broad; IRN's 0.15-0.16 suits ImageNet-pretrained ResNet-50
     conf_fg: float | None = None  # with conf_bg: pixels between the two thresholds become 255 (ignore)
     conf_bg: float | None = None
-    crf: bool = False
     rle_json: bool = False  # also write masks.rle.json: COCO-style results with pycocotools RLE
 
 
@@ -102,7 +132,7 @@ class EvaluateConfig:
 class StageConfig:
     """Which stage to run; its upstream stages run first when their artifacts are missing."""
 
-    name: str = MISSING  # train | cams | pseudo_masks | evaluate
+    name: str = MISSING  # a key of wsss.stages.STAGES
 
 
 @dataclass
@@ -137,6 +167,111 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="cam", name="base_cam", node=CamConfig)
     cs.store(group="stage", name="base_stage", node=StageConfig)
+
+
+# -- ranges and relations ------------------------------------------------------------------------------------
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _problems(cfg: DictConfig) -> list[str]:
+    """Every out-of-range value or contradiction, each as `key=value: what is allowed`."""
+    from wsss.data import DATASETS
+    from wsss.metrics import check_thresholds, parse_thresholds
+    from wsss.stages import STAGES
+
+    out: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            out.append(f"{key}={value}: {allowed}")
+
+    def unit(key: str, value: float | None) -> None:
+        if value is not None:
+            need(0.0 <= value <= 1.0, key, value, "must be in [0, 1]")
+
+    d, m, t, c, p, e = cfg.dataset, cfg.model, cfg.train, cfg.cam, cfg.pseudo, cfg.evaluate
+    need(cfg.stage.name in STAGES, "stage.name", cfg.stage.name, f"must be one of {sorted(STAGES)}")
+    need(d.name in DATASETS, "dataset.name", d.name, f"must be one of {sorted(DATASETS)}")
+    need(d.year in (2014, 2017), "dataset.year", d.year, "must be 2014 or 2017")
+    need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
+    need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0")
+    need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
+    if m.weights is not None:
+        need(m.backbone != "resnet_tiny", "model.weights", m.weights, "resnet_tiny has no weights; use null")
+        if m.backbone != "resnet_tiny":
+            import torchvision
+
+            names = [w.name for w in torchvision.models.get_model_weights(BACKBONES[str(m.backbone)][0])]
+            need(m.weights in names, "model.weights", m.weights, f"must be one of {names} for {m.backbone}")
+    need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    need(t.head_lr_mult > 0, "train.head_lr_mult", t.head_lr_mult, "must be > 0")
+    need(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    if t.crop_size is not None:
+        need(t.crop_size >= 8, "train.crop_size", t.crop_size, "must be >= 8 or null")
+    sr = list(t.scale_range)
+    need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "train.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+    if c.output_stride is not None:
+        need(c.output_stride in (8, 16, 32), "cam.output_stride", c.output_stride, "must be 8, 16, 32 or null")
+        need(
+            c.output_stride <= m.output_stride,
+            "cam.output_stride",
+            c.output_stride,
+            f"must be <= model.output_stride={m.output_stride} (a stride can be made finer, not coarser)",
+        )
+    need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
+    if not out:  # the model can be built: its module names are what target_layer may name
+        layers = _module_names(str(m.backbone))
+        need(
+            c.target_layer in layers,
+            "cam.target_layer",
+            c.target_layer,
+            f"must be a module of the model, e.g. {_close(c.target_layer, layers)}",
+        )
+    scales = list(c.scales)
+    need(len(scales) > 0 and all(s > 0 for s in scales), "cam.scales", scales, "must be a non-empty list of values > 0")
+    unit("pseudo.threshold", p.threshold)
+    unit("pseudo.conf_fg", p.conf_fg)
+    unit("pseudo.conf_bg", p.conf_bg)
+    if (p.conf_fg is None) != (p.conf_bg is None):
+        out.append(f"pseudo.conf_fg={p.conf_fg}, pseudo.conf_bg={p.conf_bg}: set both or neither")
+    elif p.conf_fg is not None:
+        need(p.conf_bg <= p.conf_fg, "pseudo.conf_bg", p.conf_bg, f"must be <= pseudo.conf_fg={p.conf_fg}")
+    try:
+        check_thresholds(parse_thresholds(e.thresholds))
+    except ValueError as err:
+        out.append(f"evaluate.thresholds={e.thresholds}: {err}")
+    need(e.overlays >= 0, "evaluate.overlays", e.overlays, "must be >= 0")
+    if e.select_on is not None and e.masks_dir is not None:
+        out.append(f"evaluate.select_on={e.select_on}: needs CAMs, so it cannot be used with evaluate.masks_dir")
+    need(bool(_DEVICE.fullmatch(str(cfg.device))), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
+    return out
+
+
+def _module_names(backbone: str) -> list[str]:
+    """Module paths of the classifier, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from wsss.models import Classifier
+
+    with torch.device("meta"):
+        return [n for n, _ in Classifier(1, backbone).named_modules() if n]
+
+
+def _close(name: str, names: list[str]) -> list[str]:
+    from difflib import get_close_matches
+
+    return get_close_matches(name, names, n=3) or ["backbone.layer4", "backbone.layer3"]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise `ConfigError` naming every key whose value is out of range, with what is allowed."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 register_configs()

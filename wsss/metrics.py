@@ -103,7 +103,7 @@ def parse_thresholds(spec: str | float | Sequence[float]) -> list[float]:
         raise ValueError(f"cannot parse thresholds {spec!r}") from e
 
 
-def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
+def check_thresholds(thresholds: Sequence[float]) -> list[float]:
     """Validate sweep thresholds: non-empty, finite, within [0, 1], strictly increasing."""
     out = [float(t) for t in thresholds]
     if not out:
@@ -659,7 +659,7 @@ class ThresholdSweep:
         device: torch.device | str | None = None,
     ) -> None:
         self.num_labels = _check_num_labels(num_labels)
-        self.thresholds = _check_thresholds(parse_thresholds(thresholds))
+        self.thresholds = check_thresholds(parse_thresholds(thresholds))
         if pxap_bins is not None and pxap_bins < 1:
             raise ValueError(f"pxap_bins must be >= 1, got {pxap_bins}")
         self.pxap_bins = pxap_bins

@@ -1,24 +1,34 @@
-"""The stage graph train -> cams -> pseudo_masks -> evaluate, with artifacts cached by config hash.
+"""The stage graph: resolved from the stages' declarations, built where missing, reused where every input matches.
 
-Each stage's artifact directory is `<cache_dir>/<stage>/<key>`, where `key` hashes exactly the config that
-determines that stage's output plus the key of its upstream stage. A directory counts as complete only when
-its `manifest.json` exists: the manifest is written last and atomically, so a killed run is simply rerun (files
-it did finish, themselves written atomically, are reused by stages that resume).
+A node is (stage, split). Its key hashes everything its output depends on: the stage's config slice
+(`Stage.params`), the keys of the nodes it consumes, the wsss source code, and a fingerprint of every file it
+reads (`Stage.files`: split lists by content; images, masks, annotation files, a folder of masks to score by name,
+size and mtime; a checkpoint by content). The artifact lives in `<cache_dir>/<stage>/<key>/`.
+
+An artifact is complete when its `manifest.json` exists (written last, atomically) and every output file it
+lists is there with its listed size. Reuse needs no lock and no write, so a finished cache can sit on a
+read-only filesystem. A build takes an exclusive `flock` on `<cache_dir>/<stage>/<key>.lock`, so parallel jobs
+never build one artifact twice at once; it first removes temp files a killed run left behind, and stages that
+resume (the CAM stage) keep the files that were finished. A file of an input artifact that a stage cannot read back
+(`DamagedFileError`) is deleted, that input is rebuilt (resuming: only that file is made again), and the stage
+runs again. When a configuration was built before under other inputs, the log says what changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
-import importlib
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +37,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import wsss
 from wsss.artifacts import read_json, write_json
-from wsss.data import SegmentationSource, build_source, dataset_identity
+from wsss.config import validate
+from wsss.errors import CacheError, DamagedFileError
+from wsss.fingerprint import FileGroup, describe_changes, sha256_file
+from wsss.stages import STAGES
+from wsss.stages.base import Artifact, Fingerprints, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "cams", "pseudo_masks", "evaluate")
-UPSTREAM: dict[str, str | None] = {
-    "train": None,
-    "cams": "train",
-    "pseudo_masks": "cams",
-    "evaluate": "pseudo_masks",
-}
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint.json"
+MAX_REPAIRS = 10  # damaged input files repaired per build before giving up
 
 
 def digest(obj: Any) -> str:
@@ -50,28 +56,33 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@cache
+def code_digest() -> str:
+    """sha256 of the wsss package's source files: any edit to the code changes every key."""
+    root = Path(wsss.__file__).parent
+    h = hashlib.sha256(wsss.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
+@cache
 def code_version() -> str:
-    """Package version plus the git commit when run from a checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{wsss.__version__}+{sha}" if sha else wsss.__version__
+    """Package version, plus the git commit (and `.dirty` for uncommitted changes) when run from a checkout."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    sha = git("rev-parse", "--short", "HEAD")
+    if not sha:
+        return wsss.__version__
+    dirty = ".dirty" if git("status", "--porcelain", "--", ".") else ""
+    return f"{wsss.__version__}+g{sha}{dirty}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,185 +95,297 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def stage_config(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    """The slice of `cfg` that determines `stage`'s own output (upstream keys are chained separately)."""
-    d = cfg.dataset
-    if stage == "train":
-        if cfg.model.checkpoint:
-            path = Path(cfg.model.checkpoint)
-            if not path.is_file():
-                raise FileNotFoundError(f"model.checkpoint not found: {path}")
-            return {
-                "checkpoint": str(path.resolve()),
-                "sha256": file_digest(path),
-                "class_names": dataset_identity(d, d.train_split)["class_names"],
-                "dataset": d.name,
-            }
-        model = _plain(cfg.model)
-        model.pop("checkpoint")
-        train = _plain(cfg.train)
-        train.pop("num_workers")  # does not change the result
-        return {
-            "dataset": dataset_identity(d, d.train_split),
-            "model": model,
-            "train": train,
-            "seed": cfg.seed,
-        }
-    if stage == "cams":
-        return {"dataset": dataset_identity(d, d.eval_split), "cam": _plain(cfg.cam)}
-    if stage == "pseudo_masks":
-        return {"pseudo": _plain(cfg.pseudo)}
-    if stage == "evaluate":
-        ev = _plain(cfg.evaluate)
-        if ev["masks_dir"]:
-            ev["masks_dir"] = str(Path(ev["masks_dir"]).resolve())
-        return {"dataset": dataset_identity(d, d.eval_split), "evaluate": ev}
-    raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
-
-
-def upstream_of(cfg: DictConfig, stage: str) -> str | None:
-    """The stage `stage` consumes; evaluate with `evaluate.masks_dir` consumes a folder, not a stage."""
-    if stage == "evaluate" and cfg.evaluate.masks_dir:
-        return None
-    return UPSTREAM[stage]
-
-
 @dataclass
-class StageContext:
-    """What a stage gets besides its config: where to write, its inputs, the device, the run directory."""
+class Node:
+    """One (stage, split) of the resolved graph, with its inputs, config slice, file fingerprint and key."""
 
-    cfg: DictConfig
-    stage: str
-    out_dir: Path
-    inputs: dict[str, Path]
-    device: torch.device
-    run_dir: Path | None
-    pipeline: Pipeline
-    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage: Stage
+    split: str
+    inputs: dict[str, Node]
+    params: dict[str, Any]
+    files: dict[str, FileGroup]
+    key: str
+    recipe: str  # hash of the config alone (no file, code or upstream key): finds the previous build to compare
+    label: str  # the stage's name, plus "[split]" for a split other than the one a request for it makes
 
-    def source(self, split: str) -> SegmentationSource:
-        """The dataset split, built once per pipeline."""
-        return self.pipeline.source(split)
 
-    def check_classes(self, upstream: str, source: SegmentationSource) -> None:
-        """Refuse an upstream artifact made for another dataset or class list, saying which."""
-        theirs = self.manifests[upstream].get("class_names")
-        if theirs is not None and list(theirs) != list(source.class_names):
-            raise ValueError(
-                f"{self.inputs[upstream]}: {upstream} artifact classes {theirs} differ from "
-                f"the dataset's classes {source.class_names}"
-            )
+def _walk_files(root: Path) -> dict[str, int]:
+    """relative path -> size of every file under `root` except the manifest."""
+    out: dict[str, int] = {}
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.name != MANIFEST:
+                    out[str(Path(e.path).relative_to(root))] = e.stat().st_size
+    return out
+
+
+def _remove_temp_files(root: Path) -> int:
+    """Delete `.<name>.*.tmp` files that a killed run's atomic writes left; returns how many."""
+    n = 0
+    for p in root.rglob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n += 1
+    return n
 
 
 class Pipeline:
-    """Resolves the stage graph for one composed config and runs what is missing.
+    """Resolves the stage graph of one composed config and builds what is missing.
 
     Args:
-        cfg: The composed config.
+        cfg: The composed config (validated here).
         run_dir: Hydra's output directory of this job, where user-facing outputs (metrics.json) also go.
+        stages: The stage registry (default `wsss.stages.STAGES`).
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, cfg: DictConfig, run_dir: str | Path | None = None, stages: dict[str, Stage] | None = None
+    ) -> None:
+        cfg = cfg.copy()
+        OmegaConf.resolve(cfg)  # a stage sees only its own sections, so interpolations across sections go now
+        validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cache_dir = Path(cfg.paths.cache_dir)
-        self.device = resolve_device(cfg.device)
-        self._sources: dict[str, SegmentationSource] = {}
-        self._keys: dict[str, str] = {}
-        self.report: dict[str, str] = {}  # stage -> "reused" | "ran"
+        self.device = resolve_device(str(cfg.device))
+        self.stages = STAGES if stages is None else stages
+        self.fingerprints = Fingerprints(cfg)
+        self.report: dict[str, str] = {}  # node label -> "reused" | "ran"
+        self._nodes: dict[tuple[str, str], Node] = {}
+        self._sources: dict[str, Any] = {}
 
-    def source(self, split: str) -> SegmentationSource:
-        if split not in self._sources:
-            self._sources[split] = build_source(self.cfg.dataset, split)
-        return self._sources[split]
+    # -- the graph -------------------------------------------------------------------------------------------
 
-    def key(self, stage: str) -> str:
-        if stage not in self._keys:
-            up = upstream_of(self.cfg, stage)
-            payload = {
-                "stage": stage,
-                "config": stage_config(self.cfg, stage),
-                "upstream": self.key(up) if up else None,
+    def node(self, name: str, split: str | None = None, _path: tuple[str, ...] = ()) -> Node:
+        """The node of stage `name` for `split` (default: the split a request for that stage makes)."""
+        if name not in self.stages:
+            raise ValueError(f"stage={name!r}: unknown stage; choose one of {sorted(self.stages)}")
+        stage = self.stages[name]
+        split = stage.split(self.cfg) if split is None else split
+        if (name, split) in self._nodes:
+            return self._nodes[(name, split)]
+        if name in _path:
+            raise ValueError(f"stage graph has a cycle: {' -> '.join((*_path, name))}")
+        inputs = {
+            k: self.node(n.stage, split if n.split is None else n.split, (*_path, name))
+            for k, n in stage.needs(self.cfg, split).items()
+        }
+        params = stage.params(self.cfg, split)
+        files = stage.files(self.cfg, split, self.fingerprints)
+        recipe = digest(
+            {"stage": name, "split": split, "params": params, "inputs": {k: n.recipe for k, n in inputs.items()}}
+        )
+        key = digest(
+            {
+                "recipe": recipe,
+                "code": code_digest(),
+                "inputs": {k: n.key for k, n in inputs.items()},
+                "files": {k: g.digest for k, g in sorted(files.items())},
             }
-            self._keys[stage] = digest(payload)
-        return self._keys[stage]
+        )
+        label = name if split == stage.split(self.cfg) else f"{name}[{split}]"
+        node = Node(stage, split, inputs, params, files, key, recipe, label)
+        self._nodes[(name, split)] = node
+        return node
 
-    def artifact_dir(self, stage: str) -> Path:
-        return self.cache_dir / stage / self.key(stage)
+    def key(self, name: str, split: str | None = None) -> str:
+        """The cache key of a node."""
+        return self.node(name, split).key
+
+    def artifact_dir(self, name: str, split: str | None = None) -> Path:
+        """Where a node's artifact lives."""
+        node = self.node(name, split)
+        return self._dir(node)
+
+    def _dir(self, node: Node) -> Path:
+        return self.cache_dir / node.stage.name / node.key
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def run(self, name: str) -> dict[str, Any]:
+        """Build stage `name` (and whatever upstream is missing), let it report; return its manifest."""
+        node = self.node(name)
+        artifact = self.ensure(node)
+        log.info("pipeline: %s", ", ".join(f"{s} {how}" for s, how in self.report.items()))
+        if node.stage.report is not None:
+            node.stage.report(artifact, self.run_dir)
+        return artifact.manifest
+
+    def ensure(self, node: Node) -> Artifact:
+        """The node's finished artifact: reused when complete, else built (its inputs first)."""
+        found = self._complete(node)
+        if found is not None:
+            log.info("%s: reusing %s (key matched)", node.label, self._dir(node))
+            self.report.setdefault(node.label, "reused")
+            self._touch(self._dir(node))
+            return found
+        inputs = {k: self.ensure(n) for k, n in node.inputs.items()}
+        with self._lock(node):
+            found = self._complete(node)  # another job may have built it while we waited
+            if found is not None:
+                log.info("%s: reusing %s (built by another job)", node.label, self._dir(node))
+                self.report.setdefault(node.label, "reused")
+                return found
+            artifact = self._build(node, inputs)
+        self.report[node.label] = "ran"
+        return artifact
+
+    def _complete(self, node: Node) -> Artifact | None:
+        """The artifact if its manifest exists and every listed output is there with its size; else None.
+
+        Damaged outputs (missing, wrong size) and an unreadable manifest are removed when the cache is
+        writable, so the next build resumes from what is intact.
+        """
+        out = self._dir(node)
+        path = out / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            manifest = read_json(path)
+        except DamagedFileError as e:
+            log.warning("%s: %s; rebuilding", node.label, e)
+            self._discard(path)
+            return None
+        bad: dict[str, str] = {}
+        for rel, size in manifest.get("outputs", {}).items():
+            try:
+                actual = (out / rel).stat().st_size
+            except FileNotFoundError:
+                bad[rel] = f"{rel} missing"
+                continue
+            if actual != size:
+                bad[rel] = f"{rel} has {actual} bytes, the manifest lists {size}"
+        if bad:
+            shown = "; ".join(list(bad.values())[:3]) + (" ..." if len(bad) > 3 else "")
+            log.warning("%s: artifact %s is damaged (%d files: %s); rebuilding them", node.label, out, len(bad), shown)
+            for rel in bad:
+                self._discard(out / rel)
+            self._discard(path)
+            return None
+        return Artifact(node.stage.name, node.split, node.key, out, manifest)
+
+    def _build(self, node: Node, inputs: dict[str, Artifact]) -> Artifact:
+        """Run the stage into its artifact directory and write the manifest last (the lock is held)."""
+        out = self._dir(node)
+        left = _remove_temp_files(out)
+        log.info(
+            "%s: running -> %s (%s)",
+            node.label,
+            out,
+            self._why(node) + (f"; removed {left} temp files" if left else ""),
+        )
+        ctx = StageContext(
+            stage=node.stage.name,
+            split=node.split,
+            cfg=OmegaConf.masked_copy(self.cfg, list(node.stage.config)),
+            inputs=inputs,
+            out_dir=out,
+            device=self.device,
+            _sources=self._sources,
+        )
+        start = time.perf_counter()
+        for repair in range(MAX_REPAIRS + 1):
+            try:
+                result = node.stage.run(ctx)
+                break
+            except DamagedFileError as e:
+                name = next((k for k, a in ctx.inputs.items() if e.path.is_relative_to(a.dir)), None)
+                if name is None or repair == MAX_REPAIRS:
+                    raise
+                log.warning("%s: %s (in the %s artifact); removing it and rebuilding that input", node.label, e, name)
+                self._discard(e.path)
+                self._discard(ctx.inputs[name].dir / MANIFEST)
+                ctx.inputs[name] = self.ensure(node.inputs[name])
+        seconds = time.perf_counter() - start
+        write_json(out / FINGERPRINT, {k: g.to_json() for k, g in node.files.items()})
+        manifest = {
+            "stage": node.stage.name,
+            "split": node.split,
+            "key": node.key,
+            "recipe": node.recipe,
+            "config": node.params,
+            "code_version": code_version(),
+            "code_digest": code_digest(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": str(self.device),
+            "inputs": {
+                k: {
+                    "stage": a.stage,
+                    "split": a.split,
+                    "key": a.key,
+                    "dir": str(a.dir),
+                    "manifest_sha256": sha256_file(a.dir / MANIFEST),
+                }
+                for k, a in ctx.inputs.items()
+            },
+            "files": {k: g.digest for k, g in node.files.items()},
+            "timings": {"seconds": round(seconds, 3)},
+            **result,
+            "outputs": _walk_files(out),
+        }
+        write_json(out / MANIFEST, manifest)
+        write_json(self.cache_dir / node.stage.name / "recipes" / f"{node.recipe}.json", {"key": node.key})
+        log.info("%s: done in %.1f s", node.label, seconds)
+        return Artifact(node.stage.name, node.split, node.key, out, manifest)
+
+    def _why(self, node: Node) -> str:
+        """Why a node is being built: first build, an unfinished one, or what changed since the last build."""
+        if self._dir(node).is_dir() and any(self._dir(node).iterdir()):
+            return "resuming an unfinished build"
+        pointer = self.cache_dir / node.stage.name / "recipes" / f"{node.recipe}.json"
+        try:
+            old_key = read_json(pointer)["key"]
+            old_dir = self.cache_dir / node.stage.name / old_key
+            old = read_json(old_dir / MANIFEST)
+            old_files = {k: FileGroup.from_json(v) for k, v in read_json(old_dir / FINGERPRINT).items()}
+        except (OSError, ValueError, KeyError):
+            return "no artifact for this configuration yet"
+        reasons = []
+        if old.get("code_digest") != code_digest():
+            reasons.append("wsss source changed")
+        for k, n in node.inputs.items():
+            if old.get("inputs", {}).get(k, {}).get("key") != n.key:
+                reasons.append(f"input {n.label} changed")
+        reasons += describe_changes(old_files, node.files)
+        return "; ".join(reasons) or "inputs changed"
 
     @contextlib.contextmanager
-    def _lock(self, stage: str) -> Iterator[None]:
-        """Serialise parallel sweep jobs that need the same artifact (one builds it, the others reuse it)."""
-        path = self.cache_dir / stage / f"{self.key(stage)}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _lock(self, node: Node) -> Iterator[None]:
+        """Exclusive flock on `<cache>/<stage>/<key>.lock` while the node is built; clear errors if unwritable."""
+        path = self.cache_dir / node.stage.name / f"{node.key}.lock"
+        try:
+            self._dir(node).mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise CacheError(
+                f"{self._dir(node)}: the {node.label} artifact is missing and cannot be built: "
+                f"{e.strerror or e} (paths.cache_dir={self.cache_dir})"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
-    def ensure(self, stage: str) -> tuple[Path, dict[str, Any]]:
-        """Make sure `stage`'s artifact exists (running upstream stages first); return its dir and manifest."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
-        up = upstream_of(self.cfg, stage)
-        inputs: dict[str, Path] = {}
-        manifests: dict[str, dict[str, Any]] = {}
-        if up is not None:
-            inputs[up], manifests[up] = self.ensure(up)
-        out_dir = self.artifact_dir(stage)
-        manifest_path = out_dir / "manifest.json"
-        with self._lock(stage):
-            if manifest_path.is_file():
-                log.info("%s: reusing %s", stage, out_dir)
-                self.report[stage] = "reused"
-                return out_dir, read_json(manifest_path)
-            log.info("%s: running -> %s", stage, out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(self.cfg, stage, out_dir, inputs, self.device, self.run_dir, self, manifests)
-            module = importlib.import_module(f"wsss.stages.{stage}")
-            start = time.perf_counter()
-            result = module.run(self.cfg, ctx)
-            seconds = time.perf_counter() - start
-            manifest = {
-                "stage": stage,
-                "key": self.key(stage),
-                "config": stage_config(self.cfg, stage),
-                "code_version": code_version(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "inputs": {
-                    name: {
-                        "dir": str(path),
-                        "key": manifests[name]["key"],
-                        "manifest_sha256": file_digest(path / "manifest.json"),
-                    }
-                    for name, path in inputs.items()
-                },
-                "timings": {"seconds": round(seconds, 3)},
-                **result,
-            }
-            write_json(manifest_path, manifest)
-            self.report[stage] = "ran"
-            log.info("%s: done in %.1f s", stage, seconds)
-            return out_dir, manifest
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Delete a file of a damaged artifact (nothing to do on a read-only cache: the rebuild will say so)."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
 
-    def maps_for_split(self, split: str) -> tuple[SegmentationSource, Path]:
-        """The source and CAM folder of another split (made with the same model and CAM config if missing)."""
-        cfg = self.cfg.copy()
-        cfg.dataset.eval_split = split
-        other = Pipeline(cfg, self.run_dir)
-        _, manifest = other.ensure("cams")
-        for stage, how in other.report.items():
-            self.report[f"{stage}[{split}]"] = how
-        return other.source(split), Path(manifest["maps_dir"])
-
-    def run(self, stage: str) -> dict[str, Any]:
-        """Run `stage` (and whatever upstream is missing), let it report; return its manifest."""
-        out_dir, manifest = self.ensure(stage)
-        summary = ", ".join(f"{s} {how}" for s, how in self.report.items())
-        log.info("pipeline: %s", summary)
-        module = importlib.import_module(f"wsss.stages.{stage}")
-        if hasattr(module, "report"):
-            module.report(self.cfg, out_dir, manifest, self.run_dir)
-        return manifest
+    @staticmethod
+    def _touch(path: Path) -> None:
+        """Record a use (the directory's mtime, read by `wsss.cache list`); skipped on a read-only cache."""
+        with contextlib.suppress(OSError):
+            os.utime(path)

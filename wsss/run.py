@@ -1,9 +1,16 @@
-"""The command line: `python -m wsss.run stage=... [overrides]` (Hydra; `-m` for sweeps)."""
+"""The command line: `python -m wsss.run stage=... [overrides]` (Hydra; `-m` for sweeps).
+
+A user error (a value out of range, a missing or damaged input file, no space left, permission denied) ends the
+run with one line, `wsss: error: <what>: <problem>`, the path of the log that holds the traceback, and exit
+status 2. `HYDRA_FULL_ERROR=1` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import sys
 
 import hydra
 import numpy as np
@@ -12,10 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from wsss.config import register_configs
+from wsss.errors import WsssError
 from wsss.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 register_configs()
+
+# What counts as the user's to fix: wsss's own errors, and the readers' ValueError / OSError, which name the
+# file or key. Anything else (a bug) keeps Hydra's traceback.
+USER_ERRORS = (WsssError, ValueError, OSError)
+EXIT_USER_ERROR = 2
 
 
 def seed_everything(seed: int) -> None:
@@ -25,12 +38,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _log_files() -> list[str]:
+    """The files the root logger writes to (Hydra's `<run dir>/<job name>.log`)."""
+    return [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def _message(e: BaseException) -> str:
+    """One line for the user: OSError as `<file>: <problem>`, everything else as its own message."""
+    if isinstance(e, OSError) and not isinstance(e, WsssError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def report_user_error(e: BaseException) -> None:
+    """Write the traceback to the log file(s) only, and one line to stderr."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (_message(e),), (type(e), e, e.__traceback__))
+    files = _log_files()
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+    where = f"full log: {files[0]}" if files else "rerun with HYDRA_FULL_ERROR=1 for the traceback"
+    sys.stderr.write(f"wsss: error: {_message(e)}\nwsss: {where}\n")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the requested stage and what it needs; return the headline metric (mIoU) when there is one."""
-    seed_everything(cfg.seed)
-    run_dir = HydraConfig.get().runtime.output_dir
-    manifest = Pipeline(cfg, run_dir=run_dir).run(cfg.stage.name)
+    try:
+        seed_everything(cfg.seed)
+        run_dir = HydraConfig.get().runtime.output_dir
+        manifest = Pipeline(cfg, run_dir=run_dir).run(cfg.stage.name)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report_user_error(e)
+        sys.exit(EXIT_USER_ERROR)
     miou = manifest.get("miou")
     return float(miou) if miou is not None else None
 

@@ -113,9 +113,7 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return _VOC[np.asarray(mask, np.uint8)]
 
 
-def overlay_grid(
-    rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], path: str | Path
-) -> Path:
+def overlay_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], path: str | Path) -> Path:
     """A grid of examples, one row each: image | heat map over image | pseudo mask | ground truth.
 
     Args:

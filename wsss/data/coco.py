@@ -41,19 +41,19 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 from torch import Tensor
-from tqdm import tqdm
 
 from wsss.artifacts import IGNORE_INDEX, read_json
-from wsss.data.base import SegmentationSource
-from wsss.data.voc import (
+from wsss.data.base import (
+    DEFAULT_MAX_PIXELS,
     SampleError,
+    SegmentationSource,
     check_class_names,
     check_on_error,
     decode_rgb,
-    error_reason,
     image_size,
     read_label_mask,
 )
+from wsss.fingerprint import FileGroup, scan_dir, stat_files
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class COCOSource(SegmentationSource):
         export_dir: Where exported masks live; default `<root>/SegmentationClass<split><year>`.
         annotation_file: Override of the annotation json path.
         image_dir: Override of the image folder (default `<root>/<split><year>`).
+        max_pixels: Images above this many pixels are refused (a decompression-bomb guard).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class COCOSource(SegmentationSource):
         export_dir: str | Path | None = None,
         annotation_file: str | Path | None = None,
         image_dir: str | Path | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -114,6 +116,7 @@ class COCOSource(SegmentationSource):
         if masks not in MASK_SOURCES:
             raise ValueError(f"masks must be one of {MASK_SOURCES}, got {masks!r}")
         self.empty_images = empty_images
+        self.max_pixels = max_pixels
         tag = f"{split}{self.year}"
         self.annotation_file = (
             Path(annotation_file) if annotation_file else self.root / "annotations" / f"instances_{tag}.json"
@@ -142,9 +145,7 @@ class COCOSource(SegmentationSource):
         if self.on_error == "skip":
             self.ids = self._validate(self.ids)
         if not self.ids:
-            raise ValueError(
-                f"{self.annotation_file}: no images left in {self.name}/{tag} (skipped: {self.skipped})"
-            )
+            raise ValueError(f"{self.annotation_file}: no images left in {self.name}/{tag} (skipped: {self.skipped})")
 
     # -- public ----------------------------------------------------------------------------------------------
 
@@ -166,23 +167,15 @@ class COCOSource(SegmentationSource):
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) from the image header, checked against the json."""
-        size = image_size(self.image_path(image_id))
+        size = image_size(self.image_path(image_id), max_pixels=self.max_pixels)
         self._check_size(image_id, size)
         return size
 
     def load_image(self, image_id: str) -> Tensor:
-        image = decode_rgb(self.image_path(image_id))
+        """The image as a (3, H, W) uint8 RGB tensor, its size checked against the json."""
+        image = decode_rgb(self.image_path(image_id), self.max_pixels)
         self._check_size(image_id, tuple(image.shape[1:]))
         return image
-
-    def load_mask(self, image_id: str) -> np.ndarray:
-        """The semantic mask: the exported PNG if in use, else `build_mask`; checked against the image."""
-        return self._mask(image_id, self.image_size(image_id))
-
-    def load_sample(self, image_id: str) -> tuple[Tensor, np.ndarray]:
-        """Image (3, H, W) uint8 and its mask (H, W) uint8, each decoded once."""
-        image = self.load_image(image_id)
-        return image, self._mask(image_id, tuple(image.shape[1:]))
 
     def labels(self, image_id: str) -> np.ndarray:
         """Categories of the image's non-crowd annotations, as sorted foreground indices."""
@@ -196,9 +189,7 @@ class COCOSource(SegmentationSource):
     def build_mask(self, image_id: str) -> np.ndarray:
         """Rasterise the semantic mask from the json under the rule in the module docstring: (H, W) uint8."""
         if self._coco is None:
-            raise RuntimeError(
-                f"{self.name}: the annotation index was freed (masks='export'); cannot rasterise"
-            )
+            raise RuntimeError(f"{self.name}: the annotation index was freed (masks='export'); cannot rasterise")
         rec = self._record(image_id)
         h, w = int(rec["height"]), int(rec["width"])
         anns = self._coco.imgToAnns.get(rec["id"], [])
@@ -293,7 +284,7 @@ class COCOSource(SegmentationSource):
             if image_id in self._images:
                 raise ValueError(f"{self.annotation_file}: file name stem {image_id!r} appears twice")
             if img["id"] in bad_category:
-                self._count("unknown_category", image_id, bad_category[img["id"]])
+                self._skip("unknown_category", image_id, bad_category[img["id"]])
                 continue
             if not labels.get(img["id"]):
                 empty.append(image_id)
@@ -326,9 +317,7 @@ class COCOSource(SegmentationSource):
                     f"--root {self.root} --year {self.year} --splits {self.split}"
                 )
             if self.export_dir.is_dir():
-                log.warning(
-                    "%s: export not finished (no %s); rasterising masks", self.export_dir, EXPORT_MARKER
-                )
+                log.warning("%s: export not finished (no %s); rasterising masks", self.export_dir, EXPORT_MARKER)
             return False
         record = read_json(marker)
         expected = self.export_record()
@@ -360,6 +349,7 @@ class COCOSource(SegmentationSource):
             )
 
     def _mask(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
+        """The semantic mask: the exported PNG if in use, else `build_mask`; checked against the image."""
         if self.use_export:
             return read_label_mask(self.export_path(image_id), self.num_classes, size)
         self._check_size(image_id, size)
@@ -382,38 +372,42 @@ class COCOSource(SegmentationSource):
             )
         return m.astype(bool)
 
-    def _count(self, reason: str, image_id: str, message: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        log.warning(
-            "%s/%s%d: skipping %s (%s): %s", self.name, self.split, self.year, image_id, reason, message
-        )
-
-    def _validate(self, ids: list[str]) -> list[str]:
-        """Under on_error="skip": keep ids whose image (and exported mask) exist with the json's size."""
-        kept = []
-        for image_id in tqdm(
-            ids, desc=f"{self.name}/{self.split}{self.year} validate", disable=len(ids) < 100
-        ):
-            try:
-                size = self.image_size(image_id)
-                if self.use_export:
-                    path = self.export_path(image_id)
-                    mask_size = image_size(path, kind="mask")
-                    if mask_size != size:
-                        raise SampleError(
-                            f"{path}: mask size {mask_size[1]}x{mask_size[0]} differs from its image's "
-                            f"{size[1]}x{size[0]} (W x H)",
-                            "size_mismatch",
-                        )
-            except (OSError, ValueError) as e:
-                self._count(error_reason(e), image_id, str(e))
-                continue
-            kept.append(image_id)
-        if self.skipped:
-            log.warning(
-                "%s/%s%d: skipped %s; %d ids kept", self.name, self.split, self.year, self.skipped, len(kept)
-            )
-        return kept
+    def _check(self, image_id: str) -> None:
+        """Under on_error="skip": the image exists with the json's size (and so does its exported mask)."""
+        size = self.image_size(image_id)
+        if self.use_export:
+            path = self.export_path(image_id)
+            mask_size = image_size(path, kind="mask", max_pixels=self.max_pixels)
+            if mask_size != size:
+                raise SampleError(
+                    f"{path}: mask size {mask_size[1]}x{mask_size[0]} differs from its image's "
+                    f"{size[1]}x{size[0]} (W x H)",
+                    "size_mismatch",
+                )
 
 
-__all__ = ["COCOSource", "COMPOSITION_RULE", "EXPORT_MARKER"]
+def from_config(cfg: Any, split: str) -> COCOSource:
+    """The split of MS-COCO described by a `DatasetConfig`."""
+    names = None if cfg.class_names is None else list(cfg.class_names)
+    return COCOSource(
+        cfg.root, split, year=cfg.year, class_names=names, on_error=str(cfg.on_error), max_pixels=cfg.max_pixels
+    )
+
+
+def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
+    """What a COCO split reads: its annotation json, image folder and exported masks (name, size, mtime)."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    tag = f"{split}{cfg.year}"
+    annotation_file = root / "annotations" / f"instances_{tag}.json"
+    if not annotation_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {annotation_file}")
+    return {
+        "annotations": stat_files([annotation_file], "annotation json"),
+        "images": scan_dir(root / tag, None, "image"),
+        "export": scan_dir(root / f"SegmentationClass{tag}", None, "exported mask"),
+    }
+
+
+__all__ = ["COCOSource", "COMPOSITION_RULE", "EXPORT_MARKER", "fingerprint_from_config", "from_config"]

@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from wsss.artifacts import IGNORE_INDEX, atomic_open, read_json, write_json, write_mask
+from wsss.data import voc
+from wsss.data.voc import VOCSource
+from wsss.fingerprint import FileGroup, hash_files
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +67,7 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     elif shape == "ring":
         cv2.ellipse(m, (round(c), round(c)), (round(r), round(r * stretch)), np.degrees(angle), 0, 360, 1, -1)
         inner = max(1, round(r * rng.uniform(0.45, 0.6)))
-        cv2.ellipse(
-            m, (round(c), round(c)), (inner, round(inner * stretch)), np.degrees(angle), 0, 360, 0, -1
-        )
+        cv2.ellipse(m, (round(c), round(c)), (inner, round(inner * stretch)), np.degrees(angle), 0, 360, 0, -1)
     elif shape == "triangle":
         cv2.fillPoly(m, [poly(np.full(3, r), 3)], 1)
     elif shape == "square":
@@ -208,3 +210,35 @@ def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
             f.write("\n".join(ids) + "\n")
     write_json(marker, asdict(spec))
     return root
+
+
+def _prepare(cfg: Any) -> list[str] | None:
+    """Generate the dataset described by `cfg` if needed; the class names to read it with (None: a foreign
+    VOC-layout folder given as dataset.root, read with dataset.class_names, never generated into)."""
+    root = Path(cfg.root)
+    if not (root / "generator.json").is_file() and (root / "ImageSets" / "Segmentation").is_dir():
+        if cfg.class_names is None:
+            raise ValueError(f"{root}: a VOC-layout dataset needs dataset.class_names=[...] (foreground classes)")
+        return None
+    s = cfg.synthetic
+    ensure_synthetic(
+        root, SyntheticSpec(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed)
+    )
+    return list(cfg.class_names) if cfg.class_names is not None else list(SYNTHETIC_CLASSES)
+
+
+def from_config(cfg: Any, split: str) -> VOCSource:
+    """The split of the embedded dataset described by a `DatasetConfig` (generated on first use)."""
+    names = _prepare(cfg)
+    if names is None:
+        log.info("dataset.root %s is a VOC-layout dataset, not a generated one: reading it as such", cfg.root)
+    return voc.from_config(cfg, split, name="synthetic", class_names=names)
+
+
+def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
+    """`wsss.data.voc.fingerprint` of the split, after generating the dataset if needed."""
+    _prepare(cfg)
+    return {
+        **voc.fingerprint_from_config(cfg, split),
+        "generator": hash_files([Path(cfg.root) / "generator.json"], "generator.json"),
+    }

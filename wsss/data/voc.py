@@ -24,16 +24,22 @@ import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
 from tqdm import tqdm
 
-from wsss.artifacts import IGNORE_INDEX, read_mask
-from wsss.data.base import SegmentationSource
+from wsss.data.base import (
+    DEFAULT_MAX_PIXELS,
+    MissingFileError,
+    SampleError,
+    SegmentationSource,
+    check_class_names,
+    check_on_error,
+    labels_from_mask,
+    read_label_mask,
+)
+from wsss.fingerprint import FileGroup, hash_files, scan_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,106 +65,6 @@ VOC_CLASSES = [
     "train",
     "tvmonitor",
 ]
-
-ON_ERROR = ("raise", "skip")
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used: the message names the file and the problem, `reason` is a short key."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class MissingFileError(FileNotFoundError):
-    """A file the sample needs does not exist; `reason` is a short key for skip counts."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def error_reason(e: Exception) -> str:
-    """The skip-count key of an error raised by a reader."""
-    return getattr(e, "reason", "missing_file" if isinstance(e, FileNotFoundError) else "invalid")
-
-
-def check_on_error(on_error: str) -> str:
-    """Validate an `on_error` policy value."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    return on_error
-
-
-def check_class_names(class_names: Sequence[str]) -> list[str]:
-    """Foreground class names: non-empty, unique, at most 254 (mask values 1..254; 255 is ignore)."""
-    names = [str(n) for n in class_names]
-    if not names:
-        raise ValueError("class_names is empty")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"class_names has duplicates: {dup}")
-    if len(names) > IGNORE_INDEX - 1:
-        raise ValueError(f"at most {IGNORE_INDEX - 1} classes fit a uint8 mask, got {len(names)}")
-    return names
-
-
-def image_size(path: Path, kind: str = "image") -> tuple[int, int]:
-    """(H, W) of an image (or, with kind="mask", a mask PNG) from its header only: PIL reads no pixel data."""
-    if not path.is_file():
-        raise MissingFileError(f"{kind} not found: {path}", f"missing_{kind}")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except (OSError, SyntaxError) as e:
-        raise SampleError(f"{path}: unreadable {kind} ({e})", f"unreadable_{kind}") from e
-    return h, w
-
-
-def decode_rgb(path: Path) -> Tensor:
-    """Decode an image file into a (3, H, W) uint8 RGB tensor with OpenCV (greyscale -> RGB).
-
-    EXIF orientation is ignored, as the VOC/COCO masks are aligned with the stored pixels. OpenCV decodes BGR;
-    this is the one place where it becomes RGB. (torchvision.io's decoders are deprecated since 0.29.)
-    """
-    if not path.is_file():
-        raise MissingFileError(f"image not found: {path}", "missing_image")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
-        raise SampleError(f"{path}: unreadable image (OpenCV could not decode it)", "unreadable_image")
-    return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
-
-
-def read_label_mask(path: Path, num_classes: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a (H, W) uint8 label PNG and check it: values in 0..num_classes or 255, and shape == `size`."""
-    if not path.is_file():
-        raise MissingFileError(f"mask not found: {path}", "missing_mask")
-    try:
-        mask = read_mask(path)
-    except ValueError as e:
-        raise SampleError(str(e), "unreadable_mask") from e
-    bad = (mask > num_classes) & (mask != IGNORE_INDEX)
-    if bad.any():
-        raise SampleError(
-            f"{path}: class index {int(mask[bad].max()) - 1} (mask value {int(mask[bad].max())}) outside the "
-            f"class list of {num_classes} classes (valid mask values: 0..{num_classes} and {IGNORE_INDEX})",
-            "class_out_of_range",
-        )
-    if size is not None and mask.shape != tuple(size):
-        raise SampleError(
-            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image's {size[1]}x{size[0]} "
-            "(W x H)",
-            "size_mismatch",
-        )
-    return mask
-
-
-def labels_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Sorted unique foreground indices present in a mask (0 and 255 excluded), int64."""
-    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    present = present[(present != 0) & (present != IGNORE_INDEX)]
-    return present.astype(np.int64) - 1
 
 
 def read_split(root: Path, split: str) -> list[str]:
@@ -197,6 +103,7 @@ class VOCSource(SegmentationSource):
         image_dir: Image folder relative to `root`.
         image_ext: Image file extension.
         annotation_dir: Folder of the VOC XML annotations used for images without a mask.
+        max_pixels: Images above this many pixels are refused (a decompression-bomb guard).
     """
 
     def __init__(
@@ -213,6 +120,7 @@ class VOCSource(SegmentationSource):
         image_dir: str = "JPEGImages",
         image_ext: str = ".jpg",
         annotation_dir: str = "Annotations",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -234,6 +142,7 @@ class VOCSource(SegmentationSource):
         self.annotation_dir = self.root / annotation_dir
         self.on_error = check_on_error(on_error)
         self.require_masks = require_masks
+        self.max_pixels = max_pixels
         self._labels: dict[str, np.ndarray] = {}
         self.ids = self._dedupe(read_split(self.root, split))
         if self.on_error == "skip":
@@ -259,22 +168,6 @@ class VOCSource(SegmentationSource):
 
     # -- loaders ---------------------------------------------------------------------------------------------
 
-    def image_size(self, image_id: str) -> tuple[int, int]:
-        """(H, W) of the image, from its header."""
-        return image_size(self.image_path(image_id))
-
-    def load_image(self, image_id: str) -> Tensor:
-        return decode_rgb(self.image_path(image_id))
-
-    def load_mask(self, image_id: str) -> np.ndarray:
-        """The mask, checked: values in 0..C or 255, same size as the image (read from the image header)."""
-        return self._read_mask(image_id, self.image_size(image_id))
-
-    def load_sample(self, image_id: str) -> tuple[Tensor, np.ndarray]:
-        """Image (3, H, W) uint8 and its checked mask (H, W) uint8, decoded once each."""
-        image = self.load_image(image_id)
-        return image, self._read_mask(image_id, tuple(image.shape[1:]))
-
     def labels(self, image_id: str) -> np.ndarray:
         """Classes present in the mask, or in the XML annotation for an image without mask; cached."""
         cached = self._labels.get(image_id)
@@ -296,7 +189,7 @@ class VOCSource(SegmentationSource):
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
-    def _read_mask(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
+    def _mask(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
         """Read and check the mask of `image_id` against the image size `size` = (H, W)."""
         path = self.mask_path(image_id)
         if path is None:
@@ -340,8 +233,7 @@ class VOCSource(SegmentationSource):
                         f"{self.root / 'ImageSets' / 'Segmentation' / f'{self.split}.txt'}: id {image_id!r} "
                         "is listed more than once"
                     )
-                self.skipped["duplicate_id"] = self.skipped.get("duplicate_id", 0) + 1
-                log.warning("%s/%s: skipping duplicate id %s", self.name, self.split, image_id)
+                self._skip("duplicate_id", image_id, "listed more than once")
                 continue
             seen.add(image_id)
             out.append(image_id)
@@ -351,42 +243,55 @@ class VOCSource(SegmentationSource):
         """Everything `on_error="skip"` validates for one id; raises the reader's error."""
         size = self.image_size(image_id)
         if self.mask_path(image_id) is not None or self.require_masks:
-            self._read_mask(image_id, size)
+            self._mask(image_id, size)
         else:
             self.labels(image_id)
 
-    def _validate(self, ids: list[str]) -> list[str]:
-        """Keep the ids that pass `_check`; count and log the others."""
-        kept = []
-        for image_id in tqdm(ids, desc=f"{self.name}/{self.split} validate", disable=len(ids) < 100):
-            try:
-                self._check(image_id)
-            except (OSError, ValueError) as e:
-                reason = error_reason(e)
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-                log.warning("%s/%s: skipping %s (%s): %s", self.name, self.split, image_id, reason, e)
-                continue
-            kept.append(image_id)
-        if self.skipped:
-            n = len(ids)
-            log.warning(
-                "%s/%s: skipped %s; %d of %d ids kept", self.name, self.split, self.skipped, len(kept), n
-            )
-        if not kept:
-            raise ValueError(
-                f"{self.name}/{self.split}: every id was skipped ({self.skipped}); nothing to read"
-            )
-        return kept
+
+def fingerprint(
+    root: str | Path,
+    split: str,
+    mask_dirs: Sequence[str],
+    image_dir: str = "JPEGImages",
+    annotation_dir: str = "Annotations",
+) -> dict[str, FileGroup]:
+    """What a VOC-layout split reads: the split list's bytes; name, size and mtime of its images, masks, XMLs.
+
+    One `os.scandir` per folder, filtered to the split's ids; nothing is decoded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    list_path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    ids = read_split(root, split)
+    groups = {
+        "split_list": hash_files([list_path], list_path.name),
+        "images": scan_dir(root / image_dir, ids, "image"),
+        "annotations": scan_dir(root / annotation_dir, ids, "annotation"),
+    }
+    for d in dict.fromkeys(mask_dirs):
+        groups[f"masks:{d}"] = scan_dir(root / d, ids, f"{Path(d).name} mask")
+    return groups
 
 
-__all__ = [
-    "MissingFileError",
-    "SampleError",
-    "VOCSource",
-    "VOC_CLASSES",
-    "decode_rgb",
-    "image_size",
-    "labels_from_mask",
-    "read_label_mask",
-    "read_split",
-]
+def from_config(cfg: Any, split: str, name: str = "voc12", class_names: list[str] | None = None) -> VOCSource:
+    """The split of a VOC-layout dataset described by a `DatasetConfig`."""
+    return VOCSource(
+        cfg.root,
+        split,
+        class_names=class_names if class_names is not None else cfg.class_names,
+        mask_dir=cfg.mask_dir,
+        aug_mask_dir=cfg.aug_mask_dir,
+        name=name,
+        on_error=str(cfg.on_error),
+        require_masks=split == cfg.eval_split,  # a scored split needs every mask; training can use XML labels
+        max_pixels=cfg.max_pixels,
+    )
+
+
+def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
+    """`fingerprint` of the split of a VOC-layout dataset described by a `DatasetConfig`."""
+    return fingerprint(cfg.root, split, [cfg.mask_dir, *([cfg.aug_mask_dir] if cfg.aug_mask_dir else [])])
+
+
+__all__ = ["VOCSource", "VOC_CLASSES", "fingerprint", "fingerprint_from_config", "from_config", "read_split"]

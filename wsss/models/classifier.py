@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from wsss.artifacts import atomic_open
+from wsss.errors import DamagedFileError
 
 log = logging.getLogger(__name__)
 
@@ -182,15 +183,19 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on foreign bytes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedFileError(path, f"not a wsss checkpoint (torch.load cannot read it: {first})") from e
+    if not isinstance(payload, dict):
+        raise DamagedFileError(path, f"not a wsss checkpoint (holds a {type(payload).__name__}, not a dict)")
     missing = {"state_dict", "model_kwargs", "class_names"} - set(payload)
     if missing:
-        raise ValueError(f"{path}: not a wsss checkpoint (missing {sorted(missing)})")
+        raise DamagedFileError(path, f"not a wsss checkpoint (missing {sorted(missing)})")
     names = list(payload["class_names"])
     if class_names is not None and names != list(class_names):
-        raise ValueError(
-            f"{path}: checkpoint classes {names} differ from the dataset's classes {list(class_names)}"
-        )
+        raise ValueError(f"{path}: checkpoint classes {names} differ from the dataset's classes {list(class_names)}")
     model = Classifier(**payload["model_kwargs"])
     model.load_state_dict(payload["state_dict"])
     return model, names

@@ -1,1 +1,13 @@
-"""One module per stage, each with `run(cfg, ctx) -> dict` (the dict goes into the stage's manifest)."""
+"""The stage registry: name -> `Stage` declaration (see `wsss.stages.base`).
+
+Adding a stage means one module that defines `STAGE = Stage(...)`, one line here, and `conf/stage/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+from wsss.stages import cams, evaluate, pseudo_masks, train
+from wsss.stages.base import Artifact, Need, Stage, StageContext
+
+STAGES: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (train, cams, pseudo_masks, evaluate)}
+
+__all__ = ["STAGES", "Artifact", "Need", "Stage", "StageContext"]

@@ -6,16 +6,16 @@ import logging
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss import dist
 from wsss.artifacts import write_cams
 from wsss.cam import build_cam
-from wsss.data import InferenceDataset, collate_list
+from wsss.data import InferenceDataset, collate_list, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.models import load_checkpoint
+from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,25 @@ def _by_size(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def run(cfg: DictConfig, ctx) -> dict[str, Any]:
-    source = ctx.source(cfg.dataset.eval_split)
-    ctx.check_classes("train", source)
-    train = ctx.manifests["train"]
-    model, _ = load_checkpoint(train["checkpoint"], source.class_names)
-    cc = cfg.cam
+def _class_table(group: list[dict[str, Any]]) -> torch.Tensor:
+    """(B, K) image-level classes of a group, padded with -1 (a -1 column gives zero maps)."""
+    k = max(len(it["labels"]) for it in group)
+    classes = torch.full((len(group), max(k, 1)), -1, dtype=torch.long)
+    for row, it in enumerate(group):
+        classes[row, : len(it["labels"])] = it["labels"]
+    return classes
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Write `maps/<id>.npz` for every image of the split; images already written (a killed run) are kept."""
+    cfg, cc = ctx.cfg, ctx.cfg.cam
+    source = ctx.source()
+    train = ctx.inputs["train"]
+    check_classes(train, source.class_names)
+    model, _ = load_checkpoint(train.path("checkpoint"), source.class_names)
     if cc.output_stride is not None:
         model.set_output_stride(cc.output_stride)
     model = model.to(ctx.device).eval()
-    if cc.amp_dtype not in AMP_DTYPES:
-        raise ValueError(f"cam.amp_dtype must be one of {list(AMP_DTYPES)}, got {cc.amp_dtype!r}")
     maps_dir = ctx.out_dir / "maps"
     # Resume: npz files are written atomically, so an existing one is complete.
     todo = [i for i in dist.shard(source.ids) if not (maps_dir / f"{i}.npz").is_file()]
@@ -55,37 +63,31 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
     loader = DataLoader(
         InferenceDataset(source, todo),
         batch_size=cc.batch_size,
-        num_workers=cfg.train.num_workers,
+        num_workers=cfg.dataset.num_workers,
         collate_fn=collate_list,
     )
     empty = 0
     bar = tqdm(total=len(todo), desc=f"cams {cc.method}", unit="img")
-    with build_cam(cc.method, model, target_layer=cc.target_layer, amp_dtype=AMP_DTYPES[cc.amp_dtype]) as cam:
+    amp = AMP_DTYPES[None if cc.amp_dtype is None else str(cc.amp_dtype)]
+    with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp) as cam:
         for batch in loader:
             for group in _by_size(batch):
                 images = normalize(torch.stack([it["image"] for it in group]).to(ctx.device))  # (B, 3, H, W)
-                h, w = images.shape[-2:]
-                k = max(len(it["labels"]) for it in group)
-                classes = torch.full((len(group), max(k, 1)), -1, dtype=torch.long)  # -1 pads: zero maps
-                for row, it in enumerate(group):
-                    classes[row, : len(it["labels"])] = it["labels"]
-                highres, strided = cam.multiscale(
-                    images, classes.to(ctx.device), scales=tuple(cc.scales), flip=cc.flip
-                )  # (B, K, H, W), (B, K, H/4, W/4)
-                highres, strided = highres.cpu(), strided.cpu().half()
+                classes = _class_table(group).to(ctx.device)
+                highres, strided = cam.multiscale(images, classes, scales=tuple(cc.scales), flip=cc.flip)
+                highres, strided = highres.cpu(), strided.cpu().half()  # (B, K, H, W), (B, K, H/4, W/4)
                 for row, it in enumerate(group):
                     n = len(it["labels"])
                     empty += n == 0
-                    write_cams(
-                        maps_dir / f"{it['id']}.npz", it["labels"], highres[row, :n], strided=strided[row, :n]
-                    )
+                    write_cams(maps_dir / f"{it['id']}.npz", it["labels"], highres[row, :n], strided=strided[row, :n])
                 bar.update(len(group))
     bar.close()
     dist.barrier()
     return {
         "class_names": source.class_names,
         "dataset": source.identity(),
-        "maps_dir": str(maps_dir),
+        "maps_dir": "maps",
+        "ids": list(source.ids),
         "counts": {
             "images": len(source.ids),
             "computed": len(todo),
@@ -93,3 +95,13 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
             "skipped": dict(source.skipped),
         },
     }
+
+
+STAGE = Stage(
+    name="cams",
+    run=run,
+    config=("dataset", "cam"),
+    params=lambda cfg, split: {"dataset": dataset_identity(cfg.dataset, split), "cam": plain(cfg.cam)},
+    needs=lambda cfg, split: {"train": Need("train", str(cfg.dataset.train_split))},
+    files=lambda cfg, split, fp: fp.dataset(split),
+)

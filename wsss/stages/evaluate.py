@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 from tqdm import tqdm
 
 from wsss import dist
 from wsss.artifacts import atomic_open, read_cams, read_json, read_mask, write_json
-from wsss.data import SegmentationSource
+from wsss.data import SegmentationSource, dataset_identity
+from wsss.fingerprint import FileGroup
 from wsss.metrics import (
     ConfusionMatrix,
     ThresholdSweep,
@@ -30,6 +32,7 @@ from wsss.metrics import (
     scores,
     threshold_curves,
 )
+from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, plain
 
 log = logging.getLogger(__name__)
 
@@ -64,81 +67,108 @@ def sweep_split(
     return sweep
 
 
-def run(cfg: DictConfig, ctx) -> dict[str, Any]:
-    ev = cfg.evaluate
-    source = ctx.source(cfg.dataset.eval_split)
+def _read_prediction(masks_dir: Path, image_id: str, gt: torch.Tensor, split: str) -> torch.Tensor:
+    """The predicted mask of `image_id`, which must exist and match the ground truth's size."""
+    pred_path = masks_dir / f"{image_id}.png"
+    if not pred_path.is_file():
+        raise FileNotFoundError(f"{pred_path}: no predicted mask for image {image_id!r} of split {split!r}")
+    pred = torch.from_numpy(read_mask(pred_path)).to(gt.device)
+    if pred.shape != gt.shape:
+        raise ValueError(
+            f"{pred_path}: mask is {pred.shape[1]}x{pred.shape[0]} but the ground truth of {image_id!r} "
+            f"is {gt.shape[1]}x{gt.shape[0]}"
+        )
+    return pred
+
+
+def _score_pass(
+    source: SegmentationSource, masks_dir: Path, maps_dir: Path | None, thresholds: list[float], device: torch.device
+) -> tuple[ConfusionMatrix, ThresholdSweep | None, dict[str, float]]:
+    """One pass over the split: the masks' confusion matrix, per-image mIoU, and the maps' sweep if any."""
+    num_labels = source.num_classes + 1
+    cm = ConfusionMatrix(num_labels, device=device)
+    sweep = ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device) if maps_dir else None
+    per_image: dict[str, float] = {}
+    for image_id in tqdm(dist.shard(source.ids), desc="evaluate", unit="img"):
+        gt = torch.from_numpy(source.load_mask(image_id)).to(device)
+        pred = _read_prediction(masks_dir, image_id, gt, source.split)
+        cm.update(gt, pred)
+        per_image[image_id] = scores(confusion_matrix(gt, pred, num_labels))["miou"]
+        if sweep is not None:
+            cams = read_cams(maps_dir / f"{image_id}.npz")
+            maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)  # (K, H, W)
+            sweep.update(maps, torch.from_numpy(cams["keys"]).to(device).long(), gt)
+    return cm, sweep, per_image
+
+
+def _sweep_report(sweep: ThresholdSweep, thresholds: list[float], source: SegmentationSource) -> tuple[Tensor, dict]:
+    """The sweep's matrices (T, L, L) and its metrics.json entries: curves, best threshold, PxAP."""
     names = ["background", *source.class_names]
-    L = len(names)
+    cms = sweep.compute()
+    curves = threshold_curves(cms)
+    best_t, best = best_threshold(cms, thresholds)
+    px = sweep.compute_pxap()
+    return cms, {
+        "sweep": {
+            "thresholds": thresholds,
+            **{k: [round(float(v), 4) for v in curves[k]] for k in CURVE_KEYS},
+            "best_threshold": best_t,
+            "best_chosen_on": source.split,  # oracle: chosen with this split's own labels
+            "best": _summary(best, names),
+        },
+        "pxap": {
+            "pxap": round(px["pxap"], 4),
+            "mpxap": round(px["mpxap"], 4),
+            "per_class": _named(px["pxap_per_class"], source.class_names),
+        },
+    }
+
+
+def _mask_rule(pseudo: dict[str, Any]) -> dict[str, Any]:
+    """How the masks were made: one background threshold, or the confident fg / bg band (no threshold then)."""
+    if pseudo.get("conf_fg") is not None:
+        return {"conf_fg": pseudo["conf_fg"], "conf_bg": pseudo["conf_bg"]}
+    return {"threshold": pseudo["threshold"]}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Score the masks (and sweep the maps) of the split; write metrics.json, summary.md and figures."""
+    ev = ctx.cfg.evaluate
+    source = ctx.source()
+    names = ["background", *source.class_names]
     if ev.masks_dir:
-        masks_dir, maps_dir, threshold = Path(ev.masks_dir), None, None
+        masks_dir, maps_dir, rule = Path(ev.masks_dir), None, None
         if not masks_dir.is_dir():
             raise FileNotFoundError(f"evaluate.masks_dir not found: {masks_dir}")
     else:
-        ctx.check_classes("pseudo_masks", source)
-        pm = ctx.manifests["pseudo_masks"]
-        masks_dir, maps_dir, threshold = Path(pm["masks_dir"]), Path(pm["maps_dir"]), cfg.pseudo.threshold
+        masks, cams = ctx.inputs["masks"], ctx.inputs["cams"]
+        check_classes(masks, source.class_names)
+        masks_dir, maps_dir = masks.path("masks_dir"), cams.path("maps_dir")
+        rule = _mask_rule(masks.manifest["config"]["pseudo"])
     thresholds = parse_thresholds(ev.thresholds)
-
-    cm = ConfusionMatrix(L, device=ctx.device)
-    sweep = ThresholdSweep(L, thresholds, pxap_bins=PXAP_BINS, device=ctx.device) if maps_dir else None
-    per_image: dict[str, float] = {}
-    for image_id in tqdm(dist.shard(source.ids), desc="evaluate", unit="img"):
-        gt = torch.from_numpy(source.load_mask(image_id)).to(ctx.device)
-        pred_path = masks_dir / f"{image_id}.png"
-        if not pred_path.is_file():
-            raise FileNotFoundError(
-                f"{pred_path}: no predicted mask for image {image_id!r} of split {source.split!r}"
-            )
-        pred = torch.from_numpy(read_mask(pred_path)).to(ctx.device)
-        if pred.shape != gt.shape:
-            raise ValueError(
-                f"{pred_path}: mask is {pred.shape[1]}x{pred.shape[0]} but the ground truth of {image_id!r} "
-                f"is {gt.shape[1]}x{gt.shape[0]}"
-            )
-        cm.update(gt, pred)
-        per_image[image_id] = scores(confusion_matrix(gt, pred, L))["miou"]
-        if sweep is not None:
-            cams = read_cams(maps_dir / f"{image_id}.npz")
-            maps = torch.from_numpy(cams["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
-            sweep.update(maps, torch.from_numpy(cams["keys"]).to(ctx.device).long(), gt)
-
+    cm, sweep, per_image = _score_pass(source, masks_dir, maps_dir, thresholds, ctx.device)
     masks_scores = cm.scores()
     result: dict[str, Any] = {
         "dataset": source.identity(),
         "split": source.split,
         "class_names": source.class_names,
         "masks_dir": str(masks_dir),
-        "threshold": threshold,
+        "masks_rule": rule,
         "num_images": len(source.ids),
         "skipped": dict(source.skipped),
         "pseudo_masks": _summary(masks_scores, names),
     }
-    headline, chosen_on, headline_t = masks_scores, None, threshold
+    headline, chosen_on, headline_t = masks_scores, None, (rule or {}).get("threshold")
     if sweep is not None:
-        cms = sweep.compute()  # (T, L, L)
-        curves = threshold_curves(cms)
-        best_t, best = best_threshold(cms, thresholds)
-        result["sweep"] = {
-            "thresholds": thresholds,
-            **{k: [round(float(v), 4) for v in curves[k]] for k in CURVE_KEYS},
-            "best_threshold": best_t,
-            "best_chosen_on": source.split,  # oracle: chosen with this split's own labels
-            "best": _summary(best, names),
-        }
-        px = sweep.compute_pxap()
-        result["pxap"] = {
-            "pxap": round(px["pxap"], 4),
-            "mpxap": round(px["mpxap"], 4),
-            "per_class": _named(px["pxap_per_class"], source.class_names),
-        }
+        cms, entries = _sweep_report(sweep, thresholds, source)
+        result.update(entries)
         if ev.select_on:
-            sel_source, sel_maps = ctx.pipeline.maps_for_split(ev.select_on)
+            sel_source = ctx.source(ev.select_on)
+            sel_maps = ctx.inputs["select_cams"].path("maps_dir")
             sel = sweep_split(sel_source, sel_maps, thresholds, ctx.device, f"select on {ev.select_on}")
             headline_t, _ = best_threshold(sel.compute(), thresholds)
             headline = scores(cms[thresholds.index(headline_t)])
             chosen_on = ev.select_on
-    elif ev.select_on:
-        raise ValueError("evaluate.select_on needs CAMs; it cannot be used with evaluate.masks_dir")
     result.update(
         miou=round(headline["miou"], 4),
         iou=_named(headline["iou"], names),
@@ -148,7 +178,7 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
         per_image_miou={k: round(v, 3) for k, v in per_image.items()},
     )
     write_json(ctx.out_dir / "metrics.json", result)
-    _write_figures(cfg, ctx.out_dir, result, source, maps_dir, masks_dir)
+    _write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir)
     return {"class_names": source.class_names, "dataset": source.identity(), "miou": result["miou"]}
 
 
@@ -162,9 +192,7 @@ def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | No
     if "sweep" in result:
         sw = result["sweep"]
         curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
-        viz.plot_threshold_curve(
-            sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png"
-        )
+        viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
     ranked = sorted(result["per_image_miou"].items(), key=lambda kv: kv[1])
     n = cfg.evaluate.overlays
     picks = ranked[-((n + 1) // 2) :][::-1] + ranked[: n // 2] if n > 0 else []
@@ -185,8 +213,9 @@ def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | No
         f.write(viz.markdown_table(names, result["scores"]) + "\n")
 
 
-def report(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], run_dir: Path | None) -> None:
+def report(artifact: Artifact, run_dir: Path | None) -> None:
     """Log the per-class table and copy metrics.json and the figures into the run directory."""
+    out_dir = artifact.dir
     result = read_json(out_dir / "metrics.json")
     names = ["background", *result["class_names"]]
     s = result["scores"]
@@ -195,11 +224,12 @@ def report(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], run_dir: Pa
         vals = [s[k][n] for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")]
         lines.append(f"{n:<16} " + " ".join(f"{v:7.2f}" if v is not None else f"{'-':>7}" for v in vals))
     lines.append(f"{'mIoU':<16} {result['miou']:7.2f}")
-    how = (
-        f"threshold {result['reported_threshold']} chosen on {result['threshold_chosen_on']}"
-        if result["threshold_chosen_on"]
-        else f"threshold {result['reported_threshold']}"
-    )
+    if result["threshold_chosen_on"]:
+        how = f"threshold {result['reported_threshold']} chosen on {result['threshold_chosen_on']}"
+    elif result["masks_rule"]:
+        how = ", ".join(f"{k} {v}" for k, v in result["masks_rule"].items() if v is not None)
+    else:
+        how = f"masks from {result['masks_dir']}"
     log.info(
         "evaluate: %s split %r, %d images, %s\n%s",
         result["dataset"]["dataset"],
@@ -222,3 +252,41 @@ def report(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], run_dir: Pa
             if (out_dir / name).is_file():
                 shutil.copy2(out_dir / name, Path(run_dir) / name)
         log.info("evaluate: wrote %s", Path(run_dir) / "metrics.json")
+
+
+def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
+    if cfg.evaluate.masks_dir:
+        return {}
+    needs = {"masks": Need("pseudo_masks"), "cams": Need("cams")}
+    if cfg.evaluate.select_on:
+        needs["select_cams"] = Need("cams", str(cfg.evaluate.select_on))
+    return needs
+
+
+def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
+    ev = plain(cfg.evaluate)
+    if ev["masks_dir"]:
+        ev["masks_dir"] = str(Path(ev["masks_dir"]).resolve())
+    return {"dataset": dataset_identity(cfg.dataset, split), "evaluate": ev}
+
+
+def _files(cfg: DictConfig, split: str, fp: Fingerprints) -> dict[str, FileGroup]:
+    files = dict(fp.dataset(split))
+    if cfg.evaluate.select_on:
+        files.update({f"select_on/{k}": v for k, v in fp.dataset(str(cfg.evaluate.select_on)).items()})
+    if cfg.evaluate.masks_dir:
+        if not Path(cfg.evaluate.masks_dir).is_dir():
+            raise FileNotFoundError(f"evaluate.masks_dir not found: {cfg.evaluate.masks_dir}")
+        files["masks_dir"] = fp.folder(cfg.evaluate.masks_dir, "masks_dir")
+    return files
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run,
+    config=("dataset", "evaluate"),
+    params=_params,
+    needs=_needs,
+    files=_files,
+    report=report,
+)

@@ -3,58 +3,59 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from wsss import dist
 from wsss.artifacts import read_cams, rle_results, write_json, write_mask
 from wsss.pseudo import threshold_mask
+from wsss.stages.base import Need, Stage, StageContext, plain
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, ctx) -> dict[str, Any]:
-    source = ctx.source(cfg.dataset.eval_split)
-    ctx.check_classes("cams", source)
-    maps_dir = Path(ctx.manifests["cams"]["maps_dir"])
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Write `masks/<id>.png` for every image the CAM artifact covers (and `masks.rle.json` if asked)."""
+    cams = ctx.inputs["cams"]
+    class_names = list(cams.manifest["class_names"])
+    maps_dir = cams.path("maps_dir")
     masks_dir = ctx.out_dir / "masks"
-    p = cfg.pseudo
-    if p.crf:
-        raise ValueError(
-            "pseudo.crf=true: no dense-CRF package is installed with wsss; see README (Pseudo masks)"
-        )
+    p = ctx.cfg.pseudo
     ignored = torch.zeros((), dtype=torch.long)
     total = 0
     rle: list[dict[str, Any]] = []
-    for image_id in tqdm(dist.shard(source.ids), desc="pseudo masks", unit="img"):
-        cams = read_cams(maps_dir / f"{image_id}.npz")
-        maps = torch.from_numpy(cams["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
-        keys = torch.from_numpy(cams["keys"]).to(ctx.device)
+    for image_id in tqdm(dist.shard(cams.manifest["ids"]), desc="pseudo masks", unit="img"):
+        stored = read_cams(maps_dir / f"{image_id}.npz")
+        maps = torch.from_numpy(stored["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
+        keys = torch.from_numpy(stored["keys"]).to(ctx.device)
         mask = threshold_mask(maps, keys, p.threshold, p.conf_fg, p.conf_bg)
         ignored += (mask == 255).sum().cpu()
         total += mask.numel()
         mask_np = mask.cpu().numpy()
         write_mask(masks_dir / f"{image_id}.png", mask_np)
         if p.rle_json:
-            rle.extend(rle_results(image_id, mask_np, source.class_names))
+            rle.extend(rle_results(image_id, mask_np, class_names))
     ignored = dist.all_reduce_sum(ignored)
     if p.rle_json:
-        write_json(
-            ctx.out_dir / f"masks.rle.rank{dist.rank()}.json"
-            if dist.is_dist()
-            else ctx.out_dir / "masks.rle.json",
-            rle,
-        )
+        name = f"masks.rle.rank{dist.rank()}.json" if dist.is_dist() else "masks.rle.json"
+        write_json(ctx.out_dir / name, rle)
     dist.barrier()
     return {
-        "class_names": source.class_names,
-        "dataset": source.identity(),
-        "masks_dir": str(masks_dir),
-        "rle_json": str(ctx.out_dir / "masks.rle.json") if p.rle_json else None,
-        "maps_dir": str(maps_dir),
-        "counts": {"images": len(source.ids), "ignored_pixel_share": float(ignored) / max(total, 1)},
+        "class_names": class_names,
+        "dataset": cams.manifest["dataset"],
+        "masks_dir": "masks",
+        "ids": list(cams.manifest["ids"]),
+        "rle_json": "masks.rle.json" if p.rle_json else None,
+        "counts": {"images": len(cams.manifest["ids"]), "ignored_pixel_share": float(ignored) / max(total, 1)},
     }
+
+
+STAGE = Stage(
+    name="pseudo_masks",
+    run=run,
+    config=("pseudo",),
+    params=lambda cfg, split: {"pseudo": plain(cfg.pseudo)},
+    needs=lambda cfg, split: {"cams": Need("cams")},
+)

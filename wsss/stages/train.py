@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,9 +14,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss.data import ClassificationDataset, SegmentationSource
+from wsss.data import ClassificationDataset, SegmentationSource, dataset_identity
 from wsss.data.transforms import TrainTransform
+from wsss.fingerprint import FileGroup
 from wsss.models import Classifier, load_checkpoint, save_checkpoint
+from wsss.stages.base import Fingerprints, Stage, StageContext, plain
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
     """AdamW or SGD (Nesterov) over backbone and head groups; the head's lr is `head_lr_mult` times larger."""
     backbone, head = model.param_groups()
     groups = [{**backbone, "lr": tc.lr}, {**head, "lr": tc.lr * tc.head_lr_mult}]
-    if tc.optimizer == "adamw":
+    if tc.optimizer == "adamw":  # a Choice compares equal to its string value
         return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(
@@ -39,19 +42,8 @@ def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
     raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {tc.optimizer!r}")
 
 
-def run(cfg: DictConfig, ctx) -> dict[str, Any]:
-    source = ctx.source(cfg.dataset.train_split)
-    ckpt_path = ctx.out_dir / "model.pt"
-    if cfg.model.checkpoint:
-        # A given checkpoint replaces training; it must carry this dataset's classes.
-        load_checkpoint(cfg.model.checkpoint, source.class_names)
-        log.info("train: using checkpoint %s", cfg.model.checkpoint)
-        return {
-            "checkpoint": str(cfg.model.checkpoint),
-            "class_names": source.class_names,
-            "dataset": source.identity(),
-        }
-
+def _loader(source: SegmentationSource, cfg: DictConfig, device: torch.device) -> DataLoader:
+    """Shuffled, augmented batches of the training split (a split smaller than a batch gives one batch)."""
     tc = cfg.train
     crop = tc.crop_size or default_crop_size(source)
     dataset = ClassificationDataset(source, TrainTransform(crop, tuple(tc.scale_range)))
@@ -65,38 +57,49 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
             tc.batch_size,
             batch_size,
         )
+    log.info("train: %d images, crop %d, %d epochs", len(dataset), crop, tc.epochs)
     # Workers' torch RNGs (which the transforms draw from) are seeded from this generator.
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
+    workers = cfg.dataset.num_workers
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=tc.num_workers,
+        num_workers=workers,
         generator=gen,
-        persistent_workers=tc.num_workers > 0,
-        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
     )
+
+
+def _given_checkpoint(ctx: StageContext) -> dict[str, Any]:
+    """`model.checkpoint` replaces training; it must be a wsss checkpoint with this dataset's classes."""
+    source = ctx.source()
+    path = Path(ctx.cfg.model.checkpoint).resolve()
+    load_checkpoint(path, source.class_names)
+    log.info("train: using checkpoint %s", path)
+    return {"checkpoint": str(path), "class_names": source.class_names, "dataset": source.identity()}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Fit the classifier on the training split; write `model.pt`."""
+    cfg = ctx.cfg
+    if cfg.model.checkpoint:
+        return _given_checkpoint(ctx)
+    source = ctx.source()
+    loader = _loader(source, cfg, ctx.device)
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    model = Classifier(source.num_classes, m.backbone, m.output_stride, m.weights).to(ctx.device)
-    optimizer = build_optimizer(model, tc)
+    model = Classifier(source.num_classes, str(m.backbone), m.output_stride, m.weights).to(ctx.device)
+    optimizer = build_optimizer(model, cfg.train)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    total = tc.epochs * len(loader)
-    log.info(
-        "train: %d images, crop %d, %d epochs x %d steps on %s",
-        len(dataset),
-        crop,
-        tc.epochs,
-        len(loader),
-        ctx.device,
-    )
+    epochs, total = cfg.train.epochs, cfg.train.epochs * len(loader)
     model.train()
     step, losses, start = 0, [], time.perf_counter()
-    for epoch in range(tc.epochs):
+    for epoch in range(epochs):
         running, n = torch.zeros((), device=ctx.device), 0
-        bar = tqdm(loader, desc=f"train {epoch + 1}/{tc.epochs}", unit="batch", leave=False)
-        for images, targets in bar:
+        for images, targets in tqdm(loader, desc=f"train {epoch + 1}/{epochs}", unit="batch", leave=False):
             images = images.to(ctx.device, non_blocking=True)
             targets = targets.to(ctx.device, non_blocking=True)
             for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -109,14 +112,49 @@ def run(cfg: DictConfig, ctx) -> dict[str, Any]:
             n += 1
             step += 1
         losses.append(float(running) / max(n, 1))
-        log.info("train: epoch %d/%d loss %.4f", epoch + 1, tc.epochs, losses[-1])
+        log.info("train: epoch %d/%d loss %.4f", epoch + 1, epochs, losses[-1])
     seconds = time.perf_counter() - start
-    save_checkpoint(ckpt_path, model.cpu(), source.class_names, epochs=tc.epochs)
+    save_checkpoint(ctx.out_dir / "model.pt", model.cpu(), source.class_names, epochs=epochs)
     return {
-        "checkpoint": str(ckpt_path),
+        "checkpoint": "model.pt",
         "class_names": source.class_names,
         "dataset": source.identity(),
-        "counts": {"images": len(dataset), "steps": step, "skipped": dict(source.skipped)},
+        "counts": {"images": len(source), "steps": step, "skipped": dict(source.skipped)},
         "losses": [round(x, 5) for x in losses],
         "train_seconds": round(seconds, 2),
     }
+
+
+def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
+    if cfg.model.checkpoint:  # the checkpoint's bytes are in the key (see _files); training settings are not
+        return {
+            "dataset": dataset_identity(cfg.dataset, split),
+            "checkpoint": str(Path(cfg.model.checkpoint).resolve()),
+        }
+    model = plain(cfg.model)
+    model.pop("checkpoint")
+    return {
+        "dataset": dataset_identity(cfg.dataset, split),
+        "model": model,
+        "train": plain(cfg.train),
+        "seed": cfg.seed,
+    }
+
+
+def _files(cfg: DictConfig, split: str, fp: Fingerprints) -> dict[str, FileGroup]:
+    if cfg.model.checkpoint:
+        path = Path(cfg.model.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.checkpoint not found: {path}")
+        return {"checkpoint": fp.content(path, "model.checkpoint")}
+    return fp.dataset(split)
+
+
+STAGE = Stage(
+    name="train",
+    run=run,
+    config=("dataset", "model", "train", "seed"),
+    params=_params,
+    files=_files,
+    split=lambda cfg: str(cfg.dataset.train_split),
+)

@@ -1,0 +1,177 @@
+"""Artifacts that are verified before reuse: damaged files, leftovers of killed runs, read-only caches, full disks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.tiny import TINY, error_line, run_cli, tiny_cfg
+from wsss.pipeline import Pipeline
+
+
+def _pipe(tmp_path: Path, overrides: list[str] = ()) -> Pipeline:
+    return Pipeline(tiny_cfg(tmp_path, list(overrides)))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_cam_file_is_rebuilt_alone_before_reuse(tmp_path, caplog):
+    pipe = _pipe(tmp_path, ["stage=cams"])
+    pipe.run("cams")
+    maps = pipe.artifact_dir("cams") / "maps"
+    good = np.load(maps / "train_00004.npz")["maps"]
+    _truncate(maps / "train_00004.npz")
+    with caplog.at_level(logging.INFO):
+        again = _pipe(tmp_path, ["stage=cams"])
+        manifest = again.run("cams")
+    assert again.report == {"train": "reused", "cams": "ran"}  # not reused as it was
+    assert "train_00004.npz has" in caplog.text and "damaged" in caplog.text
+    assert manifest["counts"]["computed"] == 1  # resumed: only the damaged image
+    np.testing.assert_array_equal(np.load(maps / "train_00004.npz")["maps"], good)
+
+
+def test_unreadable_input_file_is_named_then_rebuilt(tmp_path, caplog):
+    """Same size, damaged bytes: the reader names the file, the pipeline rebuilds that input and goes on."""
+    pipe = _pipe(tmp_path, ["stage=pseudo_masks"])
+    pipe.run("pseudo_masks")
+    path = pipe.artifact_dir("cams") / "maps" / "train_00007.npz"
+    good = path.read_bytes()
+    path.write_bytes(b"\0" * len(good))  # listing check passes (same size); reading fails
+    with caplog.at_level(logging.WARNING):
+        again = _pipe(tmp_path, ["stage=pseudo_masks", "pseudo.threshold=0.3"])
+        again.run("pseudo_masks")
+    assert "train_00007.npz: unreadable CAM file" in caplog.text
+    assert path.read_bytes() == good
+    cams = json.loads((again.artifact_dir("cams") / "manifest.json").read_text())
+    assert cams["counts"]["computed"] == 1
+
+
+def test_temp_files_of_a_killed_run_are_removed(tmp_path):
+    pipe = _pipe(tmp_path, ["stage=cams"])
+    out = pipe.artifact_dir("cams")
+    (out / "maps").mkdir(parents=True)
+    leftover = out / "maps" / ".train_00000.npz.abc123.tmp"
+    leftover.write_bytes(b"half")
+    pipe.run("cams")
+    assert not leftover.exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_damaged_manifest_is_not_trusted(tmp_path):
+    pipe = _pipe(tmp_path, ["stage=pseudo_masks"])
+    pipe.run("pseudo_masks")
+    (pipe.artifact_dir("pseudo_masks") / "manifest.json").write_text('{"stage": "pseu')
+    again = _pipe(tmp_path, ["stage=pseudo_masks"])
+    again.run("pseudo_masks")
+    assert again.report == {"cams": "reused", "pseudo_masks": "ran"}
+
+
+def _unshare_ok() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_ok(), reason="needs unshare -rm (user and mount namespaces) for a read-only mount")
+def test_read_only_cache_is_reused_and_a_missing_artifact_is_a_clear_error(tmp_path):
+    assert run_cli(tmp_path, [f"hydra.run.dir={tmp_path / 'run0'}"]).returncode == 0
+    cache = tmp_path / "cache"
+    env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(cache)}
+
+    def ro(*args: str) -> subprocess.CompletedProcess:
+        inner = " ".join([sys.executable, "-m", "wsss.run", *TINY, *args])
+        script = f"mount --bind -o ro {cache} {cache} && {inner}"
+        return subprocess.run(
+            ["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    proc = ro(f"hydra.run.dir={tmp_path / 'run1'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "evaluate: reusing" in proc.stderr + proc.stdout
+    proc = ro("pseudo.threshold=0.3", f"hydra.run.dir={tmp_path / 'run2'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    first = error_line(proc.stderr)
+    assert "pseudo_masks artifact is missing and cannot be built" in first
+    assert "Read-only file system" in first and str(cache / "pseudo_masks") in first
+
+
+@pytest.mark.slow
+def test_full_disk_names_the_file_and_leaves_nothing_trusted(tmp_path):
+    """A file-size limit stands in for a full disk: writing the 4.9 MB model fails; the rerun is complete."""
+    gen = run_cli(tmp_path, ["stage=train", f"hydra.run.dir={tmp_path / 'gen'}"])
+    shutil.rmtree(tmp_path / "cache")  # keep the generated data, drop the model
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    proc = run_cli(tmp_path, ["stage=train", f"hydra.run.dir={tmp_path / 'run1'}"], preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "model.pt: cannot write (File too large)" in error_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "cache").rglob("manifest.json")) and not list((tmp_path / "cache").rglob("*.tmp"))
+    proc = run_cli(tmp_path, ["stage=train", f"hydra.run.dir={tmp_path / 'run2'}"])
+    assert proc.returncode == 0 and "train: running" in proc.stderr + proc.stdout
+
+
+def _kill_when(cmd_args: list[str], tmp_path: Path, ready) -> None:
+    """Start the CLI, SIGKILL it as soon as `ready()` holds."""
+    env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsss.run", *TINY, *cmd_args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["train", "cams"])
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, where):
+    slow = ["train.epochs=3", "dataset.synthetic.num_train=48", "cam.scales=[1.0,0.5,1.5]"]
+    clean = run_cli(tmp_path / "clean", [*slow, f"hydra.run.dir={tmp_path / 'clean_run'}"])
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    cache = tmp_path / "killed" / "cache"
+
+    seen: list[float] = []
+
+    def ready() -> bool:
+        if where == "cams":
+            return len(list(cache.glob("cams/*/maps/*.npz"))) >= 10
+        if not seen and any(cache.glob("train/*/")):
+            seen.append(time.time())  # the build has started; let it train a little
+        return bool(seen) and time.time() - seen[0] > 1.0
+
+    _kill_when([*slow, f"hydra.run.dir={tmp_path / 'killed_run0'}"], tmp_path / "killed", ready)
+    assert not any(cache.glob(f"{where}/*/manifest.json"))  # killed before the stage finished
+    again = run_cli(tmp_path / "killed", [*slow, f"hydra.run.dir={tmp_path / 'killed_run'}"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    if where == "cams":
+        assert "resuming an unfinished build" in again.stdout + again.stderr
+    a = json.loads((tmp_path / "clean_run" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed_run" / "metrics.json").read_text())
+    assert a["miou"] == b["miou"] and a["sweep"] == b["sweep"] and a["per_image_miou"] == b["per_image_miou"]
