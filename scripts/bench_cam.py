@@ -61,8 +61,11 @@ def _pytorch_grad_cam(name: str, model, layer: str, images, classes) -> Callable
     def run() -> object:
         maps = []
         with method(model=model, target_layers=[model.get_submodule(layer)]) as cam:
-            for column in classes.T.tolist():  # one call (forward + full backward) per class
-                maps.append(cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in column]))
+            # one call (forward + full backward) per class
+            maps.extend(
+                cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in column])
+                for column in classes.T.tolist()
+            )
         return maps
 
     return run

@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from wsss.metrics import ConfusionMatrix, ThresholdSweep, best_threshold, parse_thresholds, pseudo_mask
+from wsss.metrics import ConfusionMatrix, ThresholdSweep, best_threshold, parse_thresholds
+from wsss.pseudo import pseudo_mask
 
 NUM_LABELS = 21
 SIZES = [(375, 500), (500, 375), (333, 500), (375, 500), (281, 500)]

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from wsss.config import register_configs
+from wsss.pipeline import Pipeline
 
-from wsss.config import register_configs  # noqa: E402
-from wsss.pipeline import Pipeline  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tree(root: Path, n: int) -> Path:

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from wsss.artifacts import read_json, write_json, write_mask  # noqa: E402
-from wsss.data.coco import EXPORT_MARKER, COCOSource  # noqa: E402
+from wsss.artifacts import read_json, write_json, write_mask
+from wsss.data.coco import EXPORT_MARKER, COCOSource
 
 log = logging.getLogger("prepare_coco")
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from wsss.artifacts import IGNORE_INDEX, atomic_open, write_mask  # noqa: E402
-from wsss.data.voc import VOC_CLASSES, read_split  # noqa: E402
+from wsss.artifacts import IGNORE_INDEX, atomic_open, write_mask
+from wsss.data.voc import VOC_CLASSES, read_split
 
 log = logging.getLogger("prepare_voc12")
 

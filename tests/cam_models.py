@@ -188,12 +188,12 @@ def reference_scorecam(model: nn.Module, images: Tensor, classes: Tensor, layer_
 
 class _GuidedReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
         return x.clamp(min=0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return grad * (x > 0) * (grad > 0)
 

@@ -27,7 +27,8 @@ def test_list_shows_every_artifact_and_what_differs(tmp_path, capsys):
     assert cache.main(["--cache-dir", str(tmp_path / "cache"), "list"]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith(("train", "cams", "pseudo_masks", "evaluate"))]
-    assert [ln.split()[0] for ln in lines].count("pseudo_masks") == 2 and len(lines) == 6
+    assert [ln.split()[0] for ln in lines].count("pseudo_masks") == 2
+    assert len(lines) == 6
     assert any("pseudo.threshold=0.3" in ln for ln in lines if ln.startswith("pseudo_masks"))
     assert any("train.epochs=1" in ln for ln in lines if ln.startswith("train"))
     assert "6 artifacts" in out
@@ -41,7 +42,8 @@ def test_prune_keeps_what_a_config_reaches_and_dry_run_removes_nothing(tmp_path,
     assert "would remove pseudo_masks/" in capsys.readouterr().out
     assert other.artifact_dir("pseudo_masks").is_dir()
     assert cache.main(args) == 0
-    assert not other.artifact_dir("pseudo_masks").exists() and not other.artifact_dir("evaluate").exists()
+    assert not other.artifact_dir("pseudo_masks").exists()
+    assert not other.artifact_dir("evaluate").exists()
     for stage in ("train", "cams", "pseudo_masks", "evaluate"):
         assert (keep.artifact_dir(stage) / "manifest.json").is_file(), stage
 
@@ -52,7 +54,8 @@ def test_prune_unused_days(tmp_path, capsys):
     for stage in ("train", "cams"):
         os.utime(pipe.artifact_dir(stage), (old, old))
     assert cache.main(["--cache-dir", str(tmp_path / "cache"), "prune", "--unused-days", "30"]) == 0
-    assert not pipe.artifact_dir("train").exists() and not pipe.artifact_dir("cams").exists()
+    assert not pipe.artifact_dir("train").exists()
+    assert not pipe.artifact_dir("cams").exists()
     assert pipe.artifact_dir("evaluate").exists()
     # Reuse refreshes "last used": a default rerun finds evaluate and touches it.
     assert "freed" in capsys.readouterr().out

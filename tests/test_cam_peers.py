@@ -21,7 +21,7 @@ from wsss.cam import GradCAM, GradCAMPlusPlus
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 torchcam_methods = pytest.importorskip("torchcam.methods")
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402 (after importorskip)
 
 RAW = {"relu": False, "normalize": False, "upsample": False}
 CLASSES = torch.tensor([[0, 1, 3], [2, 3, 1]])

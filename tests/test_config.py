@@ -58,7 +58,7 @@ COMBINATIONS = [
 ] + [("synthetic", m, c, "evaluate") for m, c in itertools.product(GROUPS["model"], GROUPS["cam"])]
 
 
-@pytest.mark.parametrize("dataset,model,cam,stage", COMBINATIONS)
+@pytest.mark.parametrize(("dataset", "model", "cam", "stage"), COMBINATIONS)
 def test_group_combinations_compose(dataset, model, cam, stage):
     cfg = _compose([f"dataset={dataset}", f"model={model}", f"cam={cam}", f"stage={stage}"])
     assert cfg.dataset.name == dataset
@@ -81,8 +81,10 @@ def test_defaults():
 
 def test_experiment_overlay():
     cfg = _compose(["experiment=irn_voc12"])
-    assert cfg.dataset.name == "voc12" and cfg.model.backbone == "resnet50"
-    assert cfg.dataset.train_split == "train_aug" and cfg.dataset.eval_split == "train"
+    assert cfg.dataset.name == "voc12"
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.dataset.train_split == "train_aug"
+    assert cfg.dataset.eval_split == "train"
 
 
 def test_bad_threshold_type_fails_at_composition():
@@ -118,16 +120,19 @@ def test_bad_choice_fails_at_composition(override):
     with pytest.raises(ConfigCompositionException) as e:
         _compose([override])
     message = str(e.value) + str(e.value.__cause__)
-    assert value in message and key.split(".")[-1] in message
+    assert value in message
+    assert key.split(".")[-1] in message
 
 
 def test_choices_read_as_their_strings():
     cfg = _compose(["cam=gradcampp", "dataset.on_error=skip"])
-    assert cfg.cam.method == "gradcampp" and f"{cfg.cam.method}" == "gradcampp" and str(cfg.dataset.on_error) == "skip"
+    assert cfg.cam.method == "gradcampp"
+    assert f"{cfg.cam.method}" == "gradcampp"
+    assert str(cfg.dataset.on_error) == "skip"
 
 
 @pytest.mark.parametrize(
-    "overrides,needle",
+    ("overrides", "needle"),
     [
         (["pseudo.threshold=1.5"], "pseudo.threshold=1.5: must be in [0, 1]"),
         (["pseudo.threshold=-0.1"], "pseudo.threshold=-0.1: must be in [0, 1]"),

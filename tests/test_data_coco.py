@@ -52,23 +52,28 @@ def annotation_file(root: Path) -> Path:
 
 def test_classes_ids_and_labels(coco: Path) -> None:
     src = COCOSource(coco, "val", 2017)
-    assert src.class_names == COCO_CLASSES and src.category_ids == [1, 3, 7, 90]
+    assert src.class_names == COCO_CLASSES
+    assert src.category_ids == [1, 3, 7, 90]
     assert src.ids == [stem(10), stem(20)]  # image-id order; 30 (no annotation) and 40 (crowd only) skipped
     assert src.skipped == {"no_labels": 2}
     assert src.labels(stem(10)).tolist() == [0, 1]  # the crowd "train" does not label the image
     assert src.labels(stem(20)).tolist() == [0, 2, 3]
-    assert src.identity()["year"] == 2017 and src.identity()["num_images"] == 2
+    assert src.identity()["year"] == 2017
+    assert src.identity()["num_images"] == 2
     image = src.load_image(stem(10))
-    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, *COCO_SIZE)
+    assert image.dtype == torch.uint8
+    assert tuple(image.shape) == (3, *COCO_SIZE)
 
 
 def test_masks_follow_the_documented_rule(coco: Path) -> None:
     src = COCOSource(coco, "val", empty_images="keep")
-    assert src.ids == [stem(i) for i in (10, 20, 30, 40)] and src.skipped == {}
+    assert src.ids == [stem(i) for i in (10, 20, 30, 40)]
+    assert src.skipped == {}
     expected = expected_coco_masks()
     for i in (10, 20, 30, 40):
         np.testing.assert_array_equal(src.load_mask(stem(i)), expected[i], err_msg=str(i))
-    assert src.labels(stem(30)).tolist() == [] and src.labels(stem(40)).tolist() == []
+    assert src.labels(stem(30)).tolist() == []
+    assert src.labels(stem(40)).tolist() == []
     image, mask = src.load_sample(stem(20))
     assert mask.shape == tuple(image.shape[1:])
 
@@ -95,7 +100,8 @@ def test_unknown_category_names_file_and_id(coco: Path) -> None:
     with pytest.raises(ValueError, match=r"instances_val2017\.json: annotation 5 .*unknown category id 5"):
         COCOSource(coco, "val")
     src = COCOSource(coco, "val", on_error="skip")
-    assert src.ids == [stem(10)] and src.skipped == {"unknown_category": 1, "no_labels": 2}
+    assert src.ids == [stem(10)]
+    assert src.skipped == {"unknown_category": 1, "no_labels": 2}
 
 
 def test_missing_or_mis_sized_image(coco: Path) -> None:
@@ -139,7 +145,8 @@ def test_export_then_read_exported_masks(coco: Path) -> None:
     assert prepare.main(args) == 0
     assert sorted(p.name for p in export.glob("*.png")) == [f"{stem(i)}.png" for i in (10, 20, 30, 40)]
     src = COCOSource(coco, "val", empty_images="keep")
-    assert src.use_export and src._coco is None
+    assert src.use_export
+    assert src._coco is None
     expected = expected_coco_masks()
     for i in (10, 20, 30, 40):
         np.testing.assert_array_equal(src.load_mask(stem(i)), expected[i])
@@ -160,7 +167,8 @@ def test_export_then_read_exported_masks(coco: Path) -> None:
     with pytest.raises(FileNotFoundError, match=rf"{stem(20)}\.png"):
         src.load_mask(stem(20))
     skip = COCOSource(coco, "val", on_error="skip", empty_images="keep")
-    assert skip.ids == [stem(30), stem(40)] and skip.skipped == {"size_mismatch": 1, "missing_mask": 1}
+    assert skip.ids == [stem(30), stem(40)]
+    assert skip.skipped == {"size_mismatch": 1, "missing_mask": 1}
 
     record = json.loads((export / EXPORT_MARKER).read_text())
     write_json(export / EXPORT_MARKER, {**record, "rule": "older"})
@@ -201,9 +209,11 @@ def test_real_coco_exported_masks_match_annToMask(split: str, tmp_path: Path) ->
     with contextlib.redirect_stdout(io.StringIO()):
         api = COCO(str(root / "annotations" / f"instances_{split}2017.json"))
     cat_ids = sorted(api.getCatIds())
-    assert len(cat_ids) == 80 and src.class_names == [api.cats[c]["name"] for c in cat_ids]
+    assert len(cat_ids) == 80
+    assert src.class_names == [api.cats[c]["name"] for c in cat_ids]
     cat_index = {c: i for i, c in enumerate(cat_ids)}
-    assert len(src) == len(api.imgs) and src.skipped == {}
+    assert len(src) == len(api.imgs)
+    assert src.skipped == {}
     for image in api.imgs.values():
         image_id = Path(image["file_name"]).stem
         mask = src.load_mask(image_id)

@@ -49,16 +49,21 @@ def write_list(root: Path, split: str, lines: list[str]) -> None:
 
 def test_reads_images_masks_and_labels(voc: Path) -> None:
     src = VOCSource(voc, "train")
-    assert src.ids == [A, B] and src.class_names == VOC_CLASSES and src.skipped == {}
+    assert src.ids == [A, B]
+    assert src.class_names == VOC_CLASSES
+    assert src.skipped == {}
     image = src.load_image(A)
-    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, *VOC_SIZES[A])
+    assert image.dtype == torch.uint8
+    assert tuple(image.shape) == (3, *VOC_SIZES[A])
     pil = torch.from_numpy(np.array(Image.open(voc / "JPEGImages" / f"{A}.jpg"))).permute(2, 0, 1)
     assert (image.int() - pil.int()).abs().max() <= 2  # same JPEG, two decoders
     np.testing.assert_array_equal(src.load_mask(A), rect_mask(*VOC_SIZES[A], VOC_SEG[A]))
-    assert src.labels(A).tolist() == VOC_SEG[A] and src.labels(A).dtype == np.int64
+    assert src.labels(A).tolist() == VOC_SEG[A]
+    assert src.labels(A).dtype == np.int64
     image, mask = src.load_sample(B)
     assert mask.shape == tuple(image.shape[1:])
-    assert src.identity()["split"] == "train" and src.identity()["num_images"] == 2
+    assert src.identity()["split"] == "train"
+    assert src.identity()["num_images"] == 2
 
 
 def test_mask_lookup_order_and_aug_fallback(voc: Path) -> None:
@@ -69,7 +74,8 @@ def test_mask_lookup_order_and_aug_fallback(voc: Path) -> None:
     reverse = VOCSource(voc, "train_aug", mask_dir="SegmentationClassAug", aug_mask_dir="SegmentationClass")
     assert reverse.labels(A).tolist() == VOC_AUG[A]
     as_list = VOCSource(voc, "train_aug", mask_dir=["SegmentationClassAug", "SegmentationClass"])
-    assert as_list.labels(A).tolist() == VOC_AUG[A] and len(as_list.mask_dirs) == 2
+    assert as_list.labels(A).tolist() == VOC_AUG[A]
+    assert len(as_list.mask_dirs) == 2
     only_voc = VOCSource(voc, "train_aug", aug_mask_dir=None)
     with pytest.raises(FileNotFoundError, match=f"{D}.png"):
         only_voc.load_mask(D)
@@ -110,7 +116,8 @@ def test_unknown_xml_name_names_file_and_name(voc: Path) -> None:
 def test_own_class_list(voc: Path) -> None:
     names = [f"c{i}" for i in range(15)] + ["dog"]
     src = VOCSource(voc, "trainval", class_names=names, name="custom")
-    assert src.num_classes == 16 and src.labels(A).tolist() == [0, 14]
+    assert src.num_classes == 16
+    assert src.labels(A).tolist() == [0, 14]
     xml = VOCSource(voc, "with_xml", class_names=names)
     with pytest.raises(ValueError, match=rf"{F}\.xml.*'person'"):
         xml.labels(F)
@@ -202,7 +209,8 @@ def test_skip_policy_counts(voc: Path) -> None:
         "missing_labels": 1,
     }
     scored = VOCSource(voc, "all", on_error="skip", require_masks=True)
-    assert scored.ids == [A, D, E] and scored.skipped["missing_mask"] == 2
+    assert scored.ids == [A, D, E]
+    assert scored.skipped["missing_mask"] == 2
     write_list(voc, "bad", [B])
     with pytest.raises(ValueError, match="every id was skipped"):
         VOCSource(voc, "bad", on_error="skip")
@@ -225,7 +233,8 @@ def test_prepare_voc12_converts_sbd_and_builds_train_aug(tmp_path: Path) -> None
     listed = (voc / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
     assert listed == sorted({D, C, E, A, B} - {C})
     src = VOCSource(voc, "train_aug", on_error="skip", require_masks=True)
-    assert src.skipped == {} and src.labels(D).tolist() == SBD_MASKS[D]
+    assert src.skipped == {}
+    assert src.labels(D).tolist() == SBD_MASKS[D]
 
     stamps = {p: p.stat().st_mtime_ns for p in aug.glob("*.png")}
     assert prepare.main(["--voc", str(voc), "--sbd", str(sbd), "--workers", "1"]) == 0  # resumable
@@ -253,7 +262,8 @@ def real_voc() -> Path:
 
 def test_real_voc_labels_equal_mask_classes(real_voc: Path) -> None:
     src = VOCSource(real_voc, "all_staged", on_error="skip", require_masks=True)
-    assert len(src) == 35 and src.skipped == {}
+    assert len(src) == 35
+    assert src.skipped == {}
     for image_id in src.ids:
         path = real_voc / "SegmentationClass" / f"{image_id}.png"
         if not path.is_file():
@@ -264,7 +274,8 @@ def test_real_voc_labels_equal_mask_classes(real_voc: Path) -> None:
             size = img.size
         assert src.labels(image_id).tolist() == sorted(v - 1 for v in values), image_id
         image, mask = src.load_sample(image_id)
-        assert tuple(image.shape) == (3, size[1], size[0]) and mask.shape == (size[1], size[0])
+        assert tuple(image.shape) == (3, size[1], size[0])
+        assert mask.shape == (size[1], size[0])
 
 
 def test_real_voc_splits(real_voc: Path) -> None:

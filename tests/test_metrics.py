@@ -23,10 +23,10 @@ from wsss.metrics import (
     confusion_matrix,
     parse_thresholds,
     pixel_ap,
-    pseudo_mask,
     scores,
     threshold_curves,
 )
+from wsss.pseudo import pseudo_mask
 
 L = 6  # background + 5 classes
 THRESHOLDS = parse_thresholds("0.00:1.00:0.05")  # 0, 0.05, ..., 1 (21 values, some dyadic, most not)
@@ -173,7 +173,8 @@ def test_confusion_matrix_matches_reference_with_255_on_both_sides():
     gt[rng.random(gt.shape) < 0.15] = 255
     pred[rng.random(pred.shape) < 0.15] = 255
     cm = confusion_matrix(torch.from_numpy(gt), torch.from_numpy(pred), L)
-    assert cm.dtype == torch.int64 and cm.shape == (L, L)
+    assert cm.dtype == torch.int64
+    assert cm.shape == (L, L)
     np.testing.assert_array_equal(cm.numpy(), ref_cm(gt, pred, L))
     # Other integer dtypes give the same counts.
     cm64 = confusion_matrix(torch.from_numpy(gt).long(), torch.from_numpy(pred).int(), L)
@@ -193,7 +194,9 @@ def test_scores_match_reference_including_absent_and_unpredicted_labels():
         assert_close(got[key], ref[key], key)
     assert got["absent"] == ref["absent"] == [3]
     assert got["num_pixels"] == int(cm.sum())
-    assert got["iou"][4] == 0.0 and math.isnan(got["recall"][4]) and math.isnan(got["precision"][5])
+    assert got["iou"][4] == 0.0
+    assert math.isnan(got["recall"][4])
+    assert math.isnan(got["precision"][5])
     # IoU + FP/union + FN/union = 100, per label and for the means over the same labels.
     assert math.isclose(got["miou"] + got["mfp_ratio"] + got["mfn_ratio"], 100.0, abs_tol=1e-9)
 
@@ -218,14 +221,16 @@ def test_hand_computed_4x4():
     assert s["precision"] == pytest.approx([100 * 5 / 7, 75.0, 100.0], abs=1e-12)
     assert s["recall"] == pytest.approx([100 * 5 / 6, 75.0, 75.0], abs=1e-12)
     # bg: FP = 2 (pred 0 where gt 1 or 2), FN = 1, union 8.
-    assert s["fp_ratio"][0] == pytest.approx(25.0) and s["fn_ratio"][0] == pytest.approx(12.5)
+    assert s["fp_ratio"][0] == pytest.approx(25.0)
+    assert s["fn_ratio"][0] == pytest.approx(12.5)
     # Predicted foreground 7 pixels, 6 of them on ground-truth foreground, 1 on background; 8 gt fg pixels.
     assert s["fg_precision"] == pytest.approx(100 * 6 / 7, abs=1e-12)
     assert s["fg_recall"] == pytest.approx(75.0, abs=1e-12)
     assert s["pred_fg_on_gt_bg"] == pytest.approx(100 / 7, abs=1e-12)
     # 15 pixels have a ground truth; 1 of them is predicted 255 (the ignore band).
     assert s["pred_ignored"] == pytest.approx(100 / 15, abs=1e-12)
-    assert s["num_pixels"] == 14 and s["absent"] == []
+    assert s["num_pixels"] == 14
+    assert s["absent"] == []
 
 
 def test_oracle_ground_truth_as_prediction_scores_100(images):
@@ -233,7 +238,9 @@ def test_oracle_ground_truth_as_prediction_scores_100(images):
     for _, _, gt in images:
         cm.update(torch.from_numpy(gt), torch.from_numpy(gt))
     s = cm.scores()
-    assert s["miou"] == 100.0 and s["pixel_accuracy"] == 100.0 and s["pred_ignored"] == 0.0
+    assert s["miou"] == 100.0
+    assert s["pixel_accuracy"] == 100.0
+    assert s["pred_ignored"] == 0.0
 
 
 def test_oracle_sweep_of_one_hot_maps_scores_100_below_one():
@@ -267,7 +274,8 @@ def test_absent_class_is_nan_and_left_out_of_the_mean():
     pred = torch.tensor([[0, 1, 1, 1]], dtype=torch.uint8)
     s = scores(confusion_matrix(gt, pred, 4))  # labels 2 and 3 appear nowhere
     assert s["absent"] == [2, 3]
-    assert math.isnan(s["iou"][2]) and math.isnan(s["iou"][3])
+    assert math.isnan(s["iou"][2])
+    assert math.isnan(s["iou"][3])
     # bg: 1 / 2 = 50; class 0: 2 / 3 -> mean over the two present labels only.
     assert s["miou"] == pytest.approx((50 + 200 / 3) / 2, abs=1e-12)
 
@@ -275,21 +283,22 @@ def test_absent_class_is_nan_and_left_out_of_the_mean():
 @pytest.mark.parametrize(
     ("gt_value", "pred_value", "dtype", "named"),
     [
-        (7, 0, torch.uint8, "7"),
-        (0, 6, torch.uint8, "6"),
-        (0, -1, torch.int64, "-1"),
-        (300, 0, torch.int64, "300"),
+        (7, 0, torch.uint8, "ground truth has label value(s) [7]"),
+        (0, 6, torch.uint8, "prediction has label value(s) [6]"),
+        (0, -1, torch.int64, "prediction has label value(s) [-1]"),
+        (300, 0, torch.int64, "ground truth has label value(s) [300]"),
     ],
 )
-def test_out_of_range_labels_raise_naming_the_value(gt_value, pred_value, dtype, named):
+def test_out_of_range_labels_raise_naming_the_side_and_the_value(gt_value, pred_value, dtype, named):
+    """The message names the tensor that holds the bad value and the value itself (not the other side)."""
     gt = torch.zeros((3, 3), dtype=dtype)
     pred = torch.zeros((3, 3), dtype=dtype)
     gt[1, 1] = gt_value
     pred[2, 2] = pred_value
-    with pytest.raises(ValueError, match=named):
-        confusion_matrix(gt, pred, L)
-    with pytest.raises(ValueError, match=named):
-        ConfusionMatrix(L).update(gt, pred)
+    for call in (lambda: confusion_matrix(gt, pred, L), lambda: ConfusionMatrix(L).update(gt, pred)):
+        with pytest.raises(ValueError, match="has label value") as e:
+            call()
+        assert str(e.value).startswith(named), str(e.value)
 
 
 def test_invalid_inputs_raise():
@@ -382,7 +391,8 @@ def test_sweep_matches_per_threshold_reference(images):
     for maps, keys, gt in images:
         sweep.update(torch.from_numpy(maps), torch.from_numpy(keys), torch.from_numpy(gt))
     cms = sweep.compute()
-    assert cms.shape == (len(THRESHOLDS), L, L) and cms.dtype == torch.int64
+    assert cms.shape == (len(THRESHOLDS), L, L)
+    assert cms.dtype == torch.int64
     ref = reference_sweep(images, THRESHOLDS)
     np.testing.assert_array_equal(cms.numpy(), ref)
     curves = threshold_curves(cms)
@@ -459,7 +469,8 @@ def test_best_threshold_ties_go_low_and_metric_is_checked():
     cms[:, 0, 0] = 5
     cms[:, 1, 1] = 5  # identical perfect matrices
     t, s = best_threshold(cms, [0.1, 0.2, 0.3])
-    assert t == 0.1 and s["miou"] == 100.0
+    assert t == 0.1
+    assert s["miou"] == 100.0
     assert set(MAXIMISABLE) <= set(SCALAR_KEYS)
     with pytest.raises(ValueError, match="mfp_ratio"):
         best_threshold(cms, [0.1, 0.2, 0.3], metric="mfp_ratio")
@@ -467,14 +478,17 @@ def test_best_threshold_ties_go_low_and_metric_is_checked():
 
 def test_parse_thresholds():
     values = parse_thresholds("0.00:0.95:0.01")
-    assert len(values) == 96 and values[0] == 0.0 and values[-1] == 0.95
-    assert values[7] == 0.07 and values[29] == 0.29  # the float of the literal, not 7 * 0.01
+    assert len(values) == 96
+    assert values[0] == 0.0
+    assert values[-1] == 0.95
+    assert values[7] == 0.07
+    assert values[29] == 0.29
     assert parse_thresholds("0:1:0.3") == [0.0, 0.3, 0.6, 0.9]
     assert parse_thresholds("0.1, 0.25") == [0.1, 0.25]
     assert parse_thresholds(0.3) == [0.3]
     assert parse_thresholds([0.1, 0.2]) == [0.1, 0.2]
     for bad in ("0:1", "a:b:c", "0:1:0", "1:0:0.1"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"threshold range|cannot parse thresholds"):
             parse_thresholds(bad)
 
 
@@ -509,7 +523,7 @@ def test_pxap_hand_computed():
 
 def test_pixel_ap_of_histograms():
     # Same case as above as histograms over bins [0, .25), [.25, .5), [.5, .75), [.75, 1), [1]:
-    ap, precision, recall = pixel_ap(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 1, 0, 1, 0]))
+    ap, _precision, _recall = pixel_ap(torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 1, 0, 1, 0]))
     assert float(ap) == pytest.approx(100 * 29 / 36, abs=1e-12)
     ap, _, _ = pixel_ap(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long))
     assert torch.isnan(ap).all()  # no positives: undefined

@@ -47,7 +47,9 @@ def evaluate(ids: list[int]) -> dict[str, np.ndarray]:
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        assert dist.is_dist() and dist.rank() == rank and dist.world_size() == world
+        assert dist.is_dist()
+        assert dist.rank() == rank
+        assert dist.world_size() == world
         assert dist.is_main() == (rank == 0)
         ids = dist.shard(list(range(len(make_images()))))
         result = evaluate(ids)
@@ -63,7 +65,8 @@ def test_helpers_without_a_process_group():
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
     assert dist.shard(["a", "b", "c"]) == ["a", "b", "c"]
     t = torch.tensor([1, 2])
-    assert dist.all_reduce_sum(t) is t and t.tolist() == [1, 2]
+    assert dist.all_reduce_sum(t) is t
+    assert t.tolist() == [1, 2]
 
 
 def test_two_ranks_reduce_to_the_single_process_result(tmp_path):

@@ -17,7 +17,7 @@ from wsss.models import Classifier, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize(
-    "backbone,os_,feat",
+    ("backbone", "os_", "feat"),
     [("resnet_tiny", 16, 4), ("resnet_tiny", 8, 8), ("resnet18", 32, 2), ("resnet18", 16, 4)],
 )
 def test_classifier_shapes(backbone, os_, feat):
@@ -42,10 +42,11 @@ def test_checkpoint_roundtrip(tmp_path):
     loaded, names = load_checkpoint(tmp_path / "m.pt", ["a", "b", "c"])
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), model(x))
-    assert names == ["a", "b", "c"] and loaded.kwargs["output_stride"] == 8
+    assert names == ["a", "b", "c"]
+    assert loaded.kwargs["output_stride"] == 8
     with pytest.raises(ValueError, match=r"\['a', 'b', 'c'\].*\['a', 'b'\]"):
         load_checkpoint(tmp_path / "m.pt", ["a", "b"])
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         load_checkpoint(tmp_path / "missing.pt")
 
 
@@ -62,13 +63,16 @@ def test_synthetic_layout_and_reader(synthetic_root):
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         assert (synthetic_root / sub).is_dir()
     src = VOCSource(synthetic_root, "train", SYNTHETIC_CLASSES, name="synthetic")
-    assert len(src) == 24 and src.ids[0] == "train_00000"
+    assert len(src) == 24
+    assert src.ids[0] == "train_00000"
     png = Image.open(synthetic_root / "SegmentationClass" / "train_00000.png")
     assert png.mode == "P"
     assert np.array(png.getpalette()[:63]).reshape(21, 3).tolist() == voc_colormap(21).tolist()
     image = src.load_image("train_00000")
     mask = src.load_mask("train_00000")
-    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and mask.shape == (64, 64)
+    assert image.shape == (3, 64, 64)
+    assert image.dtype == torch.uint8
+    assert mask.shape == (64, 64)
     assert 255 in mask  # void borders
     labels = src.labels("train_00000")
     assert set(labels + 1) == set(np.unique(mask)) - {0, 255}
@@ -102,7 +106,8 @@ def test_synthetic_statistics():
             repeats += label(mask == v, connectivity=1).max() > 1  # split instances of one class
     assert counts.min() > 10
     assert repeats > 10
-    assert min(sizes) < 0.01 and max(sizes) > 0.2  # small and large objects
+    assert min(sizes) < 0.01
+    assert max(sizes) > 0.2
 
 
 @pytest.mark.parametrize("backbone", ["resnet_tiny", "resnet18", "resnet50"])
@@ -114,7 +119,8 @@ def test_finer_output_stride_is_exact_a_trous(backbone):
     with torch.no_grad():
         coarse = model.backbone(x)  # (1, C, 4, 4)
         fine = model.set_output_stride(8).backbone(x)  # (1, C, 8, 8)
-    assert fine.shape[-2:] == (8, 8) and model.output_stride == 8
+    assert fine.shape[-2:] == (8, 8)
+    assert model.output_stride == 8
     torch.testing.assert_close(fine[..., ::2, ::2], coarse, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cannot coarsen"):
         model.set_output_stride(16)

@@ -8,14 +8,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.conftest import REPO
 from tests.tiny import TINY, tiny_cfg
+from wsss.artifacts import read_mask
 from wsss.config import register_configs
 from wsss.pipeline import Pipeline
 
 register_configs()
+
+
+def _np_irn_mask(maps: np.ndarray, keys: np.ndarray, t: float) -> np.ndarray:
+    """IRN's rule in float64: argmax over [t, maps_0, ...], first entry on ties, label keys[k] + 1."""
+    stack = np.concatenate([np.full((1, *maps.shape[1:]), t), maps.astype(np.float64)])
+    labels = np.concatenate([[0], keys.astype(np.int64) + 1])
+    return labels[np.argmax(stack, 0)].astype(np.uint8)
+
+
+def _np_miou(pairs: list[tuple[np.ndarray, np.ndarray]], num_labels: int) -> float:
+    """mIoU in percent over present labels from (gt, pred) pairs, 255 in either ignored: a plain numpy loop."""
+    cm = np.zeros((num_labels, num_labels), np.int64)
+    for gt, pred in pairs:
+        ok = (gt != 255) & (pred != 255)
+        cm += np.bincount(gt[ok].astype(np.int64) * num_labels + pred[ok], minlength=num_labels**2).reshape(
+            num_labels, num_labels
+        )
+    iou = []
+    for c in range(num_labels):
+        union = cm[c].sum() + cm[:, c].sum() - cm[c, c]
+        if union:
+            iou.append(100.0 * cm[c, c] / union)
+    return float(np.mean(iou))
+
+
+def _gt(tmp_path: Path, image_id: str) -> np.ndarray:
+    return read_mask(tmp_path / "data" / "synthetic" / "SegmentationClass" / f"{image_id}.png")
 
 
 def _cfg(tmp_path: Path, overrides: list[str]):
@@ -30,7 +60,13 @@ def test_pipeline_runs_and_reuses(tmp_path):
     manifest = pipe.run("evaluate")
     assert pipe.report == {"train": "ran", "cams": "ran", "pseudo_masks": "ran", "evaluate": "ran"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert 0.0 <= metrics["miou"] <= 100.0 and manifest["miou"] == metrics["miou"]
+    masks = pipe.artifact_dir("pseudo_masks") / "masks"
+    pairs = [(_gt(tmp_path, i), read_mask(masks / f"{i}.png")) for i in metrics["per_image_miou"]]
+    assert len(pairs) == 24
+    assert metrics["miou"] == pytest.approx(_np_miou(pairs, 7), abs=1e-4)
+    assert manifest["miou"] == metrics["miou"]
+    assert metrics["model"] == {"seed": 0, "key": pipe.key("train")}  # which trained model, told apart by seed
+    assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"] == "cpu"
     assert set(metrics["iou"]) == {"background", "disc", "triangle", "square", "star", "ring", "cross"}
     assert len(metrics["sweep"]["thresholds"]) == 96
     for name in ("summary.md", "class_iou.png", "threshold_curve.png", "overlays.png"):
@@ -74,7 +110,7 @@ def test_missing_mask_in_masks_dir_names_the_file(tmp_path, synthetic_root):
     masks = tmp_path / "masks"
     masks.mkdir()
     cfg = _cfg(tmp_path, ["stage=evaluate", f"dataset.root={synthetic_root}", f"evaluate.masks_dir={masks}"])
-    with pytest.raises(FileNotFoundError, match="train_00000.png"):
+    with pytest.raises(FileNotFoundError, match=r"train_00000\.png"):
         Pipeline(cfg).run("evaluate")
 
 
@@ -112,8 +148,10 @@ def test_multirun_sweep_trains_once(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     # The second job finds the CAMs complete, so it never needs the model.
-    assert log.count("train: running") == 1 and log.count("train: reusing") == 0, log[-3000:]
-    assert log.count("cams: running") == 1 and log.count("cams: reusing") == 1
+    assert log.count("train: running") == 1, log[-3000:]
+    assert log.count("train: reusing") == 0
+    assert log.count("cams: running") == 1
+    assert log.count("cams: reusing") == 1
     assert log.count("pseudo_masks: running") == 2
     assert len(list((tmp_path / "cache" / "pseudo_masks").glob("*/manifest.json"))) == 2
 
@@ -125,12 +163,17 @@ def test_cli_default_stage_prints_table(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert "mIoU" in log and "disc" in log
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["miou"] >= 0
+    assert "mIoU" in log
+    assert "disc" in log
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (masks,) = (tmp_path / "cache" / "pseudo_masks").glob("*/masks")
+    pairs = [(_gt(tmp_path, i), read_mask(masks / f"{i}.png")) for i in metrics["per_image_miou"]]
+    assert metrics["miou"] == pytest.approx(_np_miou(pairs, 7), abs=1e-4)
+    assert f"{'mIoU':<16} {metrics['miou']:7.2f}" in log  # the table prints the same number
 
 
 @pytest.mark.parametrize(
-    "override,needle",
+    ("override", "needle"),
     [("stage=nope", "stage/nope"), ("cam=nope", "cam/nope"), ("pseudo.threshold=abc", "abc")],
 )
 def test_cli_bad_overrides_fail_at_composition(override, needle):
@@ -175,27 +218,66 @@ def test_synthetic_refuses_a_non_empty_foreign_folder(tmp_path):
 
 
 def test_select_on_val_chooses_the_threshold_without_train_labels(tmp_path):
-    """The reported train mIoU sits at the best threshold of the val sweep, computed here independently."""
-    import numpy as np
-
-    from wsss.artifacts import read_cams, read_mask
-    from wsss.metrics import ThresholdSweep, best_threshold
-
-    cfg = _cfg(tmp_path, ["stage=evaluate", "evaluate.select_on=val", "evaluate.thresholds=0.0:0.9:0.1"])
+    """The reported train mIoU sits at the best threshold of the val split, both recomputed here from the
+    stored maps and the ground truth with numpy (IRN's argmax rule, a confusion matrix per threshold)."""
+    cfg = _cfg(tmp_path, ["stage=evaluate", "evaluate.select_on=val", "evaluate.thresholds=0.0:0.98:0.02"])
     pipe = Pipeline(cfg)
     pipe.run("evaluate")
     metrics = json.loads((pipe.artifact_dir("evaluate") / "metrics.json").read_text())
-    assert metrics["threshold_chosen_on"] == "val" and metrics["split"] == "train"
-    val_cams = sorted((tmp_path / "cache" / "cams").glob("*/manifest.json"))
-    val_dir = next(p.parent for p in val_cams if json.loads(p.read_text())["dataset"]["split"] == "val")
-    thresholds = [round(0.1 * i, 1) for i in range(10)]
-    sweep = ThresholdSweep(7, thresholds)
-    root = tmp_path / "data" / "synthetic"
-    for path in sorted((val_dir / "maps").glob("*.npz")):
-        cams = read_cams(path)
-        gt = read_mask(root / "SegmentationClass" / f"{path.stem}.png")
-        sweep.update(np.asarray(cams["maps"], np.float32), cams["keys"].astype(np.int64), gt)
-    expected, _ = best_threshold(sweep.compute(), thresholds)
-    assert metrics["reported_threshold"] == expected
-    idx = metrics["sweep"]["thresholds"].index(expected)
-    assert metrics["miou"] == pytest.approx(metrics["sweep"]["miou"][idx], abs=1e-3)
+    assert metrics["threshold_chosen_on"] == "val"
+    assert metrics["split"] == "train"
+    thresholds = [round(0.02 * i, 2) for i in range(50)]
+
+    def curve(split: str) -> list[float]:
+        maps_dir = pipe.artifact_dir("cams", split) / "maps"
+        stored = {p.stem: np.load(p) for p in sorted(maps_dir.glob("*.npz"))}
+        return [
+            _np_miou([(_gt(tmp_path, i), _np_irn_mask(z["maps"], z["keys"], t)) for i, z in stored.items()], 7)
+            for t in thresholds
+        ]
+
+    val, train = curve("val"), curve("train")
+    chosen = thresholds[int(np.argmax(val))]  # first maximum
+    assert thresholds[int(np.argmax(train))] != chosen  # the two splits disagree here, so the choice is tested
+    assert metrics["reported_threshold"] == chosen
+    assert metrics["miou"] == pytest.approx(train[thresholds.index(chosen)], abs=1e-3)
+
+
+def test_stored_maps_are_the_engines_multiscale_maps_of_the_trained_model(tmp_path):
+    """Every npz equals `cam.multiscale` on the trained checkpoint, read at cam.output_stride (float16 store)."""
+    from wsss.cam import build_cam
+    from wsss.data import build_source
+    from wsss.data.transforms import normalize
+    from wsss.models import load_checkpoint
+
+    cfg = _cfg(tmp_path, ["stage=cams", "cam.scales=[1.0,0.5]"])
+    pipe = Pipeline(cfg)
+    pipe.run("cams")
+    model, _ = load_checkpoint(pipe.artifact_dir("train") / "model.pt")
+    model.set_output_stride(8).eval()
+    source = build_source(pipe.cfg.dataset, "train")
+    with build_cam("cam", model, target_layer="backbone.layer4") as cam:
+        for image_id in source.ids:
+            labels = torch.as_tensor(source.labels(image_id))
+            images = normalize(source.load_image(image_id)[None])
+            high, low = cam.multiscale(images, labels[None], scales=(1.0, 0.5), flip=True)
+            stored = np.load(pipe.artifact_dir("cams") / "maps" / f"{image_id}.npz")
+            assert stored["keys"].tolist() == labels.tolist()
+            np.testing.assert_allclose(stored["maps"], high[0].numpy(), atol=1e-3)  # float16: 2^-11 near 1
+            np.testing.assert_allclose(stored["strided"], low[0].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("rule", [["pseudo.threshold=0.35"], ["pseudo.conf_fg=0.6", "pseudo.conf_bg=0.2"]])
+def test_written_masks_are_the_rule_applied_to_the_stored_maps(tmp_path, rule):
+    pipe = Pipeline(_cfg(tmp_path, ["stage=pseudo_masks", *rule]))
+    pipe.run("pseudo_masks")
+    for path in sorted((pipe.artifact_dir("cams") / "maps").glob("*.npz")):
+        z = np.load(path)
+        if len(rule) == 1:
+            expected = _np_irn_mask(z["maps"], z["keys"], 0.35)
+        else:  # IRN's confident band: fg above 0.6, bg at or below 0.2, 255 between
+            fg = _np_irn_mask(z["maps"], z["keys"], 0.6)
+            best = z["maps"].astype(np.float64).max(0) if len(z["keys"]) else np.zeros(fg.shape)
+            expected = np.where(fg > 0, fg, np.where(best > 0.2, 255, 0)).astype(np.uint8)
+        got = read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png")
+        np.testing.assert_array_equal(got, expected, err_msg=path.stem)

@@ -38,7 +38,8 @@ def test_second_run_with_nothing_changed_only_reuses(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="wsss.pipeline"):
         pipe, _ = _run(tmp_path)
     assert pipe.report == {"evaluate": "reused"}
-    assert "key matched" in caplog.text and "running" not in caplog.text
+    assert "key matched" in caplog.text
+    assert "running" not in caplog.text
 
 
 def test_split_list_change_recomputes_and_the_score_follows(tmp_path, caplog):
@@ -51,7 +52,8 @@ def test_split_list_change_recomputes_and_the_score_follows(tmp_path, caplog):
     assert pipe.report == {"train": "ran", "cams": "ran", "pseudo_masks": "ran", "evaluate": "ran"}
     assert "train.txt changed" in caplog.text
     metrics = _metrics(pipe)
-    assert metrics["num_images"] == 12 and sorted(metrics["per_image_miou"]) == sorted(ids[:12])
+    assert metrics["num_images"] == 12
+    assert sorted(metrics["per_image_miou"]) == sorted(ids[:12])
 
 
 def test_ground_truth_change_is_scored(tmp_path, caplog):
@@ -142,10 +144,12 @@ def test_pipeline_names_no_stage():
 def test_select_on_is_a_declared_input_of_another_split(tmp_path):
     pipe = Pipeline(tiny_cfg(tmp_path, ["evaluate.select_on=val"]))
     node = pipe.node("evaluate")
-    assert node.inputs["select_cams"].split == "val" and node.inputs["cams"].split == "train"
+    assert node.inputs["select_cams"].split == "val"
+    assert node.inputs["cams"].split == "train"
     assert node.inputs["select_cams"].inputs["train"] is node.inputs["cams"].inputs["train"]  # one model
     pipe.run("evaluate")
-    assert pipe.report["cams[val]"] == "ran" and pipe.report["train"] == "ran"
+    assert pipe.report["cams[val]"] == "ran"
+    assert pipe.report["train"] == "ran"
 
 
 def test_a_new_stage_is_one_declaration(tmp_path):
@@ -166,7 +170,8 @@ def test_a_new_stage_is_one_declaration(tmp_path):
     )
     pipe = Pipeline(tiny_cfg(tmp_path), stages={**STAGES, "count_masks": count})
     manifest = pipe.run("count_masks")
-    assert manifest["count"] == 24 and manifest["outputs"]["count.txt"] == 2
+    assert manifest["count"] == 24
+    assert manifest["outputs"]["count.txt"] == 2
     assert list(pipe.report) == ["train", "cams", "pseudo_masks", "count_masks"]
 
 
@@ -199,4 +204,5 @@ def test_manifest_lists_every_output_with_its_size(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     on_disk = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
     on_disk.pop("manifest.json")
-    assert manifest["outputs"] == on_disk and len(on_disk) == 24 + 1  # 24 maps + fingerprint.json
+    assert manifest["outputs"] == on_disk
+    assert len(on_disk) == 24 + 1

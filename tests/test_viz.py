@@ -16,7 +16,8 @@ NAMES = ["background", "aeroplane", "bicycle", "bird"]
 
 
 def png_size(path) -> tuple[int, int]:
-    assert path.is_file() and path.stat().st_size > 1000
+    assert path.is_file()
+    assert path.stat().st_size > 1000
     with Image.open(path) as img:
         assert img.format == "PNG"
         return img.size  # (width, height)
@@ -27,7 +28,7 @@ def test_plot_threshold_curve(tmp_path):
     curves = {
         "mIoU": 60 - 100 * (t - 0.4) ** 2,
         "precision": 40 + 50 * t,
-        "recall": [None] + list(90 - 60 * t[1:]),
+        "recall": [None, *list(90 - 60 * t[1:])],
     }
     out = viz.plot_threshold_curve(t, curves, 0.4, tmp_path / "curve.png")
     assert png_size(out) == (640, 420)
@@ -41,7 +42,8 @@ def test_plot_class_iou(tmp_path):
     assert png_size(out) == (640, 400)
     many = [f"class{i}" for i in range(81)]  # COCO-sized: wider
     w, h = png_size(viz.plot_class_iou(many, list(range(81)), tmp_path / "coco.png"))
-    assert 2600 <= w <= 2800 and h == 400
+    assert 2600 <= w <= 2800
+    assert h == 400
 
 
 def test_overlay_grid(tmp_path):
@@ -68,7 +70,8 @@ def test_markdown_table_lists_each_class_and_the_miou():
     lines = table.splitlines()
     for name in NAMES:
         assert any(line.startswith(f"| {name} |") for line in lines), name
-    assert f"{s['miou']:.2f}" in table and table.rstrip().endswith(f"foreground mIoU {s['fg_miou']:.2f}")
+    assert f"{s['miou']:.2f}" in table
+    assert table.rstrip().endswith(f"foreground mIoU {s['fg_miou']:.2f}")
     assert "| bird | – |" in table
     # The evaluate stage's summary form: per-label dicts keyed by name, None for undefined values.
     named = {k: dict(zip(NAMES, s[k], strict=True)) for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")}

@@ -64,7 +64,7 @@ class DatasetConfig:
     mask_dir: str = "SegmentationClass"  # VOC layout: where ground-truth PNGs live
     aug_mask_dir: str | None = "SegmentationClassAug"  # VOC layout: fallback masks (SBD) for train_aug ids
     year: int = 2017  # coco: 2014 or 2017
-    on_error: OnError = OnError("raise")  # raise | skip: what a bad sample does (skips are counted and logged)
+    on_error: OnError = OnError["raise"]  # raise | skip: what a bad sample does (skips are counted and logged)
     max_pixels: int = 50_000_000  # images above this are refused (decompression bombs); real ones are < 0.5 M
     num_workers: int = 2  # DataLoader workers (does not change any result, so it is in no cache key)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -74,7 +74,7 @@ class DatasetConfig:
 class ModelConfig:
     """The classifier: torchvision ResNet trunk, GAP, bias-free 1x1 conv head."""
 
-    backbone: Backbone = Backbone("resnet_tiny")
+    backbone: Backbone = Backbone["resnet_tiny"]
     output_stride: int = 16  # 32, 16 or 8 (stride replaced by dilation)
     weights: str | None = None  # torchvision weights name, e.g. IMAGENET1K_V1 (needs them in TORCH_HOME)
     checkpoint: str | None = None  # a wsss checkpoint file: skips training
@@ -86,7 +86,7 @@ class TrainConfig:
 
     epochs: int = 28
     batch_size: int = 32
-    optimizer: Optimizer = Optimizer("adamw")  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
+    optimizer: Optimizer = Optimizer["adamw"]  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
     lr: float = 2e-3
     head_lr_mult: float = 1.0  # 10 is IRN's choice with a pretrained trunk
     momentum: float = 0.9  # sgd only
@@ -99,7 +99,7 @@ class TrainConfig:
 class CamConfig:
     """How class activation maps are computed (wsss.cam)."""
 
-    method: CamMethod = CamMethod("cam")
+    method: CamMethod = CamMethod["cam"]
     target_layer: str = "backbone.layer4"
     output_stride: int | None = 8  # read the trained model at this stride (exact a-trous); null: as trained
     batch_size: int = 16  # images of equal size per forward
@@ -174,81 +174,95 @@ def register_configs() -> None:
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
-def _problems(cfg: DictConfig) -> list[str]:
-    """Every out-of-range value or contradiction, each as `key=value: what is allowed`."""
+class _Problems(list):
+    """Collects `key=value: what is allowed` lines."""
+
+    def need(self, ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            self.append(f"{key}={value}: {allowed}")
+
+    def unit(self, key: str, value: float | None) -> None:
+        if value is not None:
+            self.need(0.0 <= value <= 1.0, key, value, "must be in [0, 1]")
+
+
+def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     from wsss.data import DATASETS
-    from wsss.metrics import check_thresholds, parse_thresholds
     from wsss.stages import STAGES
 
-    out: list[str] = []
+    d, m = cfg.dataset, cfg.model
+    out.need(cfg.stage.name in STAGES, "stage.name", cfg.stage.name, f"must be one of {sorted(STAGES)}")
+    out.need(d.name in DATASETS, "dataset.name", d.name, f"must be one of {sorted(DATASETS)}")
+    out.need(d.year in (2014, 2017), "dataset.year", d.year, "must be 2014 or 2017")
+    out.need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
+    out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0")
+    out.need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
+    if m.weights is not None and m.backbone == "resnet_tiny":
+        out.need(False, "model.weights", m.weights, "resnet_tiny has no weights; use null")
+    elif m.weights is not None:
+        import torchvision
 
-    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
-        if not ok:
-            out.append(f"{key}={value}: {allowed}")
+        names = [w.name for w in torchvision.models.get_model_weights(BACKBONES[str(m.backbone)][0])]
+        out.need(m.weights in names, "model.weights", m.weights, f"must be one of {names} for {m.backbone}")
+    out.need(bool(_DEVICE.fullmatch(str(cfg.device))), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
 
-    def unit(key: str, value: float | None) -> None:
-        if value is not None:
-            need(0.0 <= value <= 1.0, key, value, "must be in [0, 1]")
 
-    d, m, t, c, p, e = cfg.dataset, cfg.model, cfg.train, cfg.cam, cfg.pseudo, cfg.evaluate
-    need(cfg.stage.name in STAGES, "stage.name", cfg.stage.name, f"must be one of {sorted(STAGES)}")
-    need(d.name in DATASETS, "dataset.name", d.name, f"must be one of {sorted(DATASETS)}")
-    need(d.year in (2014, 2017), "dataset.year", d.year, "must be 2014 or 2017")
-    need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
-    need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0")
-    need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
-    if m.weights is not None:
-        need(m.backbone != "resnet_tiny", "model.weights", m.weights, "resnet_tiny has no weights; use null")
-        if m.backbone != "resnet_tiny":
-            import torchvision
-
-            names = [w.name for w in torchvision.models.get_model_weights(BACKBONES[str(m.backbone)][0])]
-            need(m.weights in names, "model.weights", m.weights, f"must be one of {names} for {m.backbone}")
-    need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-    need(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    need(t.head_lr_mult > 0, "train.head_lr_mult", t.head_lr_mult, "must be > 0")
-    need(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
-    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+def _training(t: DictConfig, out: _Problems) -> None:
+    out.need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    out.need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    out.need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    out.need(t.head_lr_mult > 0, "train.head_lr_mult", t.head_lr_mult, "must be > 0")
+    out.need(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    out.need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     if t.crop_size is not None:
-        need(t.crop_size >= 8, "train.crop_size", t.crop_size, "must be >= 8 or null")
+        out.need(t.crop_size >= 8, "train.crop_size", t.crop_size, "must be >= 8 or null")
     sr = list(t.scale_range)
-    need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "train.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+    out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "train.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+
+
+def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
     if c.output_stride is not None:
-        need(c.output_stride in (8, 16, 32), "cam.output_stride", c.output_stride, "must be 8, 16, 32 or null")
-        need(
-            c.output_stride <= m.output_stride,
-            "cam.output_stride",
-            c.output_stride,
-            f"must be <= model.output_stride={m.output_stride} (a stride can be made finer, not coarser)",
-        )
-    need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
-    if not out:  # the model can be built: its module names are what target_layer may name
-        layers = _module_names(str(m.backbone))
-        need(
-            c.target_layer in layers,
-            "cam.target_layer",
-            c.target_layer,
-            f"must be a module of the model, e.g. {_close(c.target_layer, layers)}",
-        )
+        out.need(c.output_stride in (8, 16, 32), "cam.output_stride", c.output_stride, "must be 8, 16, 32 or null")
+        finer = f"must be <= model.output_stride={m.output_stride} (a stride can be made finer, not coarser)"
+        out.need(c.output_stride <= m.output_stride, "cam.output_stride", c.output_stride, finer)
+    out.need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
     scales = list(c.scales)
-    need(len(scales) > 0 and all(s > 0 for s in scales), "cam.scales", scales, "must be a non-empty list of values > 0")
-    unit("pseudo.threshold", p.threshold)
-    unit("pseudo.conf_fg", p.conf_fg)
-    unit("pseudo.conf_bg", p.conf_bg)
+    out.need(
+        bool(scales) and all(s > 0 for s in scales), "cam.scales", scales, "must be a non-empty list of values > 0"
+    )
+    if m.output_stride in (8, 16, 32):  # the model can be built: its module names are what target_layer may name
+        layers = _module_names(str(m.backbone))
+        hint = f"must be a module of the model, e.g. {_close(c.target_layer, layers)}"
+        out.need(c.target_layer in layers, "cam.target_layer", c.target_layer, hint)
+
+
+def _masks_and_scores(p: DictConfig, e: DictConfig, out: _Problems) -> None:
+    from wsss.metrics import check_thresholds, parse_thresholds
+
+    out.unit("pseudo.threshold", p.threshold)
+    out.unit("pseudo.conf_fg", p.conf_fg)
+    out.unit("pseudo.conf_bg", p.conf_bg)
     if (p.conf_fg is None) != (p.conf_bg is None):
         out.append(f"pseudo.conf_fg={p.conf_fg}, pseudo.conf_bg={p.conf_bg}: set both or neither")
     elif p.conf_fg is not None:
-        need(p.conf_bg <= p.conf_fg, "pseudo.conf_bg", p.conf_bg, f"must be <= pseudo.conf_fg={p.conf_fg}")
+        out.need(p.conf_bg <= p.conf_fg, "pseudo.conf_bg", p.conf_bg, f"must be <= pseudo.conf_fg={p.conf_fg}")
     try:
         check_thresholds(parse_thresholds(e.thresholds))
     except ValueError as err:
         out.append(f"evaluate.thresholds={e.thresholds}: {err}")
-    need(e.overlays >= 0, "evaluate.overlays", e.overlays, "must be >= 0")
+    out.need(e.overlays >= 0, "evaluate.overlays", e.overlays, "must be >= 0")
     if e.select_on is not None and e.masks_dir is not None:
         out.append(f"evaluate.select_on={e.select_on}: needs CAMs, so it cannot be used with evaluate.masks_dir")
-    need(bool(_DEVICE.fullmatch(str(cfg.device))), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
-    return out
+
+
+def _problems(cfg: DictConfig) -> list[str]:
+    """Every out-of-range value or contradiction, each as `key=value: what is allowed`."""
+    out = _Problems()
+    _data_and_model(cfg, out)
+    _training(cfg.train, out)
+    _cams(cfg.cam, cfg.model, out)
+    _masks_and_scores(cfg.pseudo, cfg.evaluate, out)
+    return list(out)
 
 
 def _module_names(backbone: str) -> list[str]:

@@ -73,3 +73,13 @@ def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if is_dist():
         dist.barrier()
+
+
+def summed_copy(t: Tensor | None, shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+    """A copy of counts `t` (int64 zeros of `shape` when None: a rank that saw nothing), summed over ranks.
+
+    Collective when distributed: every rank must call it.
+    """
+    if t is None:
+        t = torch.zeros(shape, dtype=torch.int64, device=device or reduce_device())
+    return all_reduce_sum(t.clone()) if is_dist() else t.clone()

@@ -288,11 +288,21 @@ class Pipeline:
             _sources=self._sources,
         )
         start = time.perf_counter()
+        result = self._run_repairing_inputs(node, ctx)
+        seconds = time.perf_counter() - start
+        write_json(out / FINGERPRINT, {k: g.to_json() for k, g in node.files.items()})
+        manifest = self._manifest(node, ctx.inputs, result, seconds)
+        write_json(out / MANIFEST, manifest)
+        write_json(self.cache_dir / node.stage.name / "recipes" / f"{node.recipe}.json", {"key": node.key})
+        log.info("%s: done in %.1f s", node.label, seconds)
+        return Artifact(node.stage.name, node.split, node.key, out, manifest)
+
+    def _run_repairing_inputs(self, node: Node, ctx: StageContext) -> dict[str, Any]:
+        """Run the stage; a damaged file of an input artifact is removed, that input rebuilt, and the stage rerun."""
         for repair in range(MAX_REPAIRS + 1):
             try:
-                result = node.stage.run(ctx)
-                break
-            except DamagedFileError as e:
+                return node.stage.run(ctx)
+            except DamagedFileError as e:  # noqa: PERF203 (a retry loop: the exception is the point)
                 name = next((k for k, a in ctx.inputs.items() if e.path.is_relative_to(a.dir)), None)
                 if name is None or repair == MAX_REPAIRS:
                     raise
@@ -300,9 +310,11 @@ class Pipeline:
                 self._discard(e.path)
                 self._discard(ctx.inputs[name].dir / MANIFEST)
                 ctx.inputs[name] = self.ensure(node.inputs[name])
-        seconds = time.perf_counter() - start
-        write_json(out / FINGERPRINT, {k: g.to_json() for k, g in node.files.items()})
-        manifest = {
+        raise AssertionError("unreachable")
+
+    def _manifest(self, node: Node, inputs: dict[str, Artifact], result: dict[str, Any], seconds: float) -> dict:
+        """What the artifact records: identity, config slice, code, inputs, file digests, result, outputs."""
+        return {
             "stage": node.stage.name,
             "split": node.split,
             "key": node.key,
@@ -320,17 +332,13 @@ class Pipeline:
                     "dir": str(a.dir),
                     "manifest_sha256": sha256_file(a.dir / MANIFEST),
                 }
-                for k, a in ctx.inputs.items()
+                for k, a in inputs.items()
             },
             "files": {k: g.digest for k, g in node.files.items()},
             "timings": {"seconds": round(seconds, 3)},
             **result,
-            "outputs": _walk_files(out),
+            "outputs": _walk_files(self._dir(node)),
         }
-        write_json(out / MANIFEST, manifest)
-        write_json(self.cache_dir / node.stage.name / "recipes" / f"{node.recipe}.json", {"key": node.key})
-        log.info("%s: done in %.1f s", node.label, seconds)
-        return Artifact(node.stage.name, node.split, node.key, out, manifest)
 
     def _why(self, node: Node) -> str:
         """Why a node is being built: first build, an unfinished one, or what changed since the last build."""

@@ -16,7 +16,7 @@ only. ``cam.multiscale(images, classes)`` gives IRN's multi-scale, flip-augmente
 nothing else from ``wsss`` and does no file I/O.
 """
 
-from .base import BaseCAM, normalize_maps, resize_maps
+from .base import BaseCAM
 from .guided import guided_backprop
 from .head import LinearHead, find_head_candidates
 from .methods import (
@@ -30,6 +30,7 @@ from .methods import (
     XGradCAM,
     build_cam,
 )
+from .ops import normalize_maps, resize_maps
 
 __all__ = [
     "CAM",

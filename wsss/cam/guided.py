@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import autocast, class_gradients, frozen_eval, model_device
+from .ops import autocast, class_gradients, frozen_eval, model_device
 
 
 def _positive(grad: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BaseCAM, resize_maps
+from .base import BaseCAM
 from .guided import guided_backprop
+from .ops import resize_maps
 
 
 def _positions(activations: Tensor) -> int:
@@ -39,8 +40,11 @@ class CAM(BaseCAM):
 
 
 class GradCAM(BaseCAM):
-    """Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
-    Localization", ICCV 2017, arXiv:1610.02391)."""
+    """Grad-CAM: channel weights are the spatial mean of the class score's gradients.
+
+    Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization",
+    ICCV 2017, arXiv:1610.02391.
+    """
 
     def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
         assert grads is not None
@@ -50,8 +54,10 @@ class GradCAM(BaseCAM):
 
 
 class GradCAMPlusPlus(BaseCAM):
-    """Grad-CAM++ (Chattopadhay et al., "Grad-CAM++: Improved Visual Explanations for Deep Convolutional
-    Networks", WACV 2018, arXiv:1710.11063), in the score-gradient form of pytorch-grad-cam.
+    """Grad-CAM++: positive gradients weighted per position by the paper's alpha.
+
+    Chattopadhay et al., "Grad-CAM++: Improved Visual Explanations for Deep Convolutional Networks", WACV 2018,
+    arXiv:1710.11063, in the score-gradient form of pytorch-grad-cam.
 
     ``alpha = g^2 / (2 g^2 + sum_ab A_ab g^3)`` is evaluated as ``1 / (2 + sum_ab A_ab g)`` for ``g != 0``:
     the same number without an epsilon and without underflow of ``g^2``, ``g^3`` at small gradient scales.
@@ -77,8 +83,11 @@ class GradCAMPlusPlus(BaseCAM):
 
 
 class XGradCAM(BaseCAM):
-    """XGrad-CAM (Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs",
-    BMVC 2020, arXiv:2008.02312). Channels whose activations sum to 0 get weight 0."""
+    """XGrad-CAM: gradients averaged with the activations as weights.
+
+    Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs", BMVC 2020,
+    arXiv:2008.02312. Channels whose activations sum to 0 get weight 0.
+    """
 
     def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
         assert grads is not None
@@ -89,8 +98,10 @@ class XGradCAM(BaseCAM):
 
 
 class LayerCAM(BaseCAM):
-    """LayerCAM (Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization",
-    IEEE TIP 2021): a weight per channel and position."""
+    """LayerCAM: a weight per channel and position, the positive gradient there.
+
+    Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization", IEEE TIP 2021.
+    """
 
     def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
         assert grads is not None
@@ -100,8 +111,10 @@ class LayerCAM(BaseCAM):
 
 
 class ScoreCAM(BaseCAM):
-    """Score-CAM (Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
-    Networks", CVPR workshops 2020, arXiv:1910.01279). No gradients.
+    """Score-CAM: channel weights are the softmax of the class scores of the channel-masked images.
+
+    Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks", CVPR
+    workshops 2020, arXiv:1910.01279. No gradients.
 
     Every channel, upsampled to the input size and min-max normalised, masks the image; the masked images are
     scored in batches of ``batch_size`` (``ceil(B * C / batch_size)`` forwards, all K classes read from each).
@@ -148,8 +161,9 @@ class ScoreCAM(BaseCAM):
 
 
 class GuidedGradCAM(GradCAM):
-    """Guided Grad-CAM (Selvaraju et al. 2017, Sec. 3, "Guided Grad-CAM"): the Grad-CAM map upsampled to the
-    input and multiplied element-wise by guided backpropagation (Springenberg et al. 2015).
+    """Guided Grad-CAM: the upsampled Grad-CAM map times guided backpropagation.
+
+    Selvaraju et al. 2017, Sec. 3, "Guided Grad-CAM"; guided backpropagation from Springenberg et al. 2015.
 
     Calls return (B, K, H, W) maps whose colour dimension is reduced with ``max_c |.|`` (Simonyan et al. 2014,
     Sec. 3.1); :meth:`saliency` gives the signed (B, K, 3, H, W) visualisation of the paper. Only ``nn.ReLU``

@@ -172,8 +172,8 @@ def labels_from_mask(mask: np.ndarray) -> np.ndarray:
 class SegmentationSource(ABC):
     """A split of a segmentation dataset: image ids, RGB images, image-level labels and ground-truth masks.
 
-    Subclasses set `name`, `root`, `split`, `class_names`, `ids` and `max_pixels` in their constructor and
-    implement `image_path`, `labels`, `label_table` and `_mask`. `skipped` counts ids dropped under a skip
+    Subclasses call `super().__init__(root, name, split, on_error, max_pixels)`, set `class_names` and `ids`,
+    and implement `image_path`, `labels`, `label_table` and `_mask`. `skipped` counts ids dropped under a skip
     policy, by reason, for the manifest.
     """
 
@@ -184,7 +184,16 @@ class SegmentationSource(ABC):
     ids: list[str]
     max_pixels: int | None = DEFAULT_MAX_PIXELS
 
-    def __init__(self) -> None:
+    def __init__(
+        self, root: str | Path, name: str, split: str, on_error: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset root not found: {self.root}")
+        self.name = name
+        self.split = split
+        self.on_error = check_on_error(on_error)
+        self.max_pixels = max_pixels
         self.skipped: dict[str, int] = {}
 
     @property

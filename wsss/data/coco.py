@@ -48,7 +48,6 @@ from wsss.data.base import (
     SampleError,
     SegmentationSource,
     check_class_names,
-    check_on_error,
     decode_rgb,
     image_size,
     read_label_mask,
@@ -103,20 +102,13 @@ class COCOSource(SegmentationSource):
         image_dir: str | Path | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root not found: {self.root}")
-        self.name = name
-        self.split = split
+        super().__init__(root, name, split, on_error, max_pixels)
         self.year = int(year)
-        self.on_error = check_on_error(on_error)
         if empty_images not in EMPTY_IMAGES:
             raise ValueError(f"empty_images must be one of {EMPTY_IMAGES}, got {empty_images!r}")
         if masks not in MASK_SOURCES:
             raise ValueError(f"masks must be one of {MASK_SOURCES}, got {masks!r}")
         self.empty_images = empty_images
-        self.max_pixels = max_pixels
         tag = f"{split}{self.year}"
         self.annotation_file = (
             Path(annotation_file) if annotation_file else self.root / "annotations" / f"instances_{tag}.json"
@@ -125,17 +117,7 @@ class COCOSource(SegmentationSource):
         self.export_dir = self.root / (export_dir if export_dir is not None else f"SegmentationClass{tag}")
 
         self._coco = self._load_index()
-        cats = sorted(self._coco.dataset.get("categories", []), key=lambda c: c["id"])
-        json_names = [str(c["name"]) for c in cats]
-        if class_names is not None and list(class_names) != json_names:
-            raise ValueError(
-                f"{self.annotation_file}: class_names {list(class_names)} differ from the json's categories "
-                f"(sorted by id) {json_names}; leave class_names unset for COCO"
-            )
-        self.class_names = check_class_names(json_names)
-        self.category_ids = [int(c["id"]) for c in cats]
-        self._cat_index = {cid: i for i, cid in enumerate(self.category_ids)}
-
+        self._set_categories(class_names)
         self._images: dict[str, dict[str, Any]] = {}
         self._labels: dict[str, np.ndarray] = {}
         self.ids = self._index_images()
@@ -252,6 +234,19 @@ class COCOSource(SegmentationSource):
             time.perf_counter() - t0,
         )
         return coco
+
+    def _set_categories(self, class_names: Sequence[str] | None) -> None:
+        """Contiguous class indices from the json's categories sorted by id; `class_names`, if given, must agree."""
+        cats = sorted(self._coco.dataset.get("categories", []), key=lambda c: c["id"])
+        json_names = [str(c["name"]) for c in cats]
+        if class_names is not None and list(class_names) != json_names:
+            raise ValueError(
+                f"{self.annotation_file}: class_names {list(class_names)} differ from the json's categories "
+                f"(sorted by id) {json_names}; leave class_names unset for COCO"
+            )
+        self.class_names = check_class_names(json_names)
+        self.category_ids = [int(c["id"]) for c in cats]
+        self._cat_index = {cid: i for i, cid in enumerate(self.category_ids)}
 
     def _index_images(self) -> list[str]:
         """Ids in image-id order with their labels; unknown categories and empty images handled by policy."""
@@ -410,4 +405,4 @@ def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
     }
 
 
-__all__ = ["COCOSource", "COMPOSITION_RULE", "EXPORT_MARKER", "fingerprint_from_config", "from_config"]
+__all__ = ["COMPOSITION_RULE", "EXPORT_MARKER", "COCOSource", "fingerprint_from_config", "from_config"]

@@ -35,7 +35,6 @@ from wsss.data.base import (
     SampleError,
     SegmentationSource,
     check_class_names,
-    check_on_error,
     labels_from_mask,
     read_label_mask,
 )
@@ -122,12 +121,7 @@ class VOCSource(SegmentationSource):
         annotation_dir: str = "Annotations",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root not found: {self.root}")
-        self.name = name
-        self.split = split
+        super().__init__(root, name, split, on_error, max_pixels)
         self.class_names = check_class_names(VOC_CLASSES if class_names is None else class_names)
         self._class_index = {n: i for i, n in enumerate(self.class_names)}
         dirs = [mask_dir] if isinstance(mask_dir, (str, Path)) else list(mask_dir)
@@ -140,9 +134,7 @@ class VOCSource(SegmentationSource):
         self.image_dir = self.root / image_dir
         self.image_ext = image_ext
         self.annotation_dir = self.root / annotation_dir
-        self.on_error = check_on_error(on_error)
         self.require_masks = require_masks
-        self.max_pixels = max_pixels
         self._labels: dict[str, np.ndarray] = {}
         self.ids = self._dedupe(read_split(self.root, split))
         if self.on_error == "skip":
@@ -294,4 +286,4 @@ def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
     return fingerprint(cfg.root, split, [cfg.mask_dir, *([cfg.aug_mask_dir] if cfg.aug_mask_dir else [])])
 
 
-__all__ = ["VOCSource", "VOC_CLASSES", "fingerprint", "fingerprint_from_config", "from_config", "read_split"]
+__all__ = ["VOC_CLASSES", "VOCSource", "fingerprint", "fingerprint_from_config", "from_config", "read_split"]

@@ -8,6 +8,8 @@ resolves and runs the graph from these declarations alone.
 
 from __future__ import annotations
 
+import contextlib
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +143,28 @@ def check_classes(artifact: Artifact, class_names: list[str]) -> None:
             f"{artifact.dir}: {artifact.stage} artifact classes {theirs} differ from the dataset's classes "
             f"{list(class_names)}"
         )
+
+
+def model_provenance(train: Artifact) -> dict[str, Any]:
+    """What identifies the model a train artifact holds: its seed (trained) or its checkpoint (given)."""
+    config = train.manifest.get("config", {})
+    if "checkpoint" in config:
+        return {"checkpoint": config["checkpoint"], "seed": None}
+    return {"seed": config.get("seed"), "key": train.key}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The software and hardware a number was computed with: torch version, device and its name."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    return {"torch": torch.__version__, "device": str(device), "device_name": name, "threads": torch.get_num_threads()}
 
 
 def plain(node: Any) -> Any:

@@ -15,7 +15,7 @@ from wsss.cam import build_cam
 from wsss.data import InferenceDataset, collate_list, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.models import load_checkpoint
-from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
+from wsss.stages.base import Need, Stage, StageContext, check_classes, model_provenance, plain
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,21 @@ def _class_table(group: list[dict[str, Any]]) -> torch.Tensor:
     return classes
 
 
+def _model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
+    """The trained classifier, read at `cam.output_stride`, in eval mode on the device."""
+    train = ctx.inputs["train"]
+    check_classes(train, class_names)
+    model, _ = load_checkpoint(train.path("checkpoint"), class_names)
+    if ctx.cfg.cam.output_stride is not None:
+        model.set_output_stride(ctx.cfg.cam.output_stride)
+    return model.to(ctx.device).eval()
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     """Write `maps/<id>.npz` for every image of the split; images already written (a killed run) are kept."""
     cfg, cc = ctx.cfg, ctx.cfg.cam
     source = ctx.source()
-    train = ctx.inputs["train"]
-    check_classes(train, source.class_names)
-    model, _ = load_checkpoint(train.path("checkpoint"), source.class_names)
-    if cc.output_stride is not None:
-        model.set_output_stride(cc.output_stride)
-    model = model.to(ctx.device).eval()
+    model = _model(ctx, source.class_names)
     maps_dir = ctx.out_dir / "maps"
     # Resume: npz files are written atomically, so an existing one is complete.
     todo = [i for i in dist.shard(source.ids) if not (maps_dir / f"{i}.npz").is_file()]
@@ -88,6 +93,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "dataset": source.identity(),
         "maps_dir": "maps",
         "ids": list(source.ids),
+        "model": model_provenance(ctx.inputs["train"]),
         "counts": {
             "images": len(source.ids),
             "computed": len(todo),

@@ -32,7 +32,16 @@ from wsss.metrics import (
     scores,
     threshold_curves,
 )
-from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, plain
+from wsss.stages.base import (
+    Artifact,
+    Fingerprints,
+    Need,
+    Stage,
+    StageContext,
+    check_classes,
+    environment,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +163,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "class_names": source.class_names,
         "masks_dir": str(masks_dir),
         "masks_rule": rule,
+        "model": None if ev.masks_dir else ctx.inputs["cams"].manifest.get("model"),
+        "environment": environment(ctx.device),
         "num_images": len(source.ids),
         "skipped": dict(source.skipped),
         "pseudo_masks": _summary(masks_scores, names),

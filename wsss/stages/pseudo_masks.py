@@ -47,6 +47,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "dataset": cams.manifest["dataset"],
         "masks_dir": "masks",
         "ids": list(cams.manifest["ids"]),
+        "model": cams.manifest.get("model"),
         "rle_json": "masks.rle.json" if p.rle_json else None,
         "counts": {"images": len(cams.manifest["ids"]), "ignored_pixel_share": float(ignored) / max(total, 1)},
     }

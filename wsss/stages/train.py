@@ -93,8 +93,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     m = cfg.model
     model = Classifier(source.num_classes, str(m.backbone), m.output_stride, m.weights).to(ctx.device)
     optimizer = build_optimizer(model, cfg.train)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     epochs, total = cfg.train.epochs, cfg.train.epochs * len(loader)
+    # IRN's poly decay, lr * (1 - step / total) ** 0.9, stepped once per batch.
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
     model.train()
     step, losses, start = 0, [], time.perf_counter()
     for epoch in range(epochs):
@@ -102,12 +103,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for images, targets in tqdm(loader, desc=f"train {epoch + 1}/{epochs}", unit="batch", leave=False):
             images = images.to(ctx.device, non_blocking=True)
             targets = targets.to(ctx.device, non_blocking=True)
-            for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * (1 - step / total) ** 0.9  # poly decay, as IRN
             loss = F.multilabel_soft_margin_loss(model(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             running += loss.detach()
             n += 1
             step += 1

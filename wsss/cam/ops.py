@@ -1,0 +1,128 @@
+"""The engine's helpers: map resizing and normalisation, layer lookup, mode bookkeeping, batched gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from difflib import get_close_matches
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize (B, K, h, w) maps to ``size`` (align_corners=False); a no-op at the same size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def normalize_maps(maps: Tensor, eps: float = 0.0) -> Tensor:
+    """Divide every (b, k) map by its peak magnitude.
+
+    With ``eps == 0`` (the default) each map is divided by exactly its max, so a non-zero ReLU'd map peaks at
+    1 whatever its raw scale (Grad-CAM's maps carry a 1/(h*w) factor, Score-CAM's a softmax); an all-zero map
+    stays zero instead of becoming NaN. With ``eps > 0`` it divides by ``max + eps`` as IRN does
+    (``eps=1e-5``). Maps that were not ReLU'd are divided by their max absolute value and so lie in [-1, 1].
+
+    Args:
+        maps: (B, K, h, w) maps.
+        eps: added to the peak before dividing; 0 selects the exact-max form.
+
+    Returns:
+        Maps of the same shape.
+    """
+    peak = maps.abs().amax(dim=(-2, -1), keepdim=True)  # (B, K, 1, 1)
+    if eps > 0:
+        return maps / (peak + eps)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def resolve_layer(model: nn.Module, target_layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """Find the hooked module from a dotted path such as ``"backbone.layer4"`` or from the module itself."""
+    if isinstance(target_layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is target_layer:
+                return name, module
+        raise ValueError(f"target_layer {type(target_layer).__name__} is not a submodule of the model")
+    if not isinstance(target_layer, str):
+        raise TypeError(f"target_layer must be a dotted module path or an nn.Module, got {type(target_layer)!r}")
+    try:
+        return target_layer, model.get_submodule(target_layer)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        hint = get_close_matches(target_layer, names, n=3)
+        raise ValueError(
+            f"no module {target_layer!r} in the model" + (f"; did you mean {hint}?" if hint else "")
+        ) from None
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for one call; the caller's modes and flags come back on any exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Device of the model's first parameter (or buffer); ``default`` for a model without either."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return default if tensor is None else tensor.device
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when dtype is None."""
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def combine(weights: Tensor, activations: Tensor) -> Tensor:
+    """``sum_k weights_k * A_k``: (B, K, C) or (B, K, C, h|1, w|1) weights with (B, C, h, w) activations."""
+    if weights.ndim == 5 and weights.shape[-2:] == (1, 1):
+        weights = weights.flatten(2)  # (B, K, C): constant in space
+    if weights.ndim == 3:
+        return torch.einsum("bkc,bchw->bkhw", weights, activations.to(weights.dtype))
+    return (weights * activations.unsqueeze(1)).sum(2)  # (B, K, h, w)
+
+
+def class_gradients(logits: Tensor, classes: Tensor, activations: Tensor) -> Tensor:
+    """``dS[b, k] / dA[b]`` for all K classes in one vmapped backward that stops at the hooked layer.
+
+    Samples are independent in eval mode, so the gradient of ``sum_b S[b, k]`` w.r.t. ``A[b]`` is the
+    per-sample one; the K one-hot ``grad_outputs`` are batched with ``is_grads_batched`` instead of K separate
+    backwards.
+
+    Returns:
+        (B, K, C, h, w) gradients.
+    """
+    with torch.inference_mode(False), torch.enable_grad():  # also inside the caller's no_grad/inference_mode
+        # gather saves its index for backward; a clone is never an inference tensor
+        scores = logits.gather(1, classes.clone())  # (B, K)
+        num = classes.shape[1]
+        if num == 1:
+            (grads,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+            return used_grads(grads).unsqueeze(1)
+        one_hot = torch.eye(num, dtype=scores.dtype, device=scores.device)  # (K, K)
+        grad_outputs = one_hot[:, None, :].expand(num, *scores.shape)  # (K, B, K)
+        (grads,) = torch.autograd.grad(
+            scores, activations, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
+        )  # (K, B, C, h, w)
+    return used_grads(grads).transpose(0, 1)
+
+
+def used_grads(grads: Tensor | None) -> Tensor:
+    if grads is None:
+        raise ValueError("the logits do not depend on the target layer's output")
+    return grads
