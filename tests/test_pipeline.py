@@ -66,7 +66,8 @@ def test_pipeline_runs_and_reuses(tmp_path):
     assert metrics["miou"] == pytest.approx(_np_miou(pairs, 7), abs=1e-4)
     assert manifest["miou"] == metrics["miou"]
     assert metrics["model"] == {"seed": 0, "key": pipe.key("train")}  # which trained model, told apart by seed
-    assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["device"] == "cpu"
+    assert metrics["environment"]["torch"] == torch.__version__
+    assert metrics["environment"]["device"] == "cpu"
     assert set(metrics["iou"]) == {"background", "disc", "triangle", "square", "star", "ring", "cross"}
     assert len(metrics["sweep"]["thresholds"]) == 96
     for name in ("summary.md", "class_iou.png", "threshold_curve.png", "overlays.png"):
@@ -281,3 +282,85 @@ def test_written_masks_are_the_rule_applied_to_the_stored_maps(tmp_path, rule):
             expected = np.where(fg > 0, fg, np.where(best > 0.2, 255, 0)).astype(np.uint8)
         got = read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png")
         np.testing.assert_array_equal(got, expected, err_msg=path.stem)
+
+
+def _bilinear_reference(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (K, h, w) -> (K, H, W), half-pixel centres (align_corners=False), float64 loops."""
+    k, h, w = x.shape
+    out = np.zeros((k, *size))
+    for i in range(size[0]):
+        y = max((i + 0.5) * h / size[0] - 0.5, 0.0)
+        y0 = min(int(y), h - 1)
+        y1, fy = min(y0 + 1, h - 1), y - y0
+        for j in range(size[1]):
+            xx = max((j + 0.5) * w / size[1] - 0.5, 0.0)
+            x0 = min(int(xx), w - 1)
+            x1, fx = min(x0 + 1, w - 1), xx - x0
+            top = x[:, y0, x0] * (1 - fx) + x[:, y0, x1] * fx
+            bottom = x[:, y1, x0] * (1 - fx) + x[:, y1, x1] * fx
+            out[:, i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+@pytest.mark.parametrize("store", ["float16", "uint8", "quarter"])
+def test_cam_stores_round_trip(tmp_path, store):
+    from wsss.artifacts import read_cams, write_cams
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 13, 18)).astype(np.float32)
+    strided = rng.random((3, 4, 5)).astype(np.float32)
+    write_cams(tmp_path / "x.npz", np.array([4, 0, 2]), maps, strided, store)
+    got = read_cams(tmp_path / "x.npz")
+    assert got["keys"].tolist() == [4, 0, 2]
+    assert got["maps"].shape == (3, 13, 18)
+    assert got["maps"].dtype == np.float32
+    np.testing.assert_array_equal(got["strided"], strided.astype(np.float16).astype(np.float32))
+    if store == "float16":
+        np.testing.assert_array_equal(got["maps"], maps.astype(np.float16).astype(np.float32))
+    elif store == "uint8":
+        np.testing.assert_allclose(got["maps"], maps, atol=0.5 / 255 + 1e-7)
+        assert set(np.unique(np.rint(got["maps"] * 255) - got["maps"] * 255).round(4)) == {0.0}
+    else:
+        expected = _bilinear_reference(strided.astype(np.float16).astype(np.float64), (13, 18))
+        np.testing.assert_allclose(got["maps"], expected, atol=1e-6)
+    sizes = {}
+    for other in ("float16", "uint8", "quarter"):
+        write_cams(tmp_path / f"{other}.npz", np.array([4, 0, 2]), maps, strided, other)
+        sizes[other] = (tmp_path / f"{other}.npz").stat().st_size
+    assert abs(sizes["float16"] - sizes["uint8"] - 3 * 13 * 18) <= 64  # one byte less per value (headers ~ alike)
+    assert sizes["quarter"] < sizes["uint8"] - 3 * 13 * 18  # no full-resolution member at all
+
+
+def test_cams_in_chunks_equal_one_call():
+    """A tiny memory budget splits a batch into single images and single classes; the maps do not change."""
+    from types import SimpleNamespace
+
+    from wsss.cam import CAM
+    from wsss.models import Classifier
+    from wsss.stages.cams import _multiscale
+
+    torch.manual_seed(0)
+    model = Classifier(6).eval()
+    images = torch.randn(3, 3, 40, 36)
+    classes = torch.tensor([[0, 4, 2], [1, -1, -1], [5, 3, -1]])
+    with CAM(model, "backbone.layer4") as cam:
+        whole = _multiscale(cam, images, classes, SimpleNamespace(memory_mb=1024, scales=[1.0, 0.5], flip=True))
+        calls = []
+        original = cam.multiscale
+        cam.multiscale = lambda *a, **k: calls.append(a[1].shape) or original(*a, **k)
+        parts = _multiscale(cam, images, classes, SimpleNamespace(memory_mb=0, scales=[1.0, 0.5], flip=True))
+    assert calls == [(1, 1)] * 9  # 3 images x 3 classes, one at a time
+    for a, b in zip(whole, parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("store", ["uint8", "quarter"])
+def test_other_stores_run_end_to_end(tmp_path, store):
+    pipe = Pipeline(_cfg(tmp_path, [f"cam.store={store}"]))
+    manifest = pipe.run("evaluate")
+    metrics = json.loads((pipe.artifact_dir("evaluate") / "metrics.json").read_text())
+    assert manifest["miou"] == metrics["miou"]
+    assert len(metrics["sweep"]["miou"]) == 96
+    z = np.load(next((pipe.artifact_dir("cams") / "maps").glob("*.npz")))
+    assert str(z["store"]) == store
+    assert ("maps" in z.files) == (store == "uint8")

@@ -36,7 +36,8 @@ def tiny_cfg(tmp_path: Path, overrides: list[str] = ()):
 def run_cli(tmp_path: Path, args: list[str], timeout: float = 600, env: dict | None = None, **kw):
     """`python -m wsss.run *TINY *args` with data and cache under `tmp_path`; returns the CompletedProcess."""
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache"), **(env or {})}
-    cmd = [sys.executable, "-m", "wsss.run", *TINY, *args]
+    flags = [a for a in args if a == "-m"]  # Hydra's flags go before the overrides
+    cmd = [sys.executable, "-m", "wsss.run", *flags, *TINY, *[a for a in args if a != "-m"]]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 

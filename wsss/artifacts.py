@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from wsss.errors import DamagedFileError, WriteError
@@ -162,32 +164,67 @@ def _rgb_to_index(rgb: np.ndarray, path: Path) -> np.ndarray:
     return out[inverse].reshape(pix.shape)
 
 
-def write_cams(path: str | Path, keys: np.ndarray, maps: np.ndarray, **extra: np.ndarray) -> None:
-    """Write CAMs as npz: `keys` (K,) int16 foreground class indices, `maps` (K, H, W) float16, plus extras.
+CAM_STORES = ("float16", "uint8", "quarter")
 
-    No pickled objects, so `np.load(..., allow_pickle=False)` reads it.
+
+def write_cams(
+    path: str | Path, keys: np.ndarray, maps: np.ndarray, strided: np.ndarray, store: str = "float16"
+) -> None:
+    """Write one image's CAMs as npz (no pickles): `keys` (K,) int16 class indices, `size` (H, W), `store`.
+
+    `store` picks how the maps in [0, 1] are kept (bytes per image for K maps of H x W):
+    - "float16": `maps` (K, H, W) float16 and `strided` (K, H/4, W/4) float16 (2 K H W bytes and 1/16 of it);
+    - "uint8": `maps` quantised to round(255 x) (half of that; `read_cams` gives q / 255), `strided` float16;
+    - "quarter": `strided` only (1/16 of float16); `read_cams` upsamples it bilinearly to (H, W).
     """
     keys = np.asarray(keys, dtype=np.int16)
-    maps = np.asarray(maps, dtype=np.float16)
-    if maps.ndim != 3 or maps.shape[0] != keys.shape[0]:
-        raise ValueError(f"{path}: maps {maps.shape} do not match keys {keys.shape}")
+    maps, strided = np.asarray(maps, dtype=np.float32), np.asarray(strided, dtype=np.float16)
+    if maps.ndim != 3 or maps.shape[0] != keys.shape[0] or strided.shape[0] != keys.shape[0]:
+        raise ValueError(f"{path}: maps {maps.shape} / strided {strided.shape} do not match keys {keys.shape}")
+    if store not in CAM_STORES:
+        raise ValueError(f"{path}: store must be one of {CAM_STORES}, got {store!r}")
+    arrays = {"keys": keys, "size": np.array(maps.shape[1:], np.int32), "store": np.array(store), "strided": strided}
+    if store == "float16":
+        arrays["maps"] = maps.astype(np.float16)
+    elif store == "uint8":
+        arrays["maps"] = np.rint(np.clip(maps, 0, 1) * 255).astype(np.uint8)
     with atomic_open(path, "wb") as f:
-        np.savez(f, keys=keys, maps=maps, **{k: np.asarray(v) for k, v in extra.items()})
+        np.savez(f, **arrays)
 
 
 def read_cams(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a CAM npz written by `write_cams` (no pickles); a damaged file is a `DamagedFileError` naming it."""
+    """One image's CAMs: `keys` (K,) int64, `maps` (K, H, W) and `strided` float32, whatever the store.
+
+    A damaged file is a `DamagedFileError` naming it. Files without `store` are float16 (older artifacts).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CAM file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
+            raw = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DamagedFileError(path, f"unreadable CAM file ({type(e).__name__}: {e})") from e
-    if "keys" not in out or "maps" not in out or out["maps"].ndim != 3 or len(out["keys"]) != len(out["maps"]):
-        raise DamagedFileError(path, f"not a wsss CAM file (arrays {sorted(out)})")
-    return out
+    store = str(raw.get("store", "float16"))
+    need = {"keys", "strided"} | ({"maps"} if store != "quarter" else {"size"})
+    if store not in CAM_STORES or not need <= set(raw) or len(raw["keys"]) != len(raw["strided"]):
+        raise DamagedFileError(path, f"not a wsss CAM file (store {store!r}, arrays {sorted(raw)})")
+    strided = raw["strided"].astype(np.float32)
+    if store == "quarter":
+        size = tuple(int(v) for v in raw["size"])
+        t = torch.from_numpy(strided)[None]
+        maps = (
+            F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+            if len(strided)
+            else (np.zeros((0, *size), np.float32))
+        )
+    elif store == "uint8":
+        maps = raw["maps"].astype(np.float32) / 255.0
+    else:
+        maps = raw["maps"].astype(np.float32)
+    if maps.ndim != 3 or len(maps) != len(raw["keys"]):
+        raise DamagedFileError(path, f"maps {maps.shape} do not match keys {raw['keys'].shape}")
+    return {"keys": raw["keys"].astype(np.int64), "maps": maps, "strided": strided}
 
 
 def mask_to_rle(mask: np.ndarray, label: int) -> dict[str, Any]:

@@ -8,13 +8,15 @@ conf_fg`, thresholds in [0, 1]) are checked by `validate`, which `wsss.run` call
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from wsss.cam import METHODS
 from wsss.errors import ConfigError
@@ -40,6 +42,7 @@ Backbone = _choice("Backbone", BACKBONES)
 Optimizer = _choice("Optimizer", ("adamw", "sgd"))
 AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
 OnError = _choice("OnError", ("raise", "skip"))
+CamStore = _choice("CamStore", ("float16", "uint8", "quarter"))
 
 
 @dataclass
@@ -93,6 +96,9 @@ class TrainConfig:
     weight_decay: float = 1e-2
     crop_size: int | None = None  # null: the first image's longer side, rounded up to 32, at most 512
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    amp_dtype: AmpDtype | None = None  # bfloat16 | float16 (with a gradient scaler): autocast training
+    sync_bn: bool = False  # under several ranks: BatchNorm statistics over the global batch
+    channels_last: bool | None = None  # null: on CUDA only, where it speeds convolutions up
 
 
 @dataclass
@@ -106,6 +112,8 @@ class CamConfig:
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
     amp_dtype: AmpDtype | None = None  # bfloat16 | float16: autocast, maps accumulated in float32
+    store: CamStore = CamStore["float16"]  # float16 | uint8 | quarter: how maps are kept on disk (README)
+    memory_mb: int = 2048  # device memory for a batch's maps: more images x classes go in chunks
 
 
 @dataclass
@@ -159,8 +167,17 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+def run_stamp() -> str:
+    """The run directory's name: the start time, or under torchrun the run id that every rank shares."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"{time.strftime('%Y-%m-%d')}_torchrun-{run_id[:12]}"
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register_configs() -> None:
     """Register the schemas; conf/config.yaml extends `base_config`, group files extend their `base_*`."""
+    OmegaConf.register_new_resolver("wsss_run_stamp", run_stamp, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
@@ -226,6 +243,7 @@ def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
         finer = f"must be <= model.output_stride={m.output_stride} (a stride can be made finer, not coarser)"
         out.need(c.output_stride <= m.output_stride, "cam.output_stride", c.output_stride, finer)
     out.need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
+    out.need(c.memory_mb >= 16, "cam.memory_mb", c.memory_mb, "must be >= 16")
     scales = list(c.scales)
     out.need(
         bool(scales) and all(s > 0 for s in scales), "cam.scales", scales, "must be a non-empty list of values > 0"

@@ -32,10 +32,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 import wsss
+from wsss import dist
 from wsss.artifacts import read_json, write_json
 from wsss.config import validate
 from wsss.errors import CacheError, DamagedFileError
@@ -83,16 +83,6 @@ def code_version() -> str:
         return wsss.__version__
     dirty = ".dirty" if git("status", "--porcelain", "--", ".") else ""
     return f"{wsss.__version__}+g{sha}{dirty}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as torch understands it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
-    return device
 
 
 @dataclass
@@ -151,7 +141,7 @@ class Pipeline:
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cache_dir = Path(cfg.paths.cache_dir)
-        self.device = resolve_device(str(cfg.device))
+        self.device = dist.local_device(str(cfg.device))
         self.stages = STAGES if stages is None else stages
         self.fingerprints = Fingerprints(cfg)
         self.report: dict[str, str] = {}  # node label -> "reused" | "ran"
@@ -211,28 +201,41 @@ class Pipeline:
         node = self.node(name)
         artifact = self.ensure(node)
         log.info("pipeline: %s", ", ".join(f"{s} {how}" for s, how in self.report.items()))
-        if node.stage.report is not None:
+        if node.stage.report is not None and dist.is_main():
             node.stage.report(artifact, self.run_dir)
         return artifact.manifest
 
     def ensure(self, node: Node) -> Artifact:
-        """The node's finished artifact: reused when complete, else built (its inputs first)."""
-        found = self._complete(node)
-        if found is not None:
+        """The node's finished artifact: reused when complete, else built (its inputs first).
+
+        Under several ranks, rank 0 alone checks the cache and takes the lock, and tells the others what it
+        found; every rank runs the stage (on its shard) and rank 0 writes the manifest after all are done.
+        """
+        if self._decide(node, lambda: self._complete(node)):
             log.info("%s: reusing %s (key matched)", node.label, self._dir(node))
             self.report.setdefault(node.label, "reused")
-            self._touch(self._dir(node))
-            return found
+            if dist.is_main():
+                self._touch(self._dir(node))
+            return self._read(node)
         inputs = {k: self.ensure(n) for k, n in node.inputs.items()}
         with self._lock(node):
-            found = self._complete(node)  # another job may have built it while we waited
-            if found is not None:
+            if self._decide(node, lambda: self._complete(node)):  # another job built it while we waited
                 log.info("%s: reusing %s (built by another job)", node.label, self._dir(node))
                 self.report.setdefault(node.label, "reused")
-                return found
+                return self._read(node)
             artifact = self._build(node, inputs)
         self.report[node.label] = "ran"
         return artifact
+
+    @staticmethod
+    def _decide(node: Node, complete: Any) -> bool:
+        """Whether the artifact is complete, decided on rank 0 and told to every rank."""
+        return bool(dist.broadcast(complete() is not None if dist.is_main() else None))
+
+    def _read(self, node: Node) -> Artifact:
+        """The finished artifact of a node, from its manifest."""
+        out = self._dir(node)
+        return Artifact(node.stage.name, node.split, node.key, out, read_json(out / MANIFEST))
 
     def _complete(self, node: Node) -> Artifact | None:
         """The artifact if its manifest exists and every listed output is there with its size; else None.
@@ -269,9 +272,10 @@ class Pipeline:
         return Artifact(node.stage.name, node.split, node.key, out, manifest)
 
     def _build(self, node: Node, inputs: dict[str, Artifact]) -> Artifact:
-        """Run the stage into its artifact directory and write the manifest last (the lock is held)."""
+        """Run the stage into its artifact directory (every rank), then rank 0 writes the manifest last."""
         out = self._dir(node)
-        left = _remove_temp_files(out)
+        left = _remove_temp_files(out) if dist.is_main() else 0
+        dist.barrier()  # no rank writes before the leftovers are gone
         log.info(
             "%s: running -> %s (%s)",
             node.label,
@@ -288,14 +292,16 @@ class Pipeline:
             _sources=self._sources,
         )
         start = time.perf_counter()
-        result = self._run_repairing_inputs(node, ctx)
+        result = self._run_repairing_inputs(node, ctx) if not dist.is_dist() else node.stage.run(ctx)
         seconds = time.perf_counter() - start
-        write_json(out / FINGERPRINT, {k: g.to_json() for k, g in node.files.items()})
-        manifest = self._manifest(node, ctx.inputs, result, seconds)
-        write_json(out / MANIFEST, manifest)
-        write_json(self.cache_dir / node.stage.name / "recipes" / f"{node.recipe}.json", {"key": node.key})
+        dist.barrier()  # every rank's files are written
+        if dist.is_main():
+            write_json(out / FINGERPRINT, {k: g.to_json() for k, g in node.files.items()})
+            write_json(out / MANIFEST, self._manifest(node, ctx.inputs, result, seconds))
+            write_json(self.cache_dir / node.stage.name / "recipes" / f"{node.recipe}.json", {"key": node.key})
+        dist.barrier()
         log.info("%s: done in %.1f s", node.label, seconds)
-        return Artifact(node.stage.name, node.split, node.key, out, manifest)
+        return self._read(node)
 
     def _run_repairing_inputs(self, node: Node, ctx: StageContext) -> dict[str, Any]:
         """Run the stage; a damaged file of an input artifact is removed, that input rebuilt, and the stage rerun."""
@@ -363,7 +369,14 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _lock(self, node: Node) -> Iterator[None]:
-        """Exclusive flock on `<cache>/<stage>/<key>.lock` while the node is built; clear errors if unwritable."""
+        """Exclusive flock on `<cache>/<stage>/<key>.lock` while the node is built; clear errors if unwritable.
+
+        Taken by rank 0 only: no other rank ever waits on a lock, so a collective can never wait on a rank that
+        waits on a lock held by another rank of the same job.
+        """
+        if not dist.is_main():
+            yield
+            return
         path = self.cache_dir / node.stage.name / f"{node.key}.lock"
         try:
             self._dir(node).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,9 @@
 """The command line: `python -m wsss.run stage=... [overrides]` (Hydra; `-m` for sweeps).
 
+`torchrun --nproc_per_node=N -m wsss.run ...` (or a Slurm step with N tasks) runs the same command on N
+processes: one process group (NCCL on CUDA, gloo on the CPU), each rank on `cuda:LOCAL_RANK`, one shared run
+directory; rank 0 logs to the console and to `run.log`, rank k to `run.rank<k>.log`.
+
 A user error (a value out of range, a missing or damaged input file, no space left, permission denied) ends the
 run with one line, `wsss: error: <what>: <problem>`, the path of the log that holds the traceback, and exit
 status 2. `HYDRA_FULL_ERROR=1` shows the traceback instead.
@@ -11,6 +15,7 @@ import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -18,6 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from wsss import dist
 from wsss.config import register_configs
 from wsss.errors import WsssError
 from wsss.pipeline import Pipeline
@@ -51,6 +57,24 @@ def _message(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def per_rank_logging(rank: int) -> None:
+    """Rank k > 0: no console output, and its own log file `<name>.rank<k>.log` beside rank 0's."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+            h.close()
+            path = Path(h.baseFilename)
+            mine = logging.FileHandler(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+            mine.setFormatter(h.formatter)
+            mine.setLevel(h.level)
+            root.addHandler(mine)
+        elif isinstance(h, logging.StreamHandler):
+            root.removeHandler(h)
+
+
 def report_user_error(e: BaseException) -> None:
     """Write the traceback to the log file(s) only, and one line to stderr."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (_message(e),), (type(e), e, e.__traceback__))
@@ -65,7 +89,10 @@ def report_user_error(e: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the requested stage and what it needs; return the headline metric (mIoU) when there is one."""
+    started = False
     try:
+        started = dist.setup(dist.local_device(str(cfg.device)))
+        per_rank_logging(dist.rank())
         seed_everything(cfg.seed)
         run_dir = HydraConfig.get().runtime.output_dir
         manifest = Pipeline(cfg, run_dir=run_dir).run(cfg.stage.name)
@@ -74,6 +101,9 @@ def main(cfg: DictConfig) -> float | None:
             raise
         report_user_error(e)
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        if started:
+            dist.teardown()
     miou = manifest.get("miou")
     return float(miou) if miou is not None else None
 

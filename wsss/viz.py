@@ -108,6 +108,20 @@ def plot_class_iou(class_names: Sequence[str], iou: Sequence[float | None], path
     return _save(fig, path)
 
 
+def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> Path:
+    """Loss and per-label accuracy per epoch, one panel each."""
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.2))
+    a, b = fig.subplots(1, 2)
+    a.plot(epochs, [h["loss"] for h in history], marker=".")
+    a.set(xlabel="epoch", ylabel="loss", title="multilabel soft margin loss")
+    b.plot(epochs, [h["accuracy"] for h in history], marker=".", color="tab:green")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title="per-label accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def colorize(mask: np.ndarray) -> np.ndarray:
     """(H, W) uint8 labels -> (H, W, 3) uint8 VOC colours (255, ignore, is light grey)."""
     return _VOC[np.asarray(mask, np.uint8)]

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from wsss.artifacts import IGNORE_INDEX, read_mask
+from wsss.dist import progress
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class SegmentationSource(ABC):
     def _validate(self, ids: list[str]) -> list[str]:
         """Under on_error="skip": keep the ids that pass `_check`; count and log the others."""
         kept = []
-        for image_id in tqdm(ids, desc=f"{self.name}/{self.split} validate", disable=len(ids) < 100):
+        for image_id in progress(ids, desc=f"{self.name}/{self.split} validate", disable=len(ids) < 100):
             try:
                 self._check(image_id)
             except (OSError, ValueError) as e:

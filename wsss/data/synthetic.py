@@ -9,18 +9,22 @@ background, c + 1 for class c, a 255 void band along every object's outline. Gen
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from wsss.artifacts import IGNORE_INDEX, atomic_open, read_json, write_json, write_mask
 from wsss.data import voc
 from wsss.data.voc import VOCSource
+from wsss.dist import progress
 from wsss.fingerprint import FileGroup, hash_files
 
 log = logging.getLogger(__name__)
@@ -172,33 +176,68 @@ def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
         f.write(buf.tobytes())
 
 
+@contextlib.contextmanager
+def _generation_lock(root: Path) -> Iterator[None]:
+    """flock on `.<root name>.lock` beside `root`: parallel jobs (or ranks) generate the dataset once."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root.parent / f".{root.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
     """Generate the dataset into `root` unless a complete one with the same spec is there; return `root`.
 
+    A generation that was killed resumes (its `.generating.json` records the spec); files are written
+    atomically, so the ones that exist are complete.
+
     Raises:
-        ValueError: `root` holds a synthetic dataset generated with a different spec.
+        ValueError: `root` holds a synthetic dataset generated with a different spec, or other files.
     """
     root = Path(root)
     marker = root / "generator.json"
-    if marker.is_file():
-        found = read_json(marker)
-        if found != asdict(spec):
+    if marker.is_file():  # the common case: no lock needed to read a finished dataset
+        return _check_spec(root, read_json(marker), spec)
+    with _generation_lock(root):
+        if marker.is_file():  # another job finished it while we waited
+            return _check_spec(root, read_json(marker), spec)
+        started = root / ".generating.json"
+        if started.is_file():
+            _check_spec(root, read_json(started), spec)
+            log.info("resuming the interrupted generation of %s", root)
+        elif root.is_dir() and any(root.iterdir()):
             raise ValueError(
-                f"{root} holds a synthetic dataset generated with {found}, not {asdict(spec)}; "
-                "point dataset.root at another folder or delete this one"
+                f"{root} is not empty and holds no wsss synthetic dataset (no generator.json); refusing to write "
+                "into it. To read a dataset in VOC layout there, use dataset=voc12 dataset.root=... "
+                "dataset.class_names=[...]"
             )
-        return root
-    if root.is_dir() and any(root.iterdir()):
+        else:
+            write_json(started, asdict(spec))
+        _generate(root, spec)
+        write_json(marker, asdict(spec))
+        started.unlink()
+    return root
+
+
+def _check_spec(root: Path, found: dict, spec: SyntheticSpec) -> Path:
+    if found != asdict(spec):
         raise ValueError(
-            f"{root} is not empty and holds no wsss synthetic dataset (no generator.json); refusing to write "
-            "into it. To read a dataset in VOC layout there, use dataset=voc12 dataset.root=... "
-            "dataset.class_names=[...]"
+            f"{root} holds a synthetic dataset generated with {found}, not {asdict(spec)}; "
+            "point dataset.root at another folder or delete this one"
         )
+    return root
+
+
+def _generate(root: Path, spec: SyntheticSpec) -> None:
+    """Write every image, mask and split list that is not there yet."""
     log.info("generating the synthetic dataset into %s (%s)", root, asdict(spec))
     splits = {"train": range(spec.num_train), "val": range(spec.num_train, spec.num_train + spec.num_val)}
     for split, indices in splits.items():
         ids = [f"{split}_{i:05d}" for i in indices]
-        for image_id, i in zip(tqdm(ids, desc=f"synthetic {split}", unit="img"), indices, strict=True):
+        for image_id, i in zip(progress(ids, desc=f"synthetic {split}", unit="img"), indices, strict=True):
             img_path = root / "JPEGImages" / f"{image_id}.jpg"
             mask_path = root / "SegmentationClass" / f"{image_id}.png"
             if img_path.is_file() and mask_path.is_file():  # atomic writes: an existing file is complete
@@ -208,15 +247,14 @@ def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
             write_mask(mask_path, mask)
         with atomic_open(root / "ImageSets" / "Segmentation" / f"{split}.txt", "w") as f:
             f.write("\n".join(ids) + "\n")
-    write_json(marker, asdict(spec))
-    return root
 
 
 def _prepare(cfg: Any) -> list[str] | None:
     """Generate the dataset described by `cfg` if needed; the class names to read it with (None: a foreign
     VOC-layout folder given as dataset.root, read with dataset.class_names, never generated into)."""
     root = Path(cfg.root)
-    if not (root / "generator.json").is_file() and (root / "ImageSets" / "Segmentation").is_dir():
+    ours = (root / "generator.json").is_file() or (root / ".generating.json").is_file()
+    if not ours and (root / "ImageSets" / "Segmentation").is_dir():
         if cfg.class_names is None:
             raise ValueError(f"{root}: a VOC-layout dataset needs dataset.class_names=[...] (foreground classes)")
         return None

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from wsss.data.base import (
     DEFAULT_MAX_PIXELS,
@@ -38,6 +37,7 @@ from wsss.data.base import (
     labels_from_mask,
     read_label_mask,
 )
+from wsss.dist import progress
 from wsss.fingerprint import FileGroup, hash_files, scan_dir
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class VOCSource(SegmentationSource):
     def label_table(self) -> dict[str, np.ndarray]:
         """Labels of every id in the split: one pass over the masks on first call, then from the cache."""
         missing = [i for i in self.ids if i not in self._labels]
-        for image_id in tqdm(missing, desc=f"{self.name}/{self.split} labels", disable=len(missing) < 100):
+        for image_id in progress(missing, desc=f"{self.name}/{self.split} labels", disable=len(missing) < 100):
             self.labels(image_id)
         return {i: self._labels[i] for i in self.ids}
 

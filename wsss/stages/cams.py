@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from wsss import dist
 from wsss.artifacts import write_cams
 from wsss.cam import build_cam
 from wsss.data import InferenceDataset, collate_list, dataset_identity
 from wsss.data.transforms import normalize
+from wsss.dist import progress
 from wsss.models import load_checkpoint
 from wsss.stages.base import Need, Stage, StageContext, check_classes, model_provenance, plain
 
@@ -37,6 +37,32 @@ def _class_table(group: list[dict[str, Any]]) -> torch.Tensor:
     for row, it in enumerate(group):
         classes[row, : len(it["labels"])] = it["labels"]
     return classes
+
+
+def _multiscale(cam: Any, images: torch.Tensor, classes: torch.Tensor, cc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """IRN's multi-scale maps of a batch, in chunks of images and classes that fit `cam.memory_mb`; on the CPU.
+
+    Maps are normalised per (image, class), so chunks give the maps of one call; each chunk's maps leave the
+    device before the next is computed.
+    """
+    b, _, h, w = images.shape
+    k = classes.shape[1]
+    per_map = h * w * 4 * 3  # float32: the high-res sum, one scale's upsampled maps, and their copy out
+    budget = cc.memory_mb << 20
+    rows = max(1, min(b, budget // (per_map * k)))
+    cols = max(1, min(k, budget // (per_map * rows)))
+    high, low = [], []
+    for r in range(0, b, rows):
+        row_high, row_low = [], []
+        for c in range(0, k, cols):
+            hi, lo = cam.multiscale(
+                images[r : r + rows], classes[r : r + rows, c : c + cols], tuple(cc.scales), cc.flip
+            )
+            row_high.append(hi.cpu())
+            row_low.append(lo.cpu())
+        high.append(torch.cat(row_high, 1))
+        low.append(torch.cat(row_low, 1))
+    return torch.cat(high), torch.cat(low)
 
 
 def _model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
@@ -72,22 +98,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
         collate_fn=collate_list,
     )
     empty = 0
-    bar = tqdm(total=len(todo), desc=f"cams {cc.method}", unit="img")
+    bar = progress(total=len(todo), desc=f"cams {cc.method}", unit="img")
     amp = AMP_DTYPES[None if cc.amp_dtype is None else str(cc.amp_dtype)]
     with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp) as cam:
         for batch in loader:
             for group in _by_size(batch):
                 images = normalize(torch.stack([it["image"] for it in group]).to(ctx.device))  # (B, 3, H, W)
                 classes = _class_table(group).to(ctx.device)
-                highres, strided = cam.multiscale(images, classes, scales=tuple(cc.scales), flip=cc.flip)
-                highres, strided = highres.cpu(), strided.cpu().half()  # (B, K, H, W), (B, K, H/4, W/4)
+                highres, strided = _multiscale(cam, images, classes, cc)  # (B, K, H, W), (B, K, H/4, W/4)
                 for row, it in enumerate(group):
                     n = len(it["labels"])
                     empty += n == 0
-                    write_cams(maps_dir / f"{it['id']}.npz", it["labels"], highres[row, :n], strided=strided[row, :n])
+                    write_cams(
+                        maps_dir / f"{it['id']}.npz", it["labels"], highres[row, :n], strided[row, :n], str(cc.store)
+                    )
                 bar.update(len(group))
     bar.close()
-    dist.barrier()
     return {
         "class_names": source.class_names,
         "dataset": source.identity(),
@@ -96,8 +122,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "model": model_provenance(ctx.inputs["train"]),
         "counts": {
             "images": len(source.ids),
-            "computed": len(todo),
-            "no_labels": empty,
+            "computed": dist.sum_int(len(todo)),
+            "no_labels": dist.sum_int(empty),
             "skipped": dict(source.skipped),
         },
     }

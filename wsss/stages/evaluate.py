@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
-from tqdm import tqdm
 
 from wsss import dist
 from wsss.artifacts import atomic_open, read_cams, read_json, read_mask, write_json
 from wsss.data import SegmentationSource, dataset_identity
+from wsss.dist import progress
 from wsss.fingerprint import FileGroup
 from wsss.metrics import (
     ConfusionMatrix,
@@ -68,7 +68,7 @@ def sweep_split(
 ) -> ThresholdSweep:
     """A threshold sweep (with PxAP) over one split's CAM files; one pass."""
     sweep = ThresholdSweep(source.num_classes + 1, thresholds, pxap_bins=PXAP_BINS, device=device)
-    for image_id in tqdm(dist.shard(source.ids), desc=desc, unit="img"):
+    for image_id in progress(dist.shard(source.ids), desc=desc, unit="img"):
         cams = read_cams(maps_dir / f"{image_id}.npz")
         gt = torch.from_numpy(source.load_mask(image_id)).to(device)
         maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)
@@ -98,7 +98,7 @@ def _score_pass(
     cm = ConfusionMatrix(num_labels, device=device)
     sweep = ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device) if maps_dir else None
     per_image: dict[str, float] = {}
-    for image_id in tqdm(dist.shard(source.ids), desc="evaluate", unit="img"):
+    for image_id in progress(dist.shard(source.ids), desc="evaluate", unit="img"):
         gt = torch.from_numpy(source.load_mask(image_id)).to(device)
         pred = _read_prediction(masks_dir, image_id, gt, source.split)
         cm.update(gt, pred)
@@ -180,13 +180,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
             headline_t, _ = best_threshold(sel.compute(), thresholds)
             headline = scores(cms[thresholds.index(headline_t)])
             chosen_on = ev.select_on
+    parts = dist.gather(per_image)  # every rank's images, on rank 0, which alone writes
+    if not dist.is_main():
+        return {}
+    per_image = {k: v for part in parts for k, v in part.items()}
     result.update(
         miou=round(headline["miou"], 4),
         iou=_named(headline["iou"], names),
         reported_threshold=headline_t,
         threshold_chosen_on=chosen_on,
         scores=_summary(headline, names),
-        per_image_miou={k: round(v, 3) for k, v in per_image.items()},
+        per_image_miou={i: round(per_image[i], 3) for i in source.ids},
     )
     write_json(ctx.out_dir / "metrics.json", result)
     _write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir)

@@ -6,10 +6,10 @@ import logging
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from wsss import dist
 from wsss.artifacts import read_cams, rle_results, write_json, write_mask
+from wsss.dist import progress
 from wsss.pseudo import threshold_mask
 from wsss.stages.base import Need, Stage, StageContext, plain
 
@@ -23,10 +23,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     maps_dir = cams.path("maps_dir")
     masks_dir = ctx.out_dir / "masks"
     p = ctx.cfg.pseudo
-    ignored = torch.zeros((), dtype=torch.long)
-    total = 0
+    ignored, total = torch.zeros((), dtype=torch.long), 0
     rle: list[dict[str, Any]] = []
-    for image_id in tqdm(dist.shard(cams.manifest["ids"]), desc="pseudo masks", unit="img"):
+    for image_id in progress(dist.shard(cams.manifest["ids"]), desc="pseudo masks", unit="img"):
         stored = read_cams(maps_dir / f"{image_id}.npz")
         maps = torch.from_numpy(stored["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
         keys = torch.from_numpy(stored["keys"]).to(ctx.device)
@@ -37,11 +36,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         write_mask(masks_dir / f"{image_id}.png", mask_np)
         if p.rle_json:
             rle.extend(rle_results(image_id, mask_np, class_names))
-    ignored = dist.all_reduce_sum(ignored)
+    ignored, total = dist.sum_int(int(ignored)), dist.sum_int(total)
     if p.rle_json:
-        name = f"masks.rle.rank{dist.rank()}.json" if dist.is_dist() else "masks.rle.json"
-        write_json(ctx.out_dir / name, rle)
-    dist.barrier()
+        parts = dist.gather(rle)  # one file: every rank's results, on rank 0
+        if dist.is_main():
+            order = {image_id: i for i, image_id in enumerate(cams.manifest["ids"])}
+            merged = sorted((r for part in parts for r in part), key=lambda r: order[r["image_id"]])  # stable
+            write_json(ctx.out_dir / "masks.rle.json", merged)
     return {
         "class_names": class_names,
         "dataset": cams.manifest["dataset"],

@@ -1,0 +1,201 @@
+"""Several processes on the CPU (torchrun + gloo), resumable training, and Hydra's parallel launchers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.tiny import TINY, run_cli
+from wsss.artifacts import read_mask
+
+pytestmark = pytest.mark.slow
+NAMES = ["disc", "triangle", "square", "star", "ring", "cross"]
+
+
+def _env(root: Path, cache: str = "cache") -> dict[str, str]:
+    return {
+        **os.environ,
+        "WSSS_DATA": str(root / "data"),
+        "WSSS_CACHE": str(root / cache),
+        "OMP_NUM_THREADS": "1",  # two ranks on two cores
+    }
+
+
+def torchrun(root: Path, nproc: int, args: list[str], cache: str = "cache", timeout: float = 600):
+    """`torchrun --standalone --nproc_per_node=N -m wsss.run *TINY *args`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "wsss.run", *TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(root, cache), capture_output=True, text=True, timeout=timeout)
+
+
+def _checkpoint(path: Path) -> Path:
+    from wsss.models import Classifier, save_checkpoint
+
+    torch.manual_seed(3)
+    save_checkpoint(path, Classifier(6), NAMES)
+    return path
+
+
+def _artifact(cache: Path, stage: str) -> Path:
+    (found,) = [p.parent for p in (cache / stage).glob("*/manifest.json")]
+    return found
+
+
+def test_two_ranks_give_the_single_process_maps_masks_and_metrics(tmp_path):
+    """(a) with a fixed checkpoint, and (d) 2 ranks when the artifacts are missing, then when they exist."""
+    ckpt = _checkpoint(tmp_path / "given.pt")
+    common = [f"model.checkpoint={ckpt}", "cam.batch_size=1", "pseudo.rle_json=true"]
+    one = run_cli(tmp_path, [*common, f"hydra.run.dir={tmp_path / 'one'}"], env={"WSSS_CACHE": str(tmp_path / "c1")})
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'two'}"], cache="c2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "c1", tmp_path / "c2"
+    maps_a, maps_b = _artifact(a, "cams") / "maps", _artifact(b, "cams") / "maps"
+    assert sorted(p.name for p in maps_a.iterdir()) == sorted(p.name for p in maps_b.iterdir())
+    for p in maps_a.iterdir():
+        za, zb = np.load(p), np.load(maps_b / p.name)
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{p.name}:{k}")
+    masks_a, masks_b = _artifact(a, "pseudo_masks"), _artifact(b, "pseudo_masks")
+    for p in (masks_a / "masks").iterdir():
+        np.testing.assert_array_equal(read_mask(p), read_mask(masks_b / "masks" / p.name))
+    rle_a = json.loads((masks_a / "masks.rle.json").read_text())
+    assert rle_a == json.loads((masks_b / "masks.rle.json").read_text())
+    assert rle_a
+    assert not list(masks_b.glob("masks.rle.rank*.json"))
+    ma = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for k in ("miou", "iou", "scores", "pseudo_masks", "sweep", "pxap", "per_image_miou", "num_images"):
+        assert ma[k] == mb[k], k
+    pa = json.loads((masks_a / "manifest.json").read_text())["counts"]
+    pb = json.loads((masks_b / "manifest.json").read_text())["counts"]
+    assert pa == pb  # the ignored share comes from totals summed over ranks
+    again = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'again'}"], cache="c2", timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "evaluate: reusing" in again.stdout + again.stderr
+    assert (tmp_path / "again" / "run.rank1.log").is_file()  # every rank logs to its own file
+
+
+def test_two_rank_training_ends_with_the_same_weights_on_every_rank(tmp_path):
+    """(b) DDP on gloo: every rank logs the digest of its final weights; they agree."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(tmp_path, 2, ["stage=train", "train.epochs=2", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = []
+    for name in ("run.log", "run.rank1.log"):
+        found = re.findall(r"final weights sha256 (\w+) \(rank (\d)\)", (run_dir / name).read_text())
+        assert len(found) == 1, name
+        digests.append(found[0])
+    assert digests[0][0] == digests[1][0]
+    assert {d[1] for d in digests} == {"0", "1"}
+    manifest = json.loads((_artifact(tmp_path / "cache", "train") / "manifest.json").read_text())
+    assert manifest["counts"]["ranks"] == 2
+    assert manifest["config"]["ranks"] == 2
+    assert "(rank 1)" not in proc.stdout
+
+
+def _final_weights(cache: Path) -> dict[str, torch.Tensor]:
+    return torch.load(_artifact(cache, "train") / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_kill_in_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """(c) kill -9 during epoch k > 1: the rerun resumes after epoch k - 1 and ends with the same weights."""
+    args = ["stage=train", "train.epochs=4", "dataset.synthetic.num_train=64", "dataset.num_workers=2"]
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the same thread count in every run: reductions add up alike
+    clean = run_cli(
+        tmp_path, [*args, f"hydra.run.dir={tmp_path / 'clean'}"], env={**one_thread, "WSSS_CACHE": str(tmp_path / "c1")}
+    )
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    cache = tmp_path / "c2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsss.run", *TINY, *args, f"hydra.run.dir={tmp_path / 'killed'}"],
+        cwd=REPO,
+        env=_env(tmp_path, "c2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    history = None
+    while time.time() < deadline and proc.poll() is None:  # wait until two epochs are saved, then kill
+        found = list(cache.glob("train/*/history.csv"))
+        if found and len(list(csv.DictReader(found[0].open()))) >= 2:
+            history = found[0]
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert history is not None
+    assert not list(cache.glob("train/*/manifest.json"))
+    done = len(list(csv.DictReader(history.open())))
+    rerun = run_cli(
+        tmp_path, [*args, f"hydra.run.dir={tmp_path / 'rerun'}"], env={**one_thread, "WSSS_CACHE": str(cache)}
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"train: resuming after epoch {done} of 4" in rerun.stdout + rerun.stderr
+    a, b = _final_weights(tmp_path / "c1"), _final_weights(cache)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    artifact = _artifact(cache, "train")
+    assert not (artifact / "train_state.pt").exists()  # done with once the model is final
+    rows = list(csv.DictReader((artifact / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert (artifact / "curves.png").stat().st_size > 0
+    if __import__("importlib").util.find_spec("tensorboard") is not None:
+        assert list((artifact / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_amp_bfloat16_trains_on_the_cpu(tmp_path):
+    proc = run_cli(tmp_path, ["stage=train", "train.amp_dtype=bfloat16", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((_artifact(tmp_path / "cache", "train") / "manifest.json").read_text())
+    assert manifest["config"]["train"]["amp_dtype"] == "bfloat16"
+    assert np.isfinite(manifest["losses"]).all()
+
+
+def _job_logs(sweep: Path) -> str:
+    return "".join(p.read_text() for p in sorted(sweep.glob("*/run.log")))
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
+    reason="needs pip install -e '.[launchers]'",
+)
+def test_joblib_sweep_builds_train_and_cams_once(tmp_path):
+    """(e) two jobs in parallel share the cache: one builds, the other waits on the lock and reuses."""
+    sweep = tmp_path / "multirun"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "pseudo.threshold=0.2,0.3"]
+    proc = run_cli(tmp_path, [*args, f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = _job_logs(sweep)
+    assert logs.count("train: running") == 1, logs[-3000:]
+    assert logs.count("cams: running") == 1
+    assert logs.count("pseudo_masks: running") == 2
+    assert len(list((tmp_path / "cache" / "train").glob("*/manifest.json"))) == 1
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="needs pip install -e '.[launchers]'",
+)
+def test_submitit_local_sweep_finishes(tmp_path):
+    """(f) Hydra's submitit launcher, local executor: the same code path a Slurm sweep takes."""
+    sweep = tmp_path / "multirun"
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "pseudo.threshold=0.2,0.3"]
+    proc = run_cli(tmp_path, [*args, f"hydra.sweep.dir={sweep}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["masks_rule"]["threshold"] in (0.2, 0.3)
