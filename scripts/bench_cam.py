@@ -8,6 +8,11 @@ which is steadier on a shared machine). Process CPU time (all threads) is record
 other jobs share the CPU.
 
     python scripts/bench_cam.py --repeats 3 --device cpu --size 448
+    python scripts/bench_cam.py --model vit_b_16 --methods gradcam hirescam    # 224 px, the last block's ln_1
+    python scripts/bench_cam.py --model swin_t --methods gradcam hirescam      # 224 px, the final norm
+
+For the transformers the peers get their documented reshape transforms (pytorch-grad-cam's `reshape_transform`
+for ViT and Swin); torchcam reads (B, C, h, w) maps only, so it does not apply there.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ import torchvision
 from wsss.cam import METHODS, build_cam
 
 DEFAULT_METHODS = ["cam", "gradcam", "gradcampp", "xgradcam", "layercam", "guided_gradcam"]
+MODELS = {  # --model -> (builder, default layers, default size)
+    "resnet50": (torchvision.models.resnet50, ["layer4", "layer3"], 448),
+    "vit_b_16": (torchvision.models.vit_b_16, ["encoder.layers.encoder_layer_11.ln_1"], 224),
+    "swin_t": (torchvision.models.swin_t, ["norm"], 224),
+}
 PEER_METHODS = {  # ours -> (pytorch-grad-cam class, torchcam class)
     "gradcam": ("GradCAM", "GradCAM"),
+    "hirescam": ("HiResCAM", None),
+    "eigencam": ("EigenCAM", None),
     "gradcampp": ("GradCAMPlusPlus", "GradCAMpp"),
     "xgradcam": ("XGradCAM", "XGradCAM"),
     "layercam": ("LayerCAM", "LayerCAM"),
@@ -50,7 +62,19 @@ def _ours(name: str, model, layer: str, images, classes, scorecam_batch: int) ->
     return run
 
 
-def _pytorch_grad_cam(name: str, model, layer: str, images, classes) -> Callable[[], object] | None:
+def _reshape_transform(model_name: str, size: int) -> Callable | None:
+    """pytorch-grad-cam's documented reshape transforms (its tutorials for ViT and Swin)."""
+    if model_name == "vit_b_16":
+        g = size // 16
+        return lambda t: t[:, 1:, :].reshape(t.shape[0], g, g, t.shape[2]).permute(0, 3, 1, 2)
+    if model_name == "swin_t":
+        return lambda t: t.permute(0, 3, 1, 2)
+    return None
+
+
+def _pytorch_grad_cam(
+    name: str, model, layer: str, images, classes, reshape: Callable | None = None
+) -> Callable[[], object] | None:
     try:
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -60,7 +84,7 @@ def _pytorch_grad_cam(name: str, model, layer: str, images, classes) -> Callable
 
     def run() -> object:
         maps = []
-        with method(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+        with method(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
             # one call (forward + full backward) per class
             maps.extend(
                 cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in column])
@@ -97,10 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (plus one warm-up round)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=448, help="image side in pixels")
+    parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: per model)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--classes", type=int, default=3, help="classes per image")
-    parser.add_argument("--layers", nargs="+", default=["layer4", "layer3"])
+    parser.add_argument("--layers", nargs="+", default=None, help="default: per model")
     parser.add_argument(
         "--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS), help="scorecam is opt-in"
     )
@@ -113,7 +138,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     device = torch.device(args.device)
-    model = torchvision.models.resnet50(weights=None).to(device).eval()
+    builder, layers, size = MODELS[args.model]
+    args.layers, args.size = args.layers or layers, args.size or size
+    torch.manual_seed(0)
+    model = builder(weights=None).to(device).eval()
+    if args.model == "vit_b_16":
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the ViT head at zero
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
     picks = [torch.randperm(1000, generator=generator)[: args.classes] for _ in range(args.batch)]
@@ -125,6 +155,7 @@ def main() -> None:
 
     entries: dict[tuple[str, str, str], Callable[[], object]] = {("forward", "-", "plain"): forward}
     paths: dict[tuple[str, str], str] = {}
+    reshape = _reshape_transform(args.model, args.size)
     for layer in args.layers:
         for name in args.methods:
             ours = _ours(name, model, layer, images, classes, args.scorecam_batch)
@@ -133,15 +164,15 @@ def main() -> None:
                 continue
             pgc_name, torchcam_name = PEER_METHODS[name]
             for library, run in (
-                ("pytorch-grad-cam", _pytorch_grad_cam(pgc_name, model, layer, images, classes)),
-                ("torchcam", _torchcam(torchcam_name, model, layer, images, classes)),
+                ("pytorch-grad-cam", _pytorch_grad_cam(pgc_name, model, layer, images, classes, reshape)),
+                ("torchcam", _torchcam(torchcam_name if reshape is None else None, model, layer, images, classes)),
             ):
                 if run is not None:
                     entries[(name, layer, library)] = run
         for name in args.methods:  # which path each method takes at this layer, for the table
             kwargs = {"batch_size": args.scorecam_batch} if name == "scorecam" else {}
             with build_cam(name, model, layer, **kwargs) as cam:
-                cam(images[:1, :, :64, :64], classes[:1])
+                cam(images[:1] if args.model != "resnet50" else images[:1, :, :64, :64], classes[:1])
                 paths[(name, layer)] = cam.last_path or "-"
 
     wall: dict[tuple[str, str, str], list[float]] = {key: [] for key in entries}
@@ -167,7 +198,7 @@ def _report(args, device, entries, paths, wall, cpu) -> None:
     base_cpu = statistics.median(cpu[forward])
     maps = args.batch * args.classes
     setting = f"{args.batch} images x {args.size} px, {args.classes} classes each ({maps} maps)"
-    print(f"# resnet50 weights=None, {setting}")
+    print(f"# {args.model} weights=None, {setting}")
     print(
         f"# device {device} ({platform.processor() or platform.machine()}, torch threads "
         f"{torch.get_num_threads()}), torch {torch.__version__}, repeats {args.repeats} (median, interleaved)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -149,6 +150,8 @@ def reference_weights(method: str, acts: Tensor, grads: Tensor) -> Tensor:
         return (a * grads).sum((-2, -1)) / a.sum((-2, -1))
     if method == "layercam":  # Jiang et al.
         return grads.clamp(min=0)
+    if method in ("hirescam", "finercam"):  # Draelos and Carin: element-wise; Finer-CAM: Grad-CAM of its score
+        return grads if method == "hirescam" else grads.sum((-2, -1)) / (h * w)
     raise KeyError(method)
 
 
@@ -224,3 +227,73 @@ def pearson(a: Tensor, b: Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum())))
+
+
+def reference_finer_grads(
+    model: nn.Module, images: Tensor, classes: Tensor, layer_name: str, alpha: float = 1.0, m: int = 3
+) -> tuple[Tensor, Tensor]:
+    """A and dS/dA for Finer-CAM's score y_c - alpha sum_j p^_j y_j (the m classes with the nearest logits,
+    p^ their softmax renormalised over them, held constant): numpy picks the classes, one backward each."""
+    model = copy.deepcopy(model).double().eval()
+    store: dict[str, Tensor] = {}
+    handle = model.get_submodule(layer_name).register_forward_hook(lambda mod, i, o: store.__setitem__("a", o))
+    try:
+        logits = model(images.double())
+    finally:
+        handle.remove()
+    acts, y = store["a"], logits.detach().numpy()
+    grads = torch.zeros(classes.shape + acts.shape[1:], dtype=torch.float64)
+    for b in range(classes.shape[0]):
+        p = np.exp(y[b] - y[b].max()) / np.exp(y[b] - y[b].max()).sum()
+        for k in range(classes.shape[1]):
+            c = int(classes[b, k])
+            order = [j for j in np.argsort(np.abs(y[b] - y[b, c]), kind="stable") if j != c][:m]
+            w = p[order] / p[order].sum()
+            score = logits[b, c] - alpha * sum(float(wj) * logits[b, j] for wj, j in zip(w, order, strict=True))
+            (g,) = torch.autograd.grad(score, acts, retain_graph=True)
+            grads[b, k] = g[b]
+    return acts.detach(), grads
+
+
+def reference_ablation(model: nn.Module, images: Tensor, classes: Tensor, layer_name: str) -> Tensor:
+    """Ablation-CAM raw maps (B, K, h, w) in float64: one forward per (image, zeroed channel)."""
+    model = copy.deepcopy(model).double().eval()
+    layer = model.get_submodule(layer_name)
+    store: dict[str, Tensor] = {}
+    handle = layer.register_forward_hook(lambda mod, i, o: store.__setitem__("a", o.detach()))
+    with torch.no_grad():
+        logits = model(images.double())
+    handle.remove()
+    acts = store["a"]
+    out = torch.zeros(classes.shape + acts.shape[-2:], dtype=torch.float64)
+    for b in range(classes.shape[0]):
+        for ch in range(acts.shape[1]):
+
+            def zero(mod, i, o, ch=ch):
+                o = o.clone()
+                o[:, ch] = 0
+                return o
+
+            handle = layer.register_forward_hook(zero)
+            with torch.no_grad():
+                ablated = model(images[b : b + 1].double())[0]
+            handle.remove()
+            for k in range(classes.shape[1]):
+                c = int(classes[b, k])
+                weight = (logits[b, c] - ablated[c]) / logits[b, c]  # Desai and Ramaswamy Eq. 3
+                out[b, k] += weight * acts[b, ch]
+    return out
+
+
+def reference_eigencam(acts: Tensor) -> Tensor:
+    """Eigen-CAM raw maps (B, h, w): O V_1 with numpy's SVD of the uncentred (hw, C) matrix, sign to correlate
+    positively with the channel sum."""
+    out = []
+    for a in acts.double().numpy():
+        o = a.reshape(a.shape[0], -1).T  # (hw, C)
+        v = np.linalg.svd(o, full_matrices=False)[2][0]
+        proj = o @ v
+        if np.corrcoef(proj, o.sum(1))[0, 1] < 0:
+            proj = -proj
+        out.append(proj.reshape(a.shape[1:]))
+    return torch.tensor(np.stack(out))

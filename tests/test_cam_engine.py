@@ -48,6 +48,7 @@ def _kwargs(name: str) -> dict:
 
 def test_methods_registry() -> None:
     names = {"cam", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam", "guided_gradcam"}
+    names |= {"hirescam", "ablationcam", "eigencam", "finercam"}
     assert set(METHODS) == names
     assert METHODS["gradcampp"] is GradCAMPlusPlus
     assert METHODS["guided_gradcam"] is GuidedGradCAM
@@ -62,6 +63,14 @@ def _reference_default_maps(name: str, model: nn.Module, images: torch.Tensor, c
     m64, x64 = copy.deepcopy(model).double(), images.double()
     if name == "scorecam":
         raw = cm.reference_scorecam(m64, x64, classes, layer)
+    elif name == "ablationcam":
+        raw = cm.reference_ablation(m64, x64, classes, layer)
+    elif name == "eigencam":
+        acts, _ = cm.reference_activations_and_grads(m64, x64, classes, layer)
+        raw = cm.reference_eigencam(acts)[:, None].expand(-1, classes.shape[1], -1, -1)
+    elif name == "finercam":
+        acts, grads = cm.reference_finer_grads(m64, x64, classes, layer)
+        raw = cm.reference_maps("finercam", acts, grads)
     elif name == "guided_gradcam":
         acts, grads = cm.reference_activations_and_grads(m64, x64, classes, layer)
         raw = cm.reference_maps("gradcam", acts, grads).clamp(min=0) * cm.reference_guided_backprop(

@@ -13,10 +13,20 @@ try:
 except ImportError:  # plain `pytest` puts tests/ itself on sys.path
     import cam_models as cm
 
-from wsss.cam import METHODS, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM, guided_backprop
+from wsss.cam import (
+    METHODS,
+    AblationCAM,
+    EigenCAM,
+    FinerCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GuidedGradCAM,
+    ScoreCAM,
+    guided_backprop,
+)
 
 RAW = {"relu": False, "normalize": False, "upsample": False}
-GRADIENT_METHODS = ["cam", "gradcam", "gradcampp", "xgradcam", "layercam"]
+GRADIENT_METHODS = ["cam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"]
 
 # ---------------------------------------------------------------------------------------------- hand-checked
 # HandNet: A_0 = [[1, 0], [2, 1]], A_1 = [[0, 3], [1, 0]] (mean 1 each), h*w = 4, head rows w_0 = (1, -2),
@@ -194,3 +204,45 @@ def test_gradcampp_closed_form_weights_formula() -> None:
         raw = cam(images, classes, **RAW)
         assert cam.last_path == "closed_form"
     torch.testing.assert_close(raw.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("layer", ["features", "features.1"])
+def test_finercam_float64_reference(layer: str) -> None:
+    """Finer-CAM on a float64 model: the score against the 3 nearest classes, closed form and autograd."""
+    model = cm.TwoConvGAP(num_classes=6).double()
+    images = _images().double()
+    classes = torch.tensor([[0, 3, 1], [2, 5, 0]])
+    acts, grads = cm.reference_finer_grads(model, images, classes, layer)
+    expected = cm.reference_maps("finercam", acts, grads)
+    for fast_path in (None, False):
+        with FinerCAM(model, layer, fast_path=fast_path) as cam:
+            raw = cam(images, classes, **RAW)
+            assert cam.last_path == ("closed_form" if layer == "features" and fast_path is None else "autograd")
+        torch.testing.assert_close(raw, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["features", "features.1"])
+def test_ablationcam_float64_reference(layer: str) -> None:
+    """Ablation-CAM: batched ablations (and, at the GAP + fc layer, the closed form) equal one forward per
+    zeroed channel."""
+    model = cm.TwoConvGAP().double()
+    images = _images().double()
+    expected = cm.reference_ablation(model, images, CLASSES, layer)
+    for fast_path in (None, False):
+        with AblationCAM(model, layer, fast_path=fast_path, batch_size=3) as cam:
+            raw = cam(images, CLASSES, **RAW)
+            assert cam.last_path == ("closed_form" if layer == "features" and fast_path is None else "forward")
+        torch.testing.assert_close(raw, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["features", "features.1"])
+def test_eigencam_float64_reference(layer: str) -> None:
+    model = cm.TwoConvGAP().double()
+    images = _images(size=7).double()
+    acts, _ = cm.reference_activations_and_grads(model, images, CLASSES, layer)
+    expected = cm.reference_eigencam(acts)  # (B, h, w)
+    with EigenCAM(model, layer) as cam:
+        raw = cam(images, CLASSES, **RAW)
+    for k in range(CLASSES.shape[1]):  # class-agnostic: the same map for every class
+        torch.testing.assert_close(raw[:, k], expected, rtol=1e-9, atol=1e-12)
+    assert float((raw[:, 0] * acts.sum(1)).sum()) > 0  # the sign: correlated with the activations

@@ -162,3 +162,34 @@ def test_out_of_range_values_name_key_value_and_what_is_allowed(overrides, needl
         validate(_compose(overrides))
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+# IRN's values, transcribed from jiwoon-ahn/irn (run_sample.py's argparse defaults unless another file is named).
+IRN = {
+    "dataset.train_split": "train_aug",  # --train_list voc12/train_aug.txt
+    "dataset.eval_split": "train",  # --chainer_eval_set train
+    "model.backbone": "resnet50",  # --cam_network net.resnet50_cam
+    "model.output_stride": 16,  # net/resnet50_cam.py: strides=(2, 2, 2, 1)
+    "train.epochs": 5,  # --cam_num_epoches
+    "train.batch_size": 16,  # --cam_batch_size
+    "train.lr": 0.1,  # --cam_learning_rate
+    "train.weight_decay": 1e-4,  # --cam_weight_decay
+    "train.crop_size": 512,  # --cam_crop_size
+    "train.head_lr_mult": 10.0,  # step/train_cam.py: param_groups[1] at 10 * lr
+    "train.momentum": 0.0,  # misc/torchutils.py: PolyOptimizer(torch.optim.SGD) without momentum
+    "cam.scales": [1.0, 0.5, 1.5, 2.0],  # --cam_scales
+    "cam.flip": True,  # voc12/dataloader.py: VOC12ClassificationDatasetMSF stacks each scale with its flip
+    "cam.output_stride": 16,  # step/make_cam.py reads the CAM net as trained
+    "cam.norm_eps": 1e-5,  # step/make_cam.py: cam /= F.adaptive_max_pool2d(cam, (1, 1)) + 1e-5
+    "cam.canvas_stride": 16,  # step/make_cam.py: imutils.get_strided_up_size(size, 16), then [:H, :W]
+    "pseudo.threshold": 0.15,  # --cam_eval_thres
+    "affinity.conf_fg": 0.30,  # --conf_fg_thres
+    "affinity.conf_bg": 0.05,  # --conf_bg_thres
+}
+
+
+def test_irn_experiment_matches_irn():
+    cfg = _compose(["experiment=irn_voc12"])
+    for key, expected in IRN.items():
+        assert OmegaConf.select(cfg, key) == expected, key
+    assert cfg.train.optimizer == "sgd"

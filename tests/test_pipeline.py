@@ -364,3 +364,17 @@ def test_other_stores_run_end_to_end(tmp_path, store):
     z = np.load(next((pipe.artifact_dir("cams") / "maps").glob("*.npz")))
     assert str(z["store"]) == store
     assert ("maps" in z.files) == (store == "uint8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vit_b_16", "swin_t", "convnext_tiny"])
+def test_transformer_and_convnext_backbones_run_end_to_end(tmp_path, backbone):
+    """torchvision's ViT, Swin and ConvNeXt under the GAP head, at 64 px (running is the point, not quality)."""
+    pipe = Pipeline(_cfg(tmp_path, [f"model={backbone}", "cam.scales=[1.0,0.5]"]))
+    manifest = pipe.run("evaluate")
+    metrics = json.loads((pipe.artifact_dir("evaluate") / "metrics.json").read_text())
+    assert manifest["miou"] == metrics["miou"]
+    assert len(metrics["per_image_miou"]) == 24
+    z = np.load(next((pipe.artifact_dir("cams") / "maps").glob("*.npz")))
+    assert z["maps"].shape[1:] == (64, 64)
+    assert np.isfinite(z["maps"].astype(np.float32)).all()

@@ -144,9 +144,9 @@ def test_pipeline_names_no_stage():
 def test_select_on_is_a_declared_input_of_another_split(tmp_path):
     pipe = Pipeline(tiny_cfg(tmp_path, ["evaluate.select_on=val"]))
     node = pipe.node("evaluate")
-    assert node.inputs["select_cams"].split == "val"
-    assert node.inputs["cams"].split == "train"
-    assert node.inputs["select_cams"].inputs["train"] is node.inputs["cams"].inputs["train"]  # one model
+    assert node.inputs["select_maps"].split == "val"
+    assert node.inputs["maps"].split == "train"
+    assert node.inputs["select_maps"].inputs["train"] is node.inputs["maps"].inputs["train"]  # one model
     pipe.run("evaluate")
     assert pipe.report["cams[val]"] == "ran"
     assert pipe.report["train"] == "ran"

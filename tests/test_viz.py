@@ -56,9 +56,12 @@ def test_overlay_grid(tmp_path):
         gt[5:20, 5:20] = i + 1
         gt[4, 5:20] = 255
         pred = np.where(heat > 0.5, i + 1, 0).astype(np.uint8)
-        rows.append((f"image {i}", image, heat, pred, gt))
+        rows.append((f"image {i}", image, heat, [("pseudo mask", pred), ("ground truth", gt)]))
     w, h = png_size(viz.overlay_grid(rows, tmp_path / "grid.png"))
     assert (w, h) == (960, 500)  # 4 panels x 2.4 in, 2 rows x 2.4 in + 0.2 in, at 100 dpi
+    seeded = [(t, im, ht, [("seed", m[0][1]), *m]) for t, im, ht, m in rows]
+    w, h = png_size(viz.overlay_grid(seeded, tmp_path / "grid5.png"))
+    assert (w, h) == (1200, 500)  # a fifth panel: the seed beside the refined mask
     assert viz.colorize(np.array([[0, 1, 255]], np.uint8)).tolist() == [[[0, 0, 0], [128, 0, 0], [224, 224, 192]]]
 
 

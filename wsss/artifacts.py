@@ -168,7 +168,12 @@ CAM_STORES = ("float16", "uint8", "quarter")
 
 
 def write_cams(
-    path: str | Path, keys: np.ndarray, maps: np.ndarray, strided: np.ndarray, store: str = "float16"
+    path: str | Path,
+    keys: np.ndarray,
+    maps: np.ndarray,
+    strided: np.ndarray,
+    store: str = "float16",
+    background: np.ndarray | None = None,
 ) -> None:
     """Write one image's CAMs as npz (no pickles): `keys` (K,) int16 class indices, `size` (H, W), `store`.
 
@@ -176,6 +181,9 @@ def write_cams(
     - "float16": `maps` (K, H, W) float16 and `strided` (K, H/4, W/4) float16 (2 K H W bytes and 1/16 of it);
     - "uint8": `maps` quantised to round(255 x) (half of that; `read_cams` gives q / 255), `strided` float16;
     - "quarter": `strided` only (1/16 of float16); `read_cams` upsamples it bilinearly to (H, W).
+
+    `background` (H, W), for refinements that score the background (the CRF), is kept as float16: masks then
+    compare each pixel's best map with it instead of with the constant threshold.
     """
     keys = np.asarray(keys, dtype=np.int16)
     maps, strided = np.asarray(maps, dtype=np.float32), np.asarray(strided, dtype=np.float16)
@@ -184,6 +192,8 @@ def write_cams(
     if store not in CAM_STORES:
         raise ValueError(f"{path}: store must be one of {CAM_STORES}, got {store!r}")
     arrays = {"keys": keys, "size": np.array(maps.shape[1:], np.int32), "store": np.array(store), "strided": strided}
+    if background is not None:
+        arrays["background"] = np.asarray(background, dtype=np.float16)
     if store == "float16":
         arrays["maps"] = maps.astype(np.float16)
     elif store == "uint8":
@@ -193,7 +203,7 @@ def write_cams(
 
 
 def read_cams(path: str | Path) -> dict[str, np.ndarray]:
-    """One image's CAMs: `keys` (K,) int64, `maps` (K, H, W) and `strided` float32, whatever the store.
+    """One image's CAMs: `keys` (K,) int64, `maps` (K, H, W), `strided` (and `background`) float32.
 
     A damaged file is a `DamagedFileError` naming it. Files without `store` are float16 (older artifacts).
     """
@@ -224,7 +234,10 @@ def read_cams(path: str | Path) -> dict[str, np.ndarray]:
         maps = raw["maps"].astype(np.float32)
     if maps.ndim != 3 or len(maps) != len(raw["keys"]):
         raise DamagedFileError(path, f"maps {maps.shape} do not match keys {raw['keys'].shape}")
-    return {"keys": raw["keys"].astype(np.int64), "maps": maps, "strided": strided}
+    out = {"keys": raw["keys"].astype(np.int64), "maps": maps, "strided": strided}
+    if "background" in raw:
+        out["background"] = raw["background"].astype(np.float32)
+    return out
 
 
 def mask_to_rle(mask: np.ndarray, label: int) -> dict[str, Any]:

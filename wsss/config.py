@@ -43,6 +43,8 @@ Optimizer = _choice("Optimizer", ("adamw", "sgd"))
 AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
 OnError = _choice("OnError", ("raise", "skip"))
 CamStore = _choice("CamStore", ("float16", "uint8", "quarter"))
+RefineMethod = _choice("RefineMethod", ("none", "crf", "par", "superpixel", "rw"))
+SuperpixelMethod = _choice("SuperpixelMethod", ("slic", "felzenszwalb"))
 
 
 @dataclass
@@ -106,12 +108,14 @@ class CamConfig:
     """How class activation maps are computed (wsss.cam)."""
 
     method: CamMethod = CamMethod["cam"]
-    target_layer: str = "backbone.layer4"
-    output_stride: int | None = 8  # read the trained model at this stride (exact a-trous); null: as trained
+    target_layer: str = "backbone"  # the classifier's feature map, which GAP and the head read (closed form)
+    output_stride: int | None = 8  # ResNets: read at this stride (exact a-trous); other backbones: as trained
     batch_size: int = 16  # images of equal size per forward
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
     amp_dtype: AmpDtype | None = None  # bfloat16 | float16: autocast, maps accumulated in float32
+    norm_eps: float = 0.0  # each map / (its max + norm_eps); IRN's make_cam.py uses 1e-5
+    canvas_stride: int | None = None  # null: scales resized straight to (H, W); 16: IRN's padded canvas, cropped
     store: CamStore = CamStore["float16"]  # float16 | uint8 | quarter: how maps are kept on disk (README)
     memory_mb: int = 2048  # device memory for a batch's maps: more images x classes go in chunks
 
@@ -123,7 +127,44 @@ class PseudoConfig:
     threshold: float = 0.5  # from-scratch CAMs are broad; IRN's 0.15-0.16 suits ImageNet-pretrained ResNet-50
     conf_fg: float | None = None  # with conf_bg: pixels between the two thresholds become 255 (ignore)
     conf_bg: float | None = None
+    refine: RefineMethod = RefineMethod["none"]  # none | crf | par | superpixel | rw (wsss.refine; README)
     rle_json: bool = False  # also write masks.rle.json: COCO-style results with pycocotools RLE
+
+
+@dataclass
+class RefineConfig:
+    """Settings of each refinement (only the chosen method's are in its cache key)."""
+
+    workers: int = 2  # crf / superpixel: CPU processes
+    batch_size: int = 16  # par: images of one size per batch on the device
+    crf_iterations: int = 10  # PSA's crf_inference: 10 mean-field steps, Gaussian sxy 3 compat 3,
+    crf_bilateral_sxy: float = 80.0  # bilateral sxy 80, srgb 13, compat 10
+    crf_bilateral_srgb: float = 13.0
+    par_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])  # AFA's VOC setting
+    par_iterations: int = 10
+    superpixel_method: SuperpixelMethod = SuperpixelMethod["slic"]
+    superpixel_segments: int = 100  # SLIC's target number of segments
+    superpixel_compactness: float = 10.0
+    rw_radius: int = 5  # pairs closer than this at 1/4 resolution (PSA: 5 at 1/8)
+    rw_beta: float = 8.0  # PSA's beta
+    rw_steps: int = 256  # PSA's 2^logt with logt = 8
+
+
+@dataclass
+class AffinityConfig:
+    """The affinity stage: AffinityNet trained on the CAMs' confident labels (for pseudo.refine=rw)."""
+
+    conf_fg: float = 0.30  # IRN's conf_fg_thres: labelled foreground above this
+    conf_bg: float = 0.05  # IRN's conf_bg_thres: labelled background at or below this
+    radius: int = 5  # pairs closer than this (pixels at 1/4 resolution)
+    dim: int = 64  # feature dimension
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    crop_size: int | None = None  # null: as train
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    amp_dtype: AmpDtype | None = None
 
 
 @dataclass
@@ -161,6 +202,8 @@ class Config:
     stage: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
@@ -214,6 +257,11 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     out.need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
     out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0")
     out.need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
+    from wsss.models.classifier import NATIVE_STRIDE
+
+    native = NATIVE_STRIDE.get(str(m.backbone))
+    if native is not None:
+        out.need(m.output_stride == native, "model.output_stride", m.output_stride, f"{m.backbone} has stride {native}")
     if m.weights is not None and m.backbone == "resnet_tiny":
         out.need(False, "model.weights", m.weights, "resnet_tiny has no weights; use null")
     elif m.weights is not None:
@@ -244,6 +292,9 @@ def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
         out.need(c.output_stride <= m.output_stride, "cam.output_stride", c.output_stride, finer)
     out.need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
     out.need(c.memory_mb >= 16, "cam.memory_mb", c.memory_mb, "must be >= 16")
+    out.need(c.norm_eps >= 0, "cam.norm_eps", c.norm_eps, "must be >= 0")
+    if c.canvas_stride is not None:
+        out.need(c.canvas_stride >= 1, "cam.canvas_stride", c.canvas_stride, "must be >= 1 or null")
     scales = list(c.scales)
     out.need(
         bool(scales) and all(s > 0 for s in scales), "cam.scales", scales, "must be a non-empty list of values > 0"
@@ -273,6 +324,34 @@ def _masks_and_scores(p: DictConfig, e: DictConfig, out: _Problems) -> None:
         out.append(f"evaluate.select_on={e.select_on}: needs CAMs, so it cannot be used with evaluate.masks_dir")
 
 
+def _refinement(p: DictConfig, r: DictConfig, a: DictConfig, out: _Problems) -> None:
+    import importlib.util
+
+    if p.refine == "crf" and importlib.util.find_spec("pydensecrf") is None:
+        out.append("pseudo.refine=crf: needs pydensecrf2: pip install -e '.[crf]' (builds with Cython and g++)")
+    if p.refine != "none" and p.conf_fg is not None:
+        out.append(f"pseudo.refine={p.refine}: refines the threshold rule's maps; leave pseudo.conf_fg/conf_bg unset")
+    out.need(r.workers >= 1, "refine.workers", r.workers, "must be >= 1")
+    out.need(r.batch_size >= 1, "refine.batch_size", r.batch_size, "must be >= 1")
+    out.need(r.crf_iterations >= 1, "refine.crf_iterations", r.crf_iterations, "must be >= 1")
+    dil = list(r.par_dilations)
+    out.need(
+        bool(dil) and all(d >= 1 for d in dil), "refine.par_dilations", dil, "must be a non-empty list of ints >= 1"
+    )
+    out.need(r.par_iterations >= 1, "refine.par_iterations", r.par_iterations, "must be >= 1")
+    out.need(r.superpixel_segments >= 1, "refine.superpixel_segments", r.superpixel_segments, "must be >= 1")
+    out.need(r.rw_radius >= 2, "refine.rw_radius", r.rw_radius, "must be >= 2")
+    out.need(r.rw_beta > 0, "refine.rw_beta", r.rw_beta, "must be > 0")
+    out.need(r.rw_steps >= 1, "refine.rw_steps", r.rw_steps, "must be >= 1")
+    out.unit("affinity.conf_fg", a.conf_fg)
+    out.unit("affinity.conf_bg", a.conf_bg)
+    out.need(a.conf_bg <= a.conf_fg, "affinity.conf_bg", a.conf_bg, f"must be <= affinity.conf_fg={a.conf_fg}")
+    out.need(a.radius >= 2, "affinity.radius", a.radius, "must be >= 2")
+    out.need(a.epochs >= 1, "affinity.epochs", a.epochs, "must be >= 1")
+    out.need(a.batch_size >= 1, "affinity.batch_size", a.batch_size, "must be >= 1")
+    out.need(a.lr > 0, "affinity.lr", a.lr, "must be > 0")
+
+
 def _problems(cfg: DictConfig) -> list[str]:
     """Every out-of-range value or contradiction, each as `key=value: what is allowed`."""
     out = _Problems()
@@ -280,6 +359,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     _training(cfg.train, out)
     _cams(cfg.cam, cfg.model, out)
     _masks_and_scores(cfg.pseudo, cfg.evaluate, out)
+    _refinement(cfg.pseudo, cfg.refine, cfg.affinity, out)
     return list(out)
 
 
@@ -289,8 +369,10 @@ def _module_names(backbone: str) -> list[str]:
 
     from wsss.models import Classifier
 
+    from wsss.models.classifier import NATIVE_STRIDE
+
     with torch.device("meta"):
-        return [n for n, _ in Classifier(1, backbone).named_modules() if n]
+        return [n for n, _ in Classifier(1, backbone, NATIVE_STRIDE.get(backbone, 32)).named_modules() if n]
 
 
 def _close(name: str, names: list[str]) -> list[str]:

@@ -106,15 +106,18 @@ def threshold_mask(
     threshold: float,
     conf_fg: float | None = None,
     conf_bg: float | None = None,
+    background: Tensor | None = None,
 ) -> Tensor:
-    """Label map from normalised CAMs.
+    """Label map from normalised CAMs (or refined maps).
 
     Thresholds compare as the real numbers they denote (t = 0.99 against float16/float32 maps is exact, see
     `pseudo_mask`), so the masks agree with a float64 reference and with the threshold sweep.
     The plain rule is IRN's: argmax over [threshold, maps_0, ..., maps_{K-1}], ties to background, so a pixel
     is class keys[k] + 1 iff its largest map is maps_k and exceeds `threshold`. With `conf_fg` and `conf_bg`
     (IRN's cam_to_ir_label, without CRF), a pixel is foreground iff its largest map exceeds `conf_fg`,
-    background iff it is at most `conf_bg`, and 255 (ignore) in between; `threshold` is then unused.
+    background iff it is at most `conf_bg`, and 255 (ignore) in between; `threshold` is then unused. With
+    `background` (H, W) (a refinement that scores the background, the CRF), the rule is the argmax over
+    [background, maps], ties to background: the per-pixel background score replaces the constant threshold.
 
     Args:
         maps: (K, H, W) float maps in [0, 1].
@@ -122,6 +125,7 @@ def threshold_mask(
         threshold: Background score.
         conf_fg: Confident-foreground threshold (needs conf_bg).
         conf_bg: Confident-background threshold (needs conf_fg), at most conf_fg.
+        background: (H, W) per-pixel background scores, instead of `threshold`.
 
     Returns:
         (H, W) uint8 mask on maps' device: 0 background, keys[k] + 1 foreground, 255 ignore.
@@ -132,6 +136,11 @@ def threshold_mask(
         raise ValueError(f"conf_fg and conf_bg go together, got conf_fg={conf_fg}, conf_bg={conf_bg}")
     if maps.shape[0] == 0:  # no foreground class in the image
         return torch.zeros(maps.shape[-2:], dtype=torch.uint8, device=maps.device)
+    if background is not None:
+        if background.shape != maps.shape[-2:]:
+            raise ValueError(f"background {tuple(background.shape)} does not match maps {tuple(maps.shape)}")
+        m, label = winner(maps[None].float(), keys[None].long() + 1, None)  # (1, H, W) best value, its label
+        return (label[0] * (m[0] > background.to(m))).to(torch.uint8)
     if conf_fg is None:
         return pseudo_mask(maps, keys, threshold)
     return pseudo_mask(maps, keys, conf_fg=conf_fg, conf_bg=conf_bg)

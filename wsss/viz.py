@@ -109,15 +109,14 @@ def plot_class_iou(class_names: Sequence[str], iou: Sequence[float | None], path
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> Path:
-    """Loss and per-label accuracy per epoch, one panel each."""
+    """One panel per logged quantity (loss, accuracy, pair counts ...) over the epochs."""
+    keys = [k for k in history[0] if k not in ("epoch", "lr", "seconds")] if history else []
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(9, 3.2))
-    a, b = fig.subplots(1, 2)
-    a.plot(epochs, [h["loss"] for h in history], marker=".")
-    a.set(xlabel="epoch", ylabel="loss", title="multilabel soft margin loss")
-    b.plot(epochs, [h["accuracy"] for h in history], marker=".", color="tab:green")
-    b.set(xlabel="epoch", ylabel="accuracy (%)", title="per-label accuracy")
-    for ax in (a, b):
+    fig = Figure(figsize=(3.2 * max(len(keys), 1) + 1, 3.2))
+    axes = fig.subplots(1, max(len(keys), 1), squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=False):
+        ax.plot(epochs, [h[key] for h in history], marker=".")
+        ax.set(xlabel="epoch", title=key)
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -127,30 +126,35 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return _VOC[np.asarray(mask, np.uint8)]
 
 
-def overlay_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], path: str | Path) -> Path:
-    """A grid of examples, one row each: image | heat map over image | pseudo mask | ground truth.
+def overlay_grid(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[tuple[str, np.ndarray]]]], path: str | Path
+) -> Path:
+    """A grid of examples, one row each: image | heat map over image | one panel per label map.
 
     Args:
-        rows: (title, image (H, W, 3) uint8, heat (H, W) float in [0, 1], pred (H, W) uint8,
-            gt (H, W) uint8) per row; sizes may differ between rows.
-        path: Output PNG: 4 panels of 2.4 inches (240 pixels) wide, each row 2.4 inches high plus a title.
+        rows: (title, image (H, W, 3) uint8, heat (H, W) float in [0, 1], [(name, label map (H, W) uint8), ...])
+            per row, e.g. the pseudo mask and the ground truth, or seed, refined mask and ground truth; every
+            row has the same panels; sizes may differ between rows.
+        path: Output PNG: panels of 2.4 inches (240 pixels) wide, each row 2.4 inches high plus a title.
 
     Returns:
         `path`.
     """
     if not rows:
         raise ValueError("overlay_grid needs at least one row")
-    fig = Figure(figsize=(4 * 2.4, len(rows) * 2.4 + 0.2), layout="constrained")
-    axes = fig.subplots(len(rows), 4, squeeze=False)
-    for r, (title, image, heat, pred, gt) in enumerate(rows):
+    cols = 2 + len(rows[0][3])
+    fig = Figure(figsize=(cols * 2.4, len(rows) * 2.4 + 0.2), layout="constrained")
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (title, image, heat, masks) in enumerate(rows):
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"row {r} ({title}): image must be (H, W, 3), got {image.shape}")
+        if len(masks) != cols - 2:
+            raise ValueError(f"row {r} ({title}): {len(masks)} label maps, the first row has {cols - 2}")
         panels = [
             ("image", image, None),
             ("CAM", image, np.clip(np.asarray(heat, np.float32), 0, 1)),
-            ("pseudo mask", colorize(pred), None),
-            ("ground truth", colorize(gt), None),
+            *[(name, colorize(m), None) for name, m in masks],
         ]
         for c, (name, rgb, over) in enumerate(panels):
             ax = axes[r, c]

@@ -24,9 +24,11 @@ from torch.utils.hooks import RemovableHandle
 
 from .head import LinearHead, explicit_head, find_head_candidates, verified_head
 from .ops import (
+    Reshape,
     autocast,
     class_gradients,
     combine,
+    default_reshape,
     frozen_eval,
     model_device,
     normalize_maps,
@@ -46,14 +48,14 @@ class _Capture:
 
     cut: bool  # start a fresh autograd graph at the hooked activation (autograd path)
     calls: int = 0
-    activations: Tensor | None = None  # (B, C, h, w); a leaf requiring grad when cut
+    activations: Tensor | None = None  # the layer's output as it is (maps or tokens); a leaf requiring grad when cut
     errors: list[str] = field(default_factory=list)
 
     def __call__(self, module: nn.Module, args: tuple[object, ...], output: object) -> Tensor | None:
         self.calls += 1
-        if not isinstance(output, Tensor) or output.ndim != 4:
+        if not isinstance(output, Tensor) or output.ndim not in (3, 4):
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            self.errors.append(f"target layer output must be a (B, C, h, w) tensor, got {shape}")
+            self.errors.append(f"target layer output must be a (B, C, h, w) map or (B, N, C) tokens, got {shape}")
             return None
         if self.cut:
             # Detach so that the backward stops here; hand a copy downstream so that an in-place op after the
@@ -91,6 +93,10 @@ class BaseCAM(ABC):
         amp_dtype: run the model under ``torch.autocast`` with this dtype
             (``torch.bfloat16``/``torch.float16``); weights and maps are still computed in float32.
         norm_eps: 0 divides each map by exactly its max (all-zero maps stay zero); IRN uses max + 1e-5.
+        reshape: ``reshape(output, (H, W)) -> (B, C, h, w)`` for a layer whose output is not a (B, C, h, w)
+            map (timm or DINOv2 tokens, say). None finds it for torchvision's VisionTransformer (patch tokens,
+            class and register tokens dropped, the grid from the input size and the patch size) and
+            SwinTransformer ((B, h, w, C) stages); other layers are taken as they are.
     """
 
     uses_gradients: ClassVar[bool] = True
@@ -109,6 +115,7 @@ class BaseCAM(ABC):
         counterfactual: bool = False,
         amp_dtype: torch.dtype | None = None,
         norm_eps: float = 0.0,
+        reshape: Reshape | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
@@ -124,6 +131,7 @@ class BaseCAM(ABC):
             raise ValueError(f"{type(self).__name__} has no closed form; fast_path=True cannot apply")
         self.model = model
         self.layer_name, self.layer = resolve_layer(model, target_layer)
+        self.reshape = reshape if reshape is not None else default_reshape(model, self.layer)
         self.heads: list[LinearHead] = [explicit_head(model, head)] if head is not None else find_head_candidates(model)
         self.fast_path = fast_path
         self.counterfactual = counterfactual
@@ -134,6 +142,10 @@ class BaseCAM(ABC):
         self._handles: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ the one function a method overrides
+
+    def score_coefficients(self, logits: Tensor, classes: Tensor) -> Tensor | None:
+        """What is differentiated for class k: None for its logit, or (B, K, N) weights of a combination."""
+        return None
 
     @abstractmethod
     def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
@@ -202,6 +214,7 @@ class BaseCAM(ABC):
         flip: bool = True,
         *,
         stride: int = 4,
+        canvas_stride: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Multi-scale, flip-augmented maps as IRN computes them for pseudo-labels (Ahn et al. 2019).
 
@@ -215,6 +228,9 @@ class BaseCAM(ABC):
             scales: image scale factors.
             flip: add the horizontally flipped image at every scale.
             stride: output stride of the strided maps.
+            canvas_stride: None resizes each scale's maps straight to (H, W). An integer s resizes them to the
+                canvas (ceil(H/s) s, ceil(W/s) s) and crops its top-left (H, W), as IRN's ``make_cam.py``
+                does with s = 16 (``get_strided_up_size``).
 
         Returns:
             ``(highres, strided)``: (B, K, H, W) and (B, K, ceil(H/stride), ceil(W/stride)) maps in [0, 1].
@@ -222,10 +238,18 @@ class BaseCAM(ABC):
         images, classes = self._check_inputs(images, classes)
         if not scales or any(not s > 0 for s in scales):
             raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride!r}")
+        if stride < 1 or (canvas_stride is not None and canvas_stride < 1):
+            raise ValueError(f"stride and canvas_stride must be >= 1, got {stride!r}, {canvas_stride!r}")
         batch, _, height, width = images.shape
         strided_size = (math.ceil(height / stride), math.ceil(width / stride))
+        canvas = (
+            (height, width)
+            if canvas_stride is None
+            else (
+                math.ceil(height / canvas_stride) * canvas_stride,
+                math.ceil(width / canvas_stride) * canvas_stride,
+            )
+        )
         pair_classes = torch.cat([classes, classes]) if flip else classes  # (2B, K) or (B, K)
         highres: Tensor | None = None
         strided: Tensor | None = None
@@ -237,7 +261,7 @@ class BaseCAM(ABC):
             maps = self._native_maps(scaled, pair_classes, relu=True)  # (2B, K, h, w)
             if flip:
                 maps = maps[:batch] + maps[batch:].flip(-1)  # (B, K, h, w)
-            up = resize_maps(maps, (height, width))  # (B, K, H, W)
+            up = resize_maps(maps, canvas)[..., :height, :width]  # (B, K, H, W)
             down = resize_maps(maps, strided_size)  # (B, K, ceil(H/4), ceil(W/4))
             highres = up if highres is None else highres + up
             strided = down if strided is None else strided + down
@@ -273,14 +297,17 @@ class BaseCAM(ABC):
         grad_mode = torch.enable_grad() if cut else torch.no_grad()
         with self._hooks(capture), torch.inference_mode(False), grad_mode, self._autocast(images.device):
             logits = self.model(images)
-        activations = self._checked_activations(capture, logits)
+        raw = self._checked_activations(capture, logits)
+        size = tuple(images.shape[-2:])
+        activations = self.reshape(raw, size)  # (B, C, h, w)
         compute = torch.promote_types(activations.dtype, torch.float32)
+        self._last_logits = logits.detach()
+        coefficients = self.score_coefficients(logits.detach(), classes)
         if try_closed_form:
             head = verified_head(self.heads, activations.detach(), logits.detach(), self.amp_dtype)
             if head is not None:
                 self.last_path = "closed_form"
-                size = tuple(activations.shape[-2:])
-                grads = head.score_gradients(classes, size, compute)  # (B, K, C, 1, 1)
+                grads = head.score_gradients(classes, tuple(activations.shape[-2:]), compute, coefficients)
                 return activations.detach().to(compute), -grads if self.counterfactual else grads
             if self.fast_path:
                 raise ValueError(
@@ -291,7 +318,8 @@ class BaseCAM(ABC):
             self.last_path = "forward"
             return activations.detach().to(compute), None
         self.last_path = "autograd"
-        grads = class_gradients(logits, classes, activations).to(compute)  # (B, K, C, h, w)
+        grads = class_gradients(logits, classes, raw, coefficients)  # (B, K, *raw.shape[1:])
+        grads = self.reshape(grads.flatten(0, 1), size).unflatten(0, grads.shape[:2]).to(compute)  # (B, K, C, h, w)
         return activations.detach().to(compute), -grads if self.counterfactual else grads
 
     def _checked_activations(self, capture: _Capture, logits: object) -> Tensor:

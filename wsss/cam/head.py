@@ -74,20 +74,25 @@ class LinearHead:
         error = (predicted - reference).abs().amax()
         return error <= tolerance * reference.abs().amax()
 
-    def score_gradients(self, classes: Tensor, spatial_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    def score_gradients(
+        self, classes: Tensor, spatial_size: tuple[int, int], dtype: torch.dtype, coefficients: Tensor | None = None
+    ) -> Tensor:
         """The closed-form gradient ``dS_c / dA_k(i, j) = w_ck / (h * w)`` for every requested class.
 
         Args:
             classes: (B, K) class indices (no padding: callers clamp it away).
             spatial_size: (h, w) of the hooked activations.
             dtype: dtype of the result.
+            coefficients: (B, K, N): scores that combine logits, ``S_k = sum_n c_kn y_n`` (their gradient is
+                ``sum_n c_kn w_n / (h * w)``); None for one logit per class.
 
         Returns:
             (B, K, C, 1, 1) gradients, constant over the (h, w) positions they stand for.
         """
         h, w = spatial_size
         weight = self.weight().to(dtype)  # (N, C)
-        return (weight[classes] / (h * w))[..., None, None]  # (B, K, C, 1, 1)
+        rows = weight[classes] if coefficients is None else torch.einsum("bkn,nc->bkc", coefficients.to(dtype), weight)
+        return (rows / (h * w))[..., None, None]  # (B, K, C, 1, 1)
 
 
 def as_linear_head(module: nn.Module, name: str = "") -> LinearHead | None:

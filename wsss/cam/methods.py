@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .base import BaseCAM
 from .guided import guided_backprop
-from .ops import resize_maps
+from .ops import resize_maps, zero_channels
 
 
 def _positions(activations: Tensor) -> int:
@@ -195,6 +195,116 @@ class GuidedGradCAM(GradCAM):
         )
 
 
+class HiResCAM(BaseCAM):
+    """HiResCAM: every position keeps its own gradient (no averaging), so the map is faithful to the score.
+
+    Draelos and Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional neural
+    networks", arXiv:2011.08891 (2020). At a GAP + linear head the gradient is w_ck / hw everywhere, so the map
+    is CAM's divided by hw: equal after max normalisation.
+    """
+
+    def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
+        assert grads is not None
+        # Draelos and Carin 2020, Sec. 3.3: A~^c = sum_f (dy^c / dA^f) (.) A^f, element-wise per position
+        return grads  # (B, K, C, h, w), or (B, K, C, 1, 1) in closed form
+
+
+class AblationCAM(BaseCAM):
+    """Ablation-CAM: a channel weighs as much as the class score drops when the channel is zeroed.
+
+    Desai and Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional Network via Gradient-free
+    Localization", WACV 2020. The ablated forwards are batched (``batch_size`` copies of an image, each with
+    another channel zeroed at the hooked layer). At a GAP + linear head the drop is exact without them:
+    y^c - y^c_k = w_ck mean_ij A_k(i, j). Token and channels-last layers of torchvision's ViT and Swin are
+    ablated in their own layout.
+    """
+
+    uses_gradients = False
+    supports_counterfactual = False
+
+    def __init__(self, model: nn.Module, target_layer: str | nn.Module, *, batch_size: int = 32, **kwargs) -> None:
+        super().__init__(model, target_layer, **kwargs)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
+        y = self._last_logits.gather(1, classes).to(activations.dtype)[..., None]  # (B, K, 1)
+        if grads is not None:  # closed form: grads are w_ck / hw, so w_ck mean(A_k) = grads * sum_ij A_k
+            drop = grads[..., 0, 0] * activations.sum((-2, -1))[:, None]  # (B, K, C)
+        else:
+            drop = y - self._ablated_scores(images, classes, activations.shape).to(y)
+        # Desai and Ramaswamy 2020, Eq. 3: w_k^c = (y^c - y^c_k) / y^c
+        return torch.where(y != 0, drop / torch.where(y != 0, y, 1), 0)
+
+    def _ablated_scores(self, images: Tensor, classes: Tensor, shape: torch.Size) -> Tensor:
+        """(B, K, C) class scores with each channel of the hooked layer zeroed in turn."""
+        layout = getattr(self.reshape, "layout", None)
+        batch, channels, h, w = shape
+        out = torch.empty(batch, classes.shape[1], channels, device=images.device, dtype=torch.float64)
+        for b in range(batch):
+            for start in range(0, channels, self.batch_size):
+                chosen = torch.arange(start, min(channels, start + self.batch_size), device=images.device)
+                ablate = lambda module, args, output, chosen=chosen: zero_channels(output, chosen, h * w, layout)  # noqa: E731
+                with self._hooks(ablate):
+                    logits = self._logits(images[b : b + 1].expand(len(chosen), -1, -1, -1))  # (n, N)
+                out[b, :, start : start + len(chosen)] = logits[:, classes[b]].T.double()
+        return out
+
+
+class EigenCAM(BaseCAM):
+    """Eigen-CAM: the activations projected on their first principal direction; the same map for every class.
+
+    Muhammad and Yeasin, "Eigen-CAM: Class Activation Map using Principal Components", IJCNN 2020,
+    arXiv:2008.00299: the map is O V_1, with V_1 the first right singular vector of the (hw, C) activation
+    matrix O (uncentred, as the paper writes it; pytorch-grad-cam centres O first). The sign of a singular
+    vector is arbitrary: it is chosen so that the map correlates positively with the channel sum of O.
+    """
+
+    uses_gradients = False
+    has_closed_form = False
+    supports_counterfactual = False
+
+    def weights(self, activations: Tensor, grads: Tensor | None, images: Tensor, classes: Tensor) -> Tensor:
+        o = activations.flatten(2).transpose(1, 2)  # (B, hw, C)
+        v = torch.linalg.svd(o, full_matrices=False).Vh[:, 0]  # (B, C) first right singular vector
+        projection = torch.einsum("bpc,bc->bp", o, v)  # (B, hw)
+        total = o.sum(2)
+        corr = ((projection - projection.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
+        v = v * torch.where(corr < 0, -1.0, 1.0).to(v)[:, None]
+        return v[:, None, :].expand(-1, classes.shape[1], -1)  # (B, K, C): class-agnostic
+
+
+class FinerCAM(GradCAM):
+    """Finer-CAM: Grad-CAM of the target's logit against the logits of its most similar classes.
+
+    Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for Visual Explanation", CVPR 2025.
+    The score is y_c - alpha sum_j p^_j y_j over the ``num_compare`` classes whose logits are closest to y_c,
+    p^_j their softmax probabilities renormalised over them (as pytorch-grad-cam's FinerWeightedTarget; here
+    the p^_j are constants of the score, so at a GAP + linear head it has the closed form
+    (w_c - alpha sum_j p^_j w_j) / hw).
+    """
+
+    def __init__(
+        self, model: nn.Module, target_layer: str | nn.Module, *, alpha: float = 1.0, num_compare: int = 3, **kwargs
+    ) -> None:
+        super().__init__(model, target_layer, **kwargs)
+        if num_compare < 1:
+            raise ValueError(f"num_compare must be >= 1, got {num_compare!r}")
+        self.alpha, self.num_compare = alpha, num_compare
+
+    def score_coefficients(self, logits: Tensor, classes: Tensor) -> Tensor:
+        n = logits.shape[1]
+        m = min(self.num_compare, n - 1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        distance = (logits[:, None, :] - logits.gather(1, classes)[..., None]).abs()  # (B, K, N)
+        distance.scatter_(2, classes[..., None], torch.inf)  # never compare a class with itself
+        near = distance.topk(m, dim=2, largest=False).indices  # (B, K, m)
+        p = torch.softmax(logits, -1)[:, None, :].expand(-1, classes.shape[1], -1).gather(2, near)  # (B, K, m)
+        coefficients = F.one_hot(classes, n).to(logits.dtype)  # (B, K, N)
+        return coefficients.scatter_add(2, near, -self.alpha * p / p.sum(-1, keepdim=True))
+
+
 METHODS: dict[str, type[BaseCAM]] = {
     "cam": CAM,
     "gradcam": GradCAM,
@@ -203,6 +313,10 @@ METHODS: dict[str, type[BaseCAM]] = {
     "layercam": LayerCAM,
     "scorecam": ScoreCAM,
     "guided_gradcam": GuidedGradCAM,
+    "hirescam": HiResCAM,
+    "ablationcam": AblationCAM,
+    "eigencam": EigenCAM,
+    "finercam": FinerCAM,
 }
 """Method classes by name, as used in configs."""
 

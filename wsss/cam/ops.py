@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from difflib import get_close_matches
 
@@ -97,16 +97,24 @@ def combine(weights: Tensor, activations: Tensor) -> Tensor:
     return (weights * activations.unsqueeze(1)).sum(2)  # (B, K, h, w)
 
 
-def class_gradients(logits: Tensor, classes: Tensor, activations: Tensor) -> Tensor:
+def class_gradients(logits: Tensor, classes: Tensor, activations: Tensor, coefficients: Tensor | None = None) -> Tensor:
     """``dS[b, k] / dA[b]`` for all K classes in one vmapped backward that stops at the hooked layer.
 
     Samples are independent in eval mode, so the gradient of ``sum_b S[b, k]`` w.r.t. ``A[b]`` is the
     per-sample one; the K one-hot ``grad_outputs`` are batched with ``is_grads_batched`` instead of K separate
-    backwards.
+    backwards. With ``coefficients`` (B, K, N), the score k is the combination ``sum_n coefficients[b, k, n]
+    logits[b, n]`` instead of one logit (FinerCAM's target against similar classes).
 
     Returns:
-        (B, K, C, h, w) gradients.
+        (B, K, *activations.shape[1:]) gradients.
     """
+    if coefficients is not None:
+        with torch.inference_mode(False), torch.enable_grad():
+            grad_outputs = coefficients.to(logits.dtype).transpose(0, 1).contiguous()  # (K, B, N)
+            (grads,) = torch.autograd.grad(
+                logits, activations, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
+            )
+        return used_grads(grads).transpose(0, 1)
     with torch.inference_mode(False), torch.enable_grad():  # also inside the caller's no_grad/inference_mode
         # gather saves its index for backward; a clone is never an inference tensor
         scores = logits.gather(1, classes.clone())  # (B, K)
@@ -126,3 +134,80 @@ def used_grads(grads: Tensor | None) -> Tensor:
     if grads is None:
         raise ValueError("the logits do not depend on the target layer's output")
     return grads
+
+
+# ------------------------------------------------------------------ token layers (ViT, Swin) as maps
+
+Reshape = Callable[[Tensor, tuple[int, int]], Tensor]
+"""(hooked output, input size (H, W)) -> (B, C, h, w): how a non-convolutional layer's output becomes maps."""
+
+
+def identity_layout(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """A (B, C, h, w) output as it is."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"target layer output must be a (B, C, h, w) tensor, got {tuple(x.shape)}; for tokens pass reshape="
+        )
+    return x
+
+
+def vit_tokens(patch_size: int) -> Reshape:
+    """(B, N, C) ViT tokens -> (B, C, H/p, W/p).
+
+    The last (H/p)(W/p) tokens are the patches, row-major; the ones before them (class token, register tokens)
+    are dropped.
+    """
+
+    def reshape(x: Tensor, size: tuple[int, int]) -> Tensor:
+        h, w = size[0] // patch_size, size[1] // patch_size
+        if x.ndim != 3 or x.shape[1] < h * w:
+            raise ValueError(f"ViT tokens must be (B, N >= {h * w}, C) for a {size} input, got {tuple(x.shape)}")
+        return x[:, x.shape[1] - h * w :].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+    reshape.layout = "tokens"  # where channel k lives in the raw output (AblationCAM zeroes it there)
+    return reshape
+
+
+def channels_last(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, h, w, C) (Swin's stages) -> (B, C, h, w)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a (B, h, w, C) output, got {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2)
+
+
+identity_layout.layout = "maps"
+channels_last.layout = "channels_last"
+
+
+def zero_channels(raw: Tensor, channels: Tensor, num_patches: int, layout: str) -> Tensor:
+    """A copy of `raw` (n copies of one output, in its own layout) with channel channels[i] zeroed in copy i."""
+    out = raw.clone()
+    rows = torch.arange(out.shape[0], device=out.device)
+    if layout == "maps":
+        out[rows, channels] = 0
+    elif layout == "channels_last":
+        out.permute(0, 3, 1, 2)[rows, channels] = 0
+    elif layout == "tokens":
+        out[:, out.shape[1] - num_patches :].permute(0, 2, 1)[rows, channels] = 0
+    else:
+        raise ValueError(f"cannot ablate channels of a layer with layout {layout!r}")
+    return out
+
+
+def default_reshape(model: nn.Module, layer: nn.Module) -> Reshape:
+    """The layout of `layer`'s output, from where it sits in `model`.
+
+    Tokens inside a torchvision VisionTransformer, channels-last inside a torchvision SwinTransformer (its
+    `features` and `norm`), (B, C, h, w) otherwise.
+    """
+    from torchvision.models import SwinTransformer, VisionTransformer
+
+    for m in model.modules():
+        inside = any(sub is layer for sub in m.modules())
+        if isinstance(m, VisionTransformer) and inside and layer is not m.heads and layer is not m.conv_proj:
+            return vit_tokens(m.patch_size)
+        if isinstance(m, SwinTransformer) and any(sub is layer for sub in m.features.modules()):
+            return channels_last
+        if isinstance(m, SwinTransformer) and layer is m.norm:
+            return channels_last
+    return identity_layout

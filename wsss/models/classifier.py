@@ -9,11 +9,13 @@ Because the head is linear and bias-free after GAP, the class activation map of 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
@@ -54,7 +56,58 @@ BACKBONES: dict[str, tuple[Any, int]] = {
     "resnet18": (torchvision.models.resnet18, 512),
     "resnet34": (torchvision.models.resnet34, 512),
     "resnet50": (torchvision.models.resnet50, 2048),
+    "convnext_tiny": (torchvision.models.convnext_tiny, 768),
+    "swin_t": (torchvision.models.swin_t, 768),
+    "vit_b_16": (torchvision.models.vit_b_16, 768),
 }
+# The output stride of backbones that cannot be dilated (ResNets can: 32, 16 or 8).
+NATIVE_STRIDE = {"convnext_tiny": 32, "swin_t": 32, "vit_b_16": 16}
+
+
+class SwinFeatures(nn.Module):
+    """torchvision Swin's stages and final norm as a (B, C, h, w) map: (B, 3, H, W) -> (B, 768, H/32, W/32)."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.features, self.norm = trunk.features, trunk.norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.features(x)).permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w)
+
+
+class ViTFeatures(nn.Module):
+    """torchvision ViT's patch tokens as a (B, C, h, w) map, at any input size (a multiple of the patch size).
+
+    The position embedding of the patch grid is resized bicubically to the input's grid (as DINO and ToCo do),
+    so crops, other image sizes and the multi-scale CAMs all work; the class token stays in the sequence (the
+    blocks attend to it, as pretrained) and is dropped at the end, where the GAP head reads the patches.
+    """
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.patch_size = trunk.patch_size
+        self.conv_proj, self.class_token, self.encoder = trunk.conv_proj, trunk.class_token, trunk.encoder
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """(1, 1 + h w, C): the class token's embedding and the grid's, resized to (h, w)."""
+        pos = self.encoder.pos_embedding  # (1, 1 + g g, C)
+        g = math.isqrt(pos.shape[1] - 1)
+        if (h, w) == (g, g):
+            return pos
+        grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))  # zero (mean colour) up to the patch grid
+        t = self.conv_proj(x)  # (B, C, h, w)
+        b, c, h, w = t.shape
+        t = torch.cat([self.class_token.expand(b, -1, -1), t.flatten(2).transpose(1, 2)], 1)  # (B, 1 + hw, C)
+        t = self.encoder.dropout(t + self.position_embedding(h, w))
+        t = self.encoder.ln(self.encoder.layers(t))
+        return t[:, 1:].transpose(1, 2).reshape(b, c, h, w)  # patch tokens as a map
 
 
 def halve_output_stride(stages: list[nn.Module]) -> None:
@@ -80,7 +133,7 @@ def halve_output_stride(stages: list[nn.Module]) -> None:
         raise ValueError("no stride-2 3x3 conv to remove: the output stride is already as fine as it gets")
 
 
-def _load_trunk(backbone: str, weights: str | None) -> ResNet:
+def _load_trunk(backbone: str, weights: str | None) -> nn.Module:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     builder, _ = BACKBONES[backbone]
@@ -122,17 +175,28 @@ class Classifier(nn.Module):
             "weights": None,  # a checkpoint carries the trained weights; never re-download on rebuild
         }
         trunk = _load_trunk(backbone, weights)
-        self.backbone = nn.Sequential(
-            OrderedDict(
-                stem=nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool),
-                layer1=trunk.layer1,
-                layer2=trunk.layer2,
-                layer3=trunk.layer3,
-                layer4=trunk.layer4,
+        if backbone in NATIVE_STRIDE:
+            if output_stride != NATIVE_STRIDE[backbone]:
+                raise ValueError(f"{backbone} has output stride {NATIVE_STRIDE[backbone]}, got {output_stride}")
+            self.output_stride = NATIVE_STRIDE[backbone]
+            if backbone == "vit_b_16":
+                self.backbone = ViTFeatures(trunk)
+            elif backbone == "swin_t":
+                self.backbone = SwinFeatures(trunk)
+            else:
+                self.backbone = trunk.features  # ConvNeXt: (B, 768, H/32, W/32)
+        else:
+            self.backbone = nn.Sequential(
+                OrderedDict(
+                    stem=nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool),
+                    layer1=trunk.layer1,
+                    layer2=trunk.layer2,
+                    layer3=trunk.layer3,
+                    layer4=trunk.layer4,
+                )
             )
-        )
-        self.output_stride = 32
-        self.set_output_stride(output_stride)
+            self.output_stride = 32
+            self.set_output_stride(output_stride)
         channels = BACKBONES[backbone][1]
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.head.weight)
@@ -150,6 +214,11 @@ class Classifier(nn.Module):
         """
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        backbone = self.kwargs["backbone"]
+        if backbone in NATIVE_STRIDE:  # no dilation for these: read as trained
+            if output_stride != self.output_stride:
+                log.info("%s is read at its own output stride %d, not %d", backbone, self.output_stride, output_stride)
+            return self
         if output_stride > self.output_stride:
             raise ValueError(f"cannot coarsen output stride {self.output_stride} to {output_stride}")
         b = self.backbone

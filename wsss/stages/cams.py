@@ -55,9 +55,9 @@ def _multiscale(cam: Any, images: torch.Tensor, classes: torch.Tensor, cc: Any) 
     for r in range(0, b, rows):
         row_high, row_low = [], []
         for c in range(0, k, cols):
-            hi, lo = cam.multiscale(
-                images[r : r + rows], classes[r : r + rows, c : c + cols], tuple(cc.scales), cc.flip
-            )
+            chunk = classes[r : r + rows, c : c + cols]
+            canvas = getattr(cc, "canvas_stride", None)
+            hi, lo = cam.multiscale(images[r : r + rows], chunk, tuple(cc.scales), cc.flip, canvas_stride=canvas)
             row_high.append(hi.cpu())
             row_low.append(lo.cpu())
         high.append(torch.cat(row_high, 1))
@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     empty = 0
     bar = progress(total=len(todo), desc=f"cams {cc.method}", unit="img")
     amp = AMP_DTYPES[None if cc.amp_dtype is None else str(cc.amp_dtype)]
-    with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp) as cam:
+    with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp, norm_eps=cc.norm_eps) as cam:
         for batch in loader:
             for group in _by_size(batch):
                 images = normalize(torch.stack([it["image"] for it in group]).to(ctx.device))  # (B, 3, H, W)

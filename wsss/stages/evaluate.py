@@ -32,6 +32,7 @@ from wsss.metrics import (
     scores,
     threshold_curves,
 )
+from wsss.pseudo import threshold_mask
 from wsss.stages.base import (
     Artifact,
     Fingerprints,
@@ -90,10 +91,31 @@ def _read_prediction(masks_dir: Path, image_id: str, gt: torch.Tensor, split: st
     return pred
 
 
+class _Seeds:
+    """The seeds beside refined masks: the rule applied to the raw CAMs, scored, and the CAMs swept."""
+
+    def __init__(self, maps_dir: Path, rule: dict[str, Any], num_labels: int, thresholds: list[float], device) -> None:
+        self.maps_dir, self.rule = maps_dir, rule
+        self.cm = ConfusionMatrix(num_labels, device=device)
+        self.sweep = ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device)
+
+    def update(self, image_id: str, gt: Tensor) -> None:
+        cams = read_cams(self.maps_dir / f"{image_id}.npz")
+        maps = torch.from_numpy(cams["maps"]).to(gt.device)  # (K, H, W)
+        keys = torch.from_numpy(cams["keys"]).to(gt.device)
+        self.cm.update(gt, threshold_mask(maps, keys, self.rule["threshold"]))
+        self.sweep.update(maps, keys, gt)
+
+
 def _score_pass(
-    source: SegmentationSource, masks_dir: Path, maps_dir: Path | None, thresholds: list[float], device: torch.device
+    source: SegmentationSource,
+    masks_dir: Path,
+    maps_dir: Path | None,
+    thresholds: list[float],
+    device: torch.device,
+    seeds: _Seeds | None = None,
 ) -> tuple[ConfusionMatrix, ThresholdSweep | None, dict[str, float]]:
-    """One pass over the split: the masks' confusion matrix, per-image mIoU, and the maps' sweep if any."""
+    """One pass over the split: the masks' confusion matrix, per-image mIoU, the maps' sweep (and the seeds')."""
     num_labels = source.num_classes + 1
     cm = ConfusionMatrix(num_labels, device=device)
     sweep = ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device) if maps_dir else None
@@ -107,7 +129,22 @@ def _score_pass(
             cams = read_cams(maps_dir / f"{image_id}.npz")
             maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)  # (K, H, W)
             sweep.update(maps, torch.from_numpy(cams["keys"]).to(device).long(), gt)
+        if seeds is not None:
+            seeds.update(image_id, gt)
     return cm, sweep, per_image
+
+
+def _side_by_side(name: str, split: str, masks: dict, entries: dict, names: list[str]) -> dict[str, Any]:
+    """The "seeds" or "masks" block: mIoU of the masks made by the rule, and the sweep's best and PxAP."""
+    return {
+        "name": name,
+        "split": split,
+        "miou": round(masks["miou"], 4),
+        "iou": _named(masks["iou"], names),
+        "sweep_best_miou": entries["sweep"]["best"]["miou"],
+        "sweep_best_threshold": entries["sweep"]["best_threshold"],
+        "pxap": entries["pxap"]["pxap"],
+    }
 
 
 def _sweep_report(sweep: ThresholdSweep, thresholds: list[float], source: SegmentationSource) -> tuple[Tensor, dict]:
@@ -140,22 +177,29 @@ def _mask_rule(pseudo: dict[str, Any]) -> dict[str, Any]:
     return {"threshold": pseudo["threshold"]}
 
 
+def _inputs(ctx: StageContext) -> tuple[Path, Path | None, dict[str, Any] | None, Path | None]:
+    """masks dir, maps dir (CAMs or refined maps), the masks' rule, and the seeds' CAM dir when refined."""
+    ev = ctx.cfg.evaluate
+    if ev.masks_dir:
+        masks_dir = Path(ev.masks_dir)
+        if not masks_dir.is_dir():
+            raise FileNotFoundError(f"evaluate.masks_dir not found: {masks_dir}")
+        return masks_dir, None, None, None
+    masks, maps = ctx.inputs["masks"], ctx.inputs["maps"]
+    check_classes(masks, ctx.source().class_names)
+    seeds = ctx.inputs["seeds"].path("maps_dir") if "seeds" in ctx.inputs else None
+    return masks.path("masks_dir"), maps.path("maps_dir"), _mask_rule(masks.manifest["config"]["pseudo"]), seeds
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     """Score the masks (and sweep the maps) of the split; write metrics.json, summary.md and figures."""
     ev = ctx.cfg.evaluate
     source = ctx.source()
     names = ["background", *source.class_names]
-    if ev.masks_dir:
-        masks_dir, maps_dir, rule = Path(ev.masks_dir), None, None
-        if not masks_dir.is_dir():
-            raise FileNotFoundError(f"evaluate.masks_dir not found: {masks_dir}")
-    else:
-        masks, cams = ctx.inputs["masks"], ctx.inputs["cams"]
-        check_classes(masks, source.class_names)
-        masks_dir, maps_dir = masks.path("masks_dir"), cams.path("maps_dir")
-        rule = _mask_rule(masks.manifest["config"]["pseudo"])
+    masks_dir, maps_dir, rule, seeds_dir = _inputs(ctx)
     thresholds = parse_thresholds(ev.thresholds)
-    cm, sweep, per_image = _score_pass(source, masks_dir, maps_dir, thresholds, ctx.device)
+    seeds = _Seeds(seeds_dir, rule, len(names), thresholds, ctx.device) if seeds_dir else None
+    cm, sweep, per_image = _score_pass(source, masks_dir, maps_dir, thresholds, ctx.device, seeds)
     masks_scores = cm.scores()
     result: dict[str, Any] = {
         "dataset": source.identity(),
@@ -163,7 +207,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "class_names": source.class_names,
         "masks_dir": str(masks_dir),
         "masks_rule": rule,
-        "model": None if ev.masks_dir else ctx.inputs["cams"].manifest.get("model"),
+        "refine": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("method"),
+        "model": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("model"),
         "environment": environment(ctx.device),
         "num_images": len(source.ids),
         "skipped": dict(source.skipped),
@@ -173,9 +218,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if sweep is not None:
         cms, entries = _sweep_report(sweep, thresholds, source)
         result.update(entries)
+        if seeds is not None:  # refined: the seeds and the masks side by side, on the same split
+            _, seed_entries = _sweep_report(seeds.sweep, thresholds, source)
+            result["seeds"] = _side_by_side("seeds", source.split, seeds.cm.scores(), seed_entries, names)
+            result["masks"] = _side_by_side(f"masks ({result['refine']})", source.split, masks_scores, entries, names)
         if ev.select_on:
             sel_source = ctx.source(ev.select_on)
-            sel_maps = ctx.inputs["select_cams"].path("maps_dir")
+            sel_maps = ctx.inputs["select_maps"].path("maps_dir")
             sel = sweep_split(sel_source, sel_maps, thresholds, ctx.device, f"select on {ev.select_on}")
             headline_t, _ = best_threshold(sel.compute(), thresholds)
             headline = scores(cms[thresholds.index(headline_t)])
@@ -193,11 +242,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         per_image_miou={i: round(per_image[i], 3) for i in source.ids},
     )
     write_json(ctx.out_dir / "metrics.json", result)
-    _write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir)
+    _write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir, seeds_dir)
     return {"class_names": source.class_names, "dataset": source.identity(), "miou": result["miou"]}
 
 
-def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | None, masks_dir: Path) -> None:
+def _write_figures(
+    cfg, out_dir: Path, result: dict, source, maps_dir: Path | None, masks_dir: Path, seeds_dir: Path | None = None
+) -> None:
     """Plots and the Markdown summary beside metrics.json."""
     from wsss import viz
 
@@ -217,15 +268,36 @@ def _write_figures(cfg, out_dir: Path, result: dict, source, maps_dir: Path | No
         gt = source.load_mask(image_id)
         pred = read_mask(masks_dir / f"{image_id}.png")
         heat = np.zeros(gt.shape, np.float32)
+        panels = [("pseudo mask", pred)]
         if maps_dir is not None:
             maps = read_cams(maps_dir / f"{image_id}.npz")["maps"]
             if len(maps):
                 heat = maps.astype(np.float32).max(0)
-        rows.append((f"{image_id} mIoU {miou:.1f}", image, heat, pred, gt))
+        if seeds_dir is not None:  # the seed and the refined mask of the same image
+            seed = read_cams(seeds_dir / f"{image_id}.npz")
+            seed_mask = threshold_mask(
+                torch.from_numpy(seed["maps"]), torch.from_numpy(seed["keys"]), result["masks_rule"]["threshold"]
+            )
+            panels = [("seed", seed_mask.numpy()), (f"refined ({result['refine']})", pred)]
+        rows.append((f"{image_id} mIoU {miou:.1f}", image, heat, [*panels, ("ground truth", gt)]))
     if rows:
         viz.overlay_grid(rows, out_dir / "overlays.png")
     with atomic_open(out_dir / "summary.md", "w") as f:
+        if "seeds" in result:
+            f.write(_side_by_side_table(result) + "\n\n")
         f.write(viz.markdown_table(names, result["scores"]) + "\n")
+
+
+def _side_by_side_table(result: dict) -> str:
+    """Seeds and refined masks on one split: mIoU at the rule, the sweep's best, PxAP."""
+    lines = [
+        f"| {result['split']} | mIoU | sweep best (t) | PxAP |",
+        "|---|---|---|---|",
+    ]
+    for block in (result["seeds"], result["masks"]):
+        best = f"{block['sweep_best_miou']:.2f} ({block['sweep_best_threshold']})"
+        lines.append(f"| {block['name']} | {block['miou']:.2f} | {best} | {block['pxap']:.2f} |")
+    return "\n".join(lines)
 
 
 def report(artifact: Artifact, run_dir: Path | None) -> None:
@@ -272,9 +344,12 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
 def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
     if cfg.evaluate.masks_dir:
         return {}
-    needs = {"masks": Need("pseudo_masks"), "cams": Need("cams")}
+    maps = "cams" if cfg.pseudo.refine == "none" else "refine"  # the sweep reads the maps the masks come from
+    needs = {"masks": Need("pseudo_masks"), "maps": Need(maps)}
+    if maps != "cams":
+        needs["seeds"] = Need("cams")
     if cfg.evaluate.select_on:
-        needs["select_cams"] = Need("cams", str(cfg.evaluate.select_on))
+        needs["select_maps"] = Need(maps, str(cfg.evaluate.select_on))
     return needs
 
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def run(ctx: StageContext) -> dict[str, Any]:
     """Write `masks/<id>.png` for every image the CAM artifact covers (and `masks.rle.json` if asked)."""
-    cams = ctx.inputs["cams"]
+    cams = ctx.inputs["maps"]  # the CAMs, or the refined maps with pseudo.refine
     class_names = list(cams.manifest["class_names"])
     maps_dir = cams.path("maps_dir")
     masks_dir = ctx.out_dir / "masks"
@@ -29,7 +29,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         stored = read_cams(maps_dir / f"{image_id}.npz")
         maps = torch.from_numpy(stored["maps"]).to(ctx.device, torch.float32)  # (K, H, W)
         keys = torch.from_numpy(stored["keys"]).to(ctx.device)
-        mask = threshold_mask(maps, keys, p.threshold, p.conf_fg, p.conf_bg)
+        bg = torch.from_numpy(stored["background"]).to(ctx.device) if "background" in stored else None
+        mask = threshold_mask(maps, keys, p.threshold, p.conf_fg, p.conf_bg, background=bg)
         ignored += (mask == 255).sum().cpu()
         total += mask.numel()
         mask_np = mask.cpu().numpy()
@@ -59,5 +60,5 @@ STAGE = Stage(
     run=run,
     config=("pseudo",),
     params=lambda cfg, split: {"pseudo": plain(cfg.pseudo)},
-    needs=lambda cfg, split: {"cams": Need("cams")},
+    needs=lambda cfg, split: {"maps": Need("cams" if cfg.pseudo.refine == "none" else "refine")},
 )

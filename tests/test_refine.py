@@ -1,0 +1,172 @@
+"""Refinements against independent references, and IRN's padded-canvas CAMs against a float64 transcription."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import tests.cam_models as cm
+except ImportError:  # plain `pytest` puts tests/ itself on sys.path
+    import cam_models as cm
+
+from wsss.cam import CAM
+from wsss.models.affinity import affinity_loss, half_disk
+from wsss.pseudo import pseudo_mask
+from wsss.refine import dense_crf, par_refine, random_walk, superpixel_vote
+
+
+def _irn_make_cam(model, image: torch.Tensor, classes: list[int], scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """IRN's step/make_cam.py in float64, one image: per scale, ReLU(conv(features, classifier weights)) of the
+    image plus that of its flip (flipped back); strided maps summed at get_strided_size(size, 4); high-res maps
+    upsampled to get_strided_up_size(size, 16), summed, cropped to (H, W); each divided by its max + 1e-5."""
+    m = copy.deepcopy(model).double().eval()
+    h, w = image.shape[-2:]
+    strided_size = ((h - 1) // 4 + 1, (w - 1) // 4 + 1)
+    up = (((h - 1) // 16 + 1) * 16, ((w - 1) // 16 + 1) * 16)
+    weight = m.fc.weight.detach()[classes]  # (K, C)
+    strided, high = 0, 0
+    for s in scales:
+        x = F.interpolate(image.double(), size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False)
+        x = torch.cat([x, x.flip(-1)])  # (2, 3, h_s, w_s): the image and its flip
+        with torch.no_grad():
+            cams = torch.einsum("kc,bchw->bkhw", weight, m.features(x)).relu()
+        o = cams[0] + cams[1].flip(-1)  # (K, h, w)
+        strided = strided + F.interpolate(o[None], strided_size, mode="bilinear", align_corners=False)[0]
+        high = high + F.interpolate(o[:, None], up, mode="bilinear", align_corners=False)[:, 0]
+    high = high[:, :h, :w]
+    norm = lambda t: t / (t.amax((-2, -1), keepdim=True) + 1e-5)  # noqa: E731
+    return norm(high), norm(strided)
+
+
+def test_padded_canvas_matches_irn_make_cam():
+    model = cm.TwoConvGAP(num_classes=5, seed=2)
+    image = torch.randn(1, 3, 37, 50, generator=torch.Generator().manual_seed(0))
+    scales = (1.0, 0.5, 1.5, 2.0)
+    expected_high, expected_low = _irn_make_cam(model, image, [3, 1], scales)
+    with CAM(model, "features", norm_eps=1e-5) as cam:
+        high, low = cam.multiscale(image, torch.tensor([[3, 1]]), scales, True, canvas_stride=16)
+        straight, _ = cam.multiscale(image, torch.tensor([[3, 1]]), scales, True)
+    torch.testing.assert_close(high[0].double(), expected_high, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(low[0].double(), expected_low, rtol=1e-4, atol=1e-5)
+    # The canvas matters: resizing straight to (H, W) gives other maps (so the test can tell them apart).
+    assert (straight[0].double() - expected_high).abs().max() > 0.01
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="needs pip install -e '.[crf]'")
+def test_crf_equals_a_direct_pydensecrf_call():
+    import pydensecrf.densecrf as dcrf
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 15, 3), dtype=np.uint8)
+    maps = rng.random((2, 12, 15)).astype(np.float32)
+    fg, bg = dense_crf(image, maps, 0.4)
+    # Direct: probabilities of [0.4, maps] normalised per pixel, unary -log p, PSA's kernels, 10 iterations.
+    scores = np.concatenate([np.full((1, 12, 15), 0.4), maps]).astype(np.float64)
+    probs = scores / scores.sum(0)
+    d = dcrf.DenseCRF2D(15, 12, 3)
+    d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(3, -1).astype(np.float32)))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(image), compat=10)
+    q = np.array(d.inference(10)).reshape(3, 12, 15)
+    np.testing.assert_allclose(bg, q[0], atol=1e-5)
+    np.testing.assert_allclose(fg, q[1:], atol=1e-5)
+    np.testing.assert_allclose(fg.sum(0) + bg, 1.0, atol=1e-4)
+
+
+def _par_reference(image: np.ndarray, maps: np.ndarray, dilations, iterations, w1=0.3, w2=0.01) -> np.ndarray:
+    """PAR by its definition, float64 loops over pixels and neighbours (replicate borders, unbiased stds)."""
+    _, h, w = image.shape
+    offsets = [
+        (dy * d, dx * d)
+        for d in dilations
+        for dy, dx in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+    ]
+    dist = np.array([math.hypot(dy, dx) for dy, dx in offsets])
+    pos = -((dist / dist.std(ddof=1) / w1) ** 2)
+    pos = np.exp(pos - pos.max()) / np.exp(pos - pos.max()).sum()
+    weights = np.zeros((h, w, len(offsets)))
+    for y in range(h):
+        for x in range(w):
+            nb = np.array(
+                [image[:, min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)] for dy, dx in offsets]
+            )  # (N, 3)
+            sd = nb.std(0, ddof=1)
+            a = -(((np.abs(nb - image[:, y, x]) / (sd + 1e-8) / w1) ** 2).mean(1))
+            weights[y, x] = np.exp(a - a.max()) / np.exp(a - a.max()).sum() + w2 * pos
+    out = maps.astype(np.float64)
+    for _ in range(iterations):
+        new = np.zeros_like(out)
+        for y in range(h):
+            for x in range(w):
+                for n, (dy, dx) in enumerate(offsets):
+                    new[:, y, x] += weights[y, x, n] * out[:, min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)]
+        out = new
+    return out / (1 + w2) ** iterations
+
+
+def test_par_equals_a_float64_loop_over_neighbours():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 255, (3, 7, 9))
+    maps = rng.random((2, 7, 9))
+    got = par_refine(
+        torch.tensor(image)[None].float(), torch.tensor(maps)[None].float(), dilations=(1, 2), iterations=3
+    )
+    np.testing.assert_allclose(got[0].numpy(), _par_reference(image, maps, (1, 2), 3), rtol=1e-4, atol=1e-5)
+    flat = par_refine(torch.tensor(image)[None].float(), torch.full((1, 1, 7, 9), 0.3), dilations=(1, 2), iterations=3)
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.3))  # a constant map stays itself (AFA's background)
+
+
+def test_random_walk_equals_a_dense_matrix_power():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(4, 5, 6))
+    maps = rng.random((3, 5, 6))
+    got = random_walk(torch.tensor(maps).float(), torch.tensor(feats).float(), radius=3, beta=4.0, steps=7)
+    n = 30
+    coords = [(y, x) for y in range(5) for x in range(6)]
+    a = np.zeros((n, n))
+    for i, (yi, xi) in enumerate(coords):
+        for j, (yj, xj) in enumerate(coords):
+            d2 = (yi - yj) ** 2 + (xi - xj) ** 2
+            if i == j:
+                a[i, j] = 1.0
+            elif d2 < 9:
+                a[i, j] = np.exp(-np.abs(feats[:, yi, xi] - feats[:, yj, xj]).mean()) ** 4.0
+    t = a / a.sum(0, keepdims=True)  # columns sum to 1
+    expected = maps.reshape(3, n) @ np.linalg.matrix_power(t, 7)
+    np.testing.assert_allclose(got.numpy().reshape(3, n), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_superpixel_vote_equals_a_loop_over_segments():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, (8, 9))
+    maps = rng.random((2, 8, 9)).astype(np.float32)
+    got = superpixel_vote(maps, labels)
+    for s in np.unique(labels):
+        where = labels == s
+        for k in range(2):
+            np.testing.assert_allclose(got[k][where], maps[k][where].mean(), rtol=1e-6)
+
+
+def test_affinity_labels_and_loss_by_hand():
+    """Band labels (IRN's rule) and the three pair losses on a 1 x 4 strip, computed by hand."""
+    maps = torch.tensor([[[0.9, 0.8, 0.2, 0.02]]])  # one class: fg above 0.5, bg at or below 0.1, else 255
+    labels = pseudo_mask(maps, torch.tensor([2]), conf_fg=0.5, conf_bg=0.1)
+    assert labels.tolist() == [[3, 3, 255, 0]]
+    labels = torch.tensor([[[3, 3, 0, 0]]])  # (1, 1, 4)
+    features = torch.tensor([[[[0.0, 0.0, 1.0, 1.0]]]])  # (1, D=1, 1, 4)
+    assert half_disk(2) == [(0, 1), (1, -1), (1, 0), (1, 1)]
+    loss, counts = affinity_loss(features, labels, radius=2)
+    # Pairs (0,1) fg-fg same class: a = 1; (1,2) fg-bg: a = e^-1; (2,3) bg-bg: a = 1.
+    assert counts.tolist() == [1.0, 1.0, 1.0]  # bg-pos, fg-pos, neg
+    expected = -math.log(1 + 1e-5) / 4 + -math.log(1 + 1e-5) / 4 + -math.log(1 + 1e-5 - math.exp(-1)) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    ignored = torch.tensor([[[3, 255, 0, 0]]])
+    _, counts = affinity_loss(features, ignored, radius=2)
+    assert counts.tolist() == [1.0, 0.0, 0.0]  # only (2,3) is a labelled pair

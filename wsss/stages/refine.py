@@ -1,0 +1,199 @@
+"""Stage `refine`: CAMs -> refined maps by `pseudo.refine` (crf, par, superpixel, rw); see `wsss.refine`.
+
+Writes `maps/<id>.npz` in the CAM format (the CRF adds the `background` marginal), so `pseudo_masks` and the
+threshold sweep of `evaluate` read refined maps as they read CAMs. CRF and superpixels run on the CPU in a
+process pool (`refine.workers`); PAR runs batched on the device; the random walk runs on the device with the
+`affinity` stage's network, at the 1/4 resolution of the stored strided maps, then upsamples bilinearly and
+divides each map by its max (the CAM convention, so the same thresholds apply). Per image, resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from wsss import dist
+from wsss.artifacts import read_cams, write_cams
+from wsss.cam import normalize_maps
+from wsss.data import SegmentationSource, dataset_identity
+from wsss.data.transforms import normalize
+from wsss.dist import progress
+from wsss.refine import dense_crf, par_refine, random_walk, superpixel_vote
+from wsss.refine.superpixel import segments
+from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
+
+log = logging.getLogger(__name__)
+
+# What a pool worker needs, inherited through fork (a COCO source is too large to pickle per image).
+_WORKER: dict[str, Any] = {}
+
+
+def _cpu_one(image_id: str) -> str:
+    """Refine one image on the CPU (crf or superpixel) and write its npz; runs in a pool worker."""
+    w = _WORKER
+    cams = read_cams(w["maps_dir"] / f"{image_id}.npz")
+    image = w["source"].load_image(image_id).permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+    rc, background = w["rc"], None
+    if len(cams["keys"]) == 0:
+        maps = cams["maps"]
+    elif w["method"] == "crf":
+        maps, background = dense_crf(
+            image,
+            cams["maps"],
+            w["threshold"],
+            iterations=rc.crf_iterations,
+            bilateral_sxy=rc.crf_bilateral_sxy,
+            bilateral_srgb=rc.crf_bilateral_srgb,
+        )
+    else:
+        labels = segments(image, rc.superpixel_method, rc.superpixel_segments, rc.superpixel_compactness)
+        maps = superpixel_vote(cams["maps"], labels)
+    strided = _strided(maps)
+    write_cams(w["out"] / f"{image_id}.npz", cams["keys"], maps, strided, background=background)
+    return image_id
+
+
+def _strided(maps: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The 1/4-resolution maps (bilinear, as the CAM stage makes them) of refined full-resolution maps."""
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+    if t.shape[0] == 0:
+        return np.zeros((0, -(-t.shape[1] // 4), -(-t.shape[2] // 4)), np.float32)
+    size = (-(-t.shape[1] // 4), -(-t.shape[2] // 4))
+    return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def _run_cpu(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
+    """crf / superpixel over `todo` in a pool of `refine.workers` processes (fork: the source is inherited)."""
+    _WORKER.update(
+        source=source,
+        maps_dir=maps_dir,
+        out=ctx.out_dir / "maps",
+        method=str(ctx.cfg.pseudo.refine),
+        threshold=ctx.cfg.pseudo.threshold,
+        rc=ctx.cfg.refine,
+    )
+    workers = ctx.cfg.refine.workers
+    bar = progress(total=len(todo), desc=f"refine {ctx.cfg.pseudo.refine}", unit="img")
+    if workers <= 1:
+        for image_id in todo:
+            _cpu_one(image_id)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for _ in pool.map(_cpu_one, todo, chunksize=8):
+                bar.update()
+    bar.close()
+
+
+def _run_par(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
+    """PAR over `todo`, images of one size batched on the device."""
+    rc = ctx.cfg.refine
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for image_id in todo:
+        by_size.setdefault(source.image_size(image_id), []).append(image_id)
+    bar = progress(total=len(todo), desc="refine par", unit="img")
+    for ids in by_size.values():
+        for i in range(0, len(ids), rc.batch_size):
+            chunk = ids[i : i + rc.batch_size]
+            cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
+            k = max(1, max(len(c["keys"]) for c in cams))
+            maps = torch.zeros(len(chunk), k, *cams[0]["maps"].shape[1:])
+            for row, c in enumerate(cams):
+                maps[row, : len(c["keys"])] = torch.from_numpy(c["maps"])
+            images = torch.stack([source.load_image(j) for j in chunk]).float()  # (B, 3, H, W) RGB
+            refined = par_refine(
+                images.to(ctx.device),
+                maps.to(ctx.device),
+                dilations=tuple(rc.par_dilations),
+                iterations=rc.par_iterations,
+            ).cpu()
+            for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
+                out = refined[row, : len(c["keys"])]
+                write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], out, _strided(out))
+            bar.update(len(chunk))
+    bar.close()
+
+
+def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
+    """The random walk over `todo`, with the affinity network, on the device."""
+    from wsss.stages.affinity import load_affinity
+
+    rc = ctx.cfg.refine
+    net = load_affinity(ctx.inputs["affinity"].path("checkpoint"), ctx.device)
+    for image_id in progress(todo, desc="refine rw", unit="img"):
+        cams = read_cams(maps_dir / f"{image_id}.npz")
+        h, w = cams["maps"].shape[1:]
+        if len(cams["keys"]):
+            with torch.no_grad():
+                features = net(normalize(source.load_image(image_id)[None].to(ctx.device)))[0]  # (D, h/4, w/4)
+            strided = torch.from_numpy(cams["strided"]).to(ctx.device)
+            walked = random_walk(strided, features, radius=rc.rw_radius, beta=rc.rw_beta, steps=rc.rw_steps)
+            up = F.interpolate(walked[None], size=(h, w), mode="bilinear", align_corners=False)
+            maps, low = normalize_maps(up)[0].cpu(), normalize_maps(walked[None])[0].cpu()
+        else:
+            maps, low = torch.from_numpy(cams["maps"]), torch.from_numpy(cams["strided"])
+        write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", cams["keys"], maps, low)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Refine every image's CAMs; images already written (a killed run) are kept."""
+    cams = ctx.inputs["cams"]
+    source = ctx.source()
+    check_classes(cams, source.class_names)
+    maps_dir = cams.path("maps_dir")
+    method = str(ctx.cfg.pseudo.refine)
+    todo = [i for i in dist.shard(cams.manifest["ids"]) if not (ctx.out_dir / "maps" / f"{i}.npz").is_file()]
+    log.info("refine: %s, %d of %d images to do", method, len(todo), len(cams.manifest["ids"]))
+    {"crf": _run_cpu, "superpixel": _run_cpu, "par": _run_par, "rw": _run_rw}[method](ctx, source, maps_dir, todo)
+    return {
+        "class_names": cams.manifest["class_names"],
+        "dataset": cams.manifest["dataset"],
+        "maps_dir": "maps",
+        "ids": list(cams.manifest["ids"]),
+        "model": cams.manifest.get("model"),
+        "method": method,
+        "counts": {"images": len(cams.manifest["ids"]), "computed": dist.sum_int(len(todo))},
+    }
+
+
+_METHOD_KEYS = {
+    "crf": ("crf_iterations", "crf_bilateral_sxy", "crf_bilateral_srgb"),
+    "par": ("par_dilations", "par_iterations"),
+    "superpixel": ("superpixel_method", "superpixel_segments", "superpixel_compactness"),
+    "rw": ("rw_radius", "rw_beta", "rw_steps"),
+}
+
+
+def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
+    method = str(cfg.pseudo.refine)
+    rc = plain(cfg.refine)
+    params = {"dataset": dataset_identity(cfg.dataset, split), "method": method}
+    params.update({k: rc[k] for k in _METHOD_KEYS[method]})
+    if method == "crf":
+        params["threshold"] = cfg.pseudo.threshold  # the CRF's background unary
+    return params
+
+
+def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
+    needs = {"cams": Need("cams")}
+    if str(cfg.pseudo.refine) == "rw":
+        needs["affinity"] = Need("affinity", str(cfg.dataset.train_split))
+    return needs
+
+
+STAGE = Stage(
+    name="refine",
+    run=run,
+    config=("dataset", "pseudo", "refine"),
+    params=_params,
+    needs=_needs,
+    files=lambda cfg, split, fp: fp.dataset(split),  # reads the images (crf, par, superpixel, rw)
+)

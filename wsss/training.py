@@ -1,0 +1,248 @@
+"""What every training stage shares: a seeded, resumable, optionally distributed epoch loop.
+
+Each epoch's randomness (the sampler's order, augmentation in the main process and in every DataLoader worker)
+is seeded from (seed, epoch, rank), and after each epoch the state (model, optimizer, scheduler, AMP scaler,
+RNG states, history) is written atomically, so a rerun after a kill resumes after the last finished epoch and,
+on the CPU, ends with exactly the weights of an uninterrupted run. Under several ranks the model is wrapped
+in DistributedDataParallel, a DistributedSampler splits every epoch, the global batch is split across ranks,
+and BatchNorm statistics are taken from rank 0 at each epoch's end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from wsss import dist
+from wsss.artifacts import atomic_open
+from wsss.dist import progress
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch on one rank: every epoch's randomness is a function of (seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank) % (1 << 63)
+
+
+def distributed_loader(
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device, **kwargs: Any
+) -> DataLoader:
+    """This rank's shuffled batches of `dataset`: `batch_size` is the global batch, split evenly across ranks."""
+    world = dist.world_size()
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is the global batch: it must divide by the {world} ranks")
+    sampler = DistributedSampler(dataset, world, dist.rank(), shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size // world,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        generator=torch.Generator(),  # reseeded per epoch: the workers' seeds
+        persistent_workers=False,  # fresh workers per epoch, seeded from (seed, epoch, rank): resumable exactly
+        pin_memory=device.type == "cuda",
+        **kwargs,
+    )
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(model, what the loop calls): the model itself, or its DDP wrapper (with SyncBatchNorm if asked)."""
+    if not dist.is_dist():
+        return model, model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in state_dict order (short)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [state[0], state[1].tolist(), *state[2:]],
+        "python": list(random.getstate()[1]),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+# The loss of one batch, its sample count, and extra sums to average over the epoch (all on the device).
+BatchLoss = Callable[[Any], tuple[Tensor, int, Tensor]]
+
+
+class Loop:
+    """Epochs of `batch_loss` with an optimizer, a per-step scheduler and AMP; saves and resumes its state.
+
+    Args:
+        name: For progress bars and logs ("train", "affinity").
+        model: The unwrapped model (what is saved); `net` what the loop calls (the model or its DDP wrapper).
+        optimizer, scheduler: Stepped once per batch.
+        amp_dtype: "bfloat16" or "float16" (with a gradient scaler) autocast, or None.
+        seed, epochs: The run's seed and number of epochs.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        amp_dtype: str | None,
+        device: torch.device,
+        seed: int,
+        epochs: int,
+    ) -> None:
+        self.name, self.model, self.net, self.device = name, model, net, device
+        self.optimizer, self.scheduler, self.seed, self.epochs = optimizer, scheduler, seed, epochs
+        self.amp_dtype = None if amp_dtype is None else AMP_DTYPES[str(amp_dtype)]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.history: list[dict[str, float]] = []
+
+    def epoch(self, loader: DataLoader, epoch: int, batch_loss: BatchLoss) -> Tensor:
+        """One epoch on this rank's shard; returns [sum of loss * n, sum of n, *extra sums] over every rank."""
+        seed = epoch_seed(self.seed, epoch, dist.rank())
+        torch.manual_seed(seed)  # augmentation in the main process (num_workers=0)
+        loader.generator.manual_seed(seed)  # the workers' seeds
+        loader.sampler.set_epoch(epoch)
+        self.net.train()
+        autocast = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        sums: Tensor | None = None
+        for batch in progress(loader, desc=f"{self.name} {epoch + 1}/{self.epochs}", unit="batch", leave=False):
+            with autocast:
+                loss, n, extra = batch_loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            row = torch.cat(
+                [torch.stack([loss.detach().double() * n, torch.tensor(float(n), device=loss.device)]), extra.double()]
+            )
+            sums = row if sums is None else sums + row
+        assert sums is not None, "an epoch without a batch"
+        sums = dist.all_reduce_sum(sums.to(dist.reduce_device())) if dist.is_dist() else sums
+        # DDP broadcasts BatchNorm statistics before each forward, so the last batch leaves every rank with its
+        # own: take rank 0's, which it saves, so that every rank ends the epoch with the same state.
+        dist.broadcast_tensors(list(self.model.buffers()))
+        return sums.cpu()
+
+    def save(self, path: Path, epochs_done: int) -> None:
+        """The state after `epochs_done` epochs (rank 0 writes; atomic)."""
+        if not dist.is_main():
+            return
+        state = {
+            "epoch": epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "rng": _rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with atomic_open(path, "wb") as f:
+            f.write(buf.getvalue())
+
+    def resume(self, path: Path) -> int:
+        """Load the saved state if there is one; the number of epochs it holds (0 for a fresh start)."""
+        if not path.is_file():
+            return 0
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        _set_rng_state(state["rng"])
+        log.info("%s: resuming after epoch %d of %d (%s)", self.name, state["epoch"], self.epochs, path)
+        return int(state["epoch"])
+
+    def fit(
+        self,
+        loader: DataLoader,
+        batch_loss: BatchLoss,
+        summarise: Callable[[Tensor], dict[str, float]],
+        out_dir: Path,
+        state_name: str,
+    ) -> int:
+        """Every remaining epoch: train, log, save the state, write history.csv and TensorBoard; returns the
+        number of epochs found done at the start (resumed)."""
+        done = self.resume(out_dir / state_name)
+        writer = _tensorboard(out_dir)
+        for epoch in range(done, self.epochs):
+            lr, start = self.optimizer.param_groups[0]["lr"], time.perf_counter()
+            row = {"epoch": epoch + 1, **summarise(self.epoch(loader, epoch, batch_loss)), "lr": lr}
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            self.history.append(row)
+            log.info("%s: epoch %d/%d %s", self.name, epoch + 1, self.epochs, _fmt(row))
+            self.save(out_dir / state_name, epoch + 1)
+            _write_history(out_dir, self.history, writer, self.name)
+        if writer is not None:
+            writer.close()
+        # Every rank logs a digest of its final weights: under DDP they must agree.
+        log.info("%s: final weights sha256 %s (rank %d)", self.name, weights_digest(self.model), dist.rank())
+        return done
+
+
+def _fmt(row: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds"))
+
+
+def _write_history(out_dir: Path, history: list[dict[str, float]], writer: Any, name: str) -> None:
+    """history.csv (rewritten whole, atomically) and the epoch's TensorBoard scalars (rank 0)."""
+    if not dist.is_main():
+        return
+    with atomic_open(out_dir / "history.csv", "w") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[-1]))
+        w.writeheader()
+        w.writerows(history)
+    if writer is not None:
+        row = history[-1]
+        for k, v in row.items():
+            if k not in ("epoch", "seconds"):
+                writer.add_scalar(f"{name}/{k}", v, row["epoch"])
+        writer.flush()
+
+
+def _tensorboard(out_dir: Path) -> Any:
+    """A SummaryWriter into `tensorboard/` on rank 0 when tensorboard is installed, else None."""
+    if not dist.is_main() or importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out_dir / "tensorboard"))
