@@ -368,7 +368,6 @@ def _module_names(backbone: str) -> list[str]:
     import torch
 
     from wsss.models import Classifier
-
     from wsss.models.classifier import NATIVE_STRIDE
 
     with torch.device("meta"):

@@ -16,6 +16,7 @@ runs again. When a configuration was built before under other inputs, the log sa
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import fcntl
@@ -57,13 +58,54 @@ def digest(obj: Any) -> str:
 
 
 @cache
-def code_digest() -> str:
-    """sha256 of the wsss package's source files: any edit to the code changes every key."""
+def _import_graph() -> dict[str, tuple[Path, frozenset[str]]]:
+    """Every module of the wsss package: its file and the wsss modules it imports (anywhere in the file, also by
+    name, as a registry does with importlib)."""
     root = Path(wsss.__file__).parent
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from .ops import x
+                    anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{anchor}.{base}" if base else anchor
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names}  # from wsss import dist -> wsss.dist
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.add(node.value)  # importlib.import_module("wsss.data.voc"), as the dataset registry does
+        graph[name] = (path, frozenset(f for f in found if f in names))
+    return graph
+
+
+@cache
+def code_digest(module: str = "wsss") -> str:
+    """sha256 of the source a module runs: its file and every wsss module it imports, transitively.
+
+    A stage's key holds the digest of its module, so an edit to the refinement code recomputes refinements
+    and what follows them, not the classifier. `wsss` alone (the default) covers the whole package.
+    """
+    graph = _import_graph()
+    seen: set[str] = set()
+    stack = [module] if module != "wsss" else list(graph)
+    while stack:
+        m = stack.pop()
+        if m in seen or m not in graph:
+            continue
+        seen.add(m)
+        stack.extend(graph[m][1])
     h = hashlib.sha256(wsss.__version__.encode())
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
+    for m in sorted(seen):
+        h.update(m.encode())
+        h.update(graph[m][0].read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -172,7 +214,7 @@ class Pipeline:
         key = digest(
             {
                 "recipe": recipe,
-                "code": code_digest(),
+                "code": code_digest(stage.run.__module__),
                 "inputs": {k: n.key for k, n in inputs.items()},
                 "files": {k: g.digest for k, g in sorted(files.items())},
             }
@@ -327,7 +369,7 @@ class Pipeline:
             "recipe": node.recipe,
             "config": node.params,
             "code_version": code_version(),
-            "code_digest": code_digest(),
+            "code_digest": code_digest(node.stage.run.__module__),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": str(self.device),
             "inputs": {
@@ -359,7 +401,7 @@ class Pipeline:
         except (OSError, ValueError, KeyError):
             return "no artifact for this configuration yet"
         reasons = []
-        if old.get("code_digest") != code_digest():
+        if old.get("code_digest") != code_digest(node.stage.run.__module__):
             reasons.append("wsss source changed")
         for k, n in node.inputs.items():
             if old.get("inputs", {}).get(k, {}).get("key") != n.key:

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,14 @@ from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
 
 log = logging.getLogger(__name__)
 
-# What a pool worker needs, inherited through fork (a COCO source is too large to pickle per image).
+# What a pool worker needs, set once per worker by `_init_worker` (a COCO source is too large to send per image).
 _WORKER: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    """Pool worker start: keep the shared state, one torch thread (the pool is the parallelism)."""
+    torch.set_num_threads(1)
+    _WORKER.update(state)
 
 
 def _cpu_one(image_id: str) -> str:
@@ -71,23 +78,29 @@ def _strided(maps: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _run_cpu(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
-    """crf / superpixel over `todo` in a pool of `refine.workers` processes (fork: the source is inherited)."""
-    _WORKER.update(
-        source=source,
-        maps_dir=maps_dir,
-        out=ctx.out_dir / "maps",
-        method=str(ctx.cfg.pseudo.refine),
-        threshold=ctx.cfg.pseudo.threshold,
-        rc=ctx.cfg.refine,
-    )
+    """crf / superpixel over `todo` in a pool of `refine.workers` processes.
+
+    The pool starts from a fork server, not from this process: a child forked from a process whose OpenMP
+    threads ran (training, CAMs) can hang in its first parallel torch op.
+    """
+    state = {
+        "source": source,
+        "maps_dir": maps_dir,
+        "out": ctx.out_dir / "maps",
+        "method": str(ctx.cfg.pseudo.refine),
+        "threshold": ctx.cfg.pseudo.threshold,
+        "rc": SimpleNamespace(**plain(ctx.cfg.refine)),
+    }
     workers = ctx.cfg.refine.workers
     bar = progress(total=len(todo), desc=f"refine {ctx.cfg.pseudo.refine}", unit="img")
     if workers <= 1:
+        _WORKER.update(state)
         for image_id in todo:
             _cpu_one(image_id)
             bar.update()
     else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(state,)) as pool:
             for _ in pool.map(_cpu_one, todo, chunksize=8):
                 bar.update()
     bar.close()
