@@ -170,3 +170,54 @@ def test_affinity_labels_and_loss_by_hand():
     ignored = torch.tensor([[[3, 255, 0, 0]]])
     _, counts = affinity_loss(features, ignored, radius=2)
     assert counts.tolist() == [1.0, 0.0, 0.0]  # only (2,3) is a labelled pair
+
+
+def test_refined_run_reports_seeds_and_masks_side_by_side(tmp_path):
+    """pseudo.refine=par: metrics.json and summary.md name the seeds and the masks, on the same split; the
+    overlay grid has a seed panel; the masks are the rule applied to the refined maps."""
+    import json
+
+    from PIL import Image
+
+    from tests.tiny import tiny_cfg
+    from wsss.artifacts import read_cams, read_mask
+    from wsss.pipeline import Pipeline
+    from wsss.pseudo import threshold_mask
+
+    pipe = Pipeline(tiny_cfg(tmp_path, ["pseudo.refine=par", "refine.par_dilations=[1,2]"]))
+    pipe.run("evaluate")
+    out = pipe.artifact_dir("evaluate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"]["split"] == metrics["masks"]["split"] == "train"
+    assert metrics["seeds"]["name"] == "seeds"
+    assert metrics["masks"]["name"] == "masks (par)"
+    assert metrics["masks"]["miou"] == metrics["miou"]
+    assert metrics["refine"] == "par"
+    summary = (out / "summary.md").read_text()
+    assert "| seeds |" in summary
+    assert "| masks (par) |" in summary
+    assert Image.open(out / "overlays.png").size[0] == 5 * 240  # image, CAM, seed, refined, ground truth
+    refined = pipe.artifact_dir("refine") / "maps"
+    for path in sorted(refined.glob("*.npz"))[:5]:
+        z = read_cams(path)
+        expected = threshold_mask(torch.from_numpy(z["maps"]), torch.from_numpy(z["keys"]), 0.5)
+        got = read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png")
+        np.testing.assert_array_equal(got, expected.numpy())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="needs pip install -e '.[crf]'")
+def test_crf_masks_compare_with_the_background_marginal(tmp_path):
+    from tests.tiny import tiny_cfg
+    from wsss.artifacts import read_cams, read_mask
+    from wsss.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_cfg(tmp_path, ["pseudo.refine=crf", "stage=pseudo_masks", "refine.workers=1"]))
+    pipe.run("pseudo_masks")
+    for path in sorted((pipe.artifact_dir("refine") / "maps").glob("*.npz"))[:5]:
+        z = read_cams(path)
+        stack = np.concatenate([z["background"][None], z["maps"]]).astype(np.float64)  # argmax, ties to background
+        labels = np.concatenate([[0], z["keys"] + 1])
+        expected = labels[np.argmax(stack, 0)].astype(np.uint8)
+        np.testing.assert_array_equal(
+            read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png"), expected
+        )
