@@ -142,6 +142,8 @@ def test_choices_read_as_their_strings():
         (["cam.scales=[]"], "cam.scales=[]"),
         (["train.epochs=0"], "train.epochs=0: must be >= 1"),
         (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
+        (["train.epochs=4", "train.warmup_epochs=4"], "train.warmup_epochs=4.0: must be in [0, train.epochs=4)"),
+        (["train.ema_decay=1.0"], "train.ema_decay=1.0: must be in (0, 1) or null"),
         (["cam.batch_size=0"], "cam.batch_size=0: must be >= 1"),
         (["model.output_stride=12"], "model.output_stride=12: must be 8, 16 or 32"),
         (["cam.output_stride=32"], "cam.output_stride=32: must be <= model.output_stride=16"),

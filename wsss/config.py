@@ -98,6 +98,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     crop_size: int | None = None  # null: the first image's longer side, rounded up to 32, at most 512
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from lr / 100 over this many epochs, then poly
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (per step); save it
     amp_dtype: AmpDtype | None = None  # bfloat16 | float16 (with a gradient scaler): autocast training
     sync_bn: bool = False  # under several ranks: BatchNorm statistics over the global batch
     channels_last: bool | None = None  # null: on CUDA only, where it speeds convolutions up
@@ -279,6 +281,10 @@ def _training(t: DictConfig, out: _Problems) -> None:
     out.need(t.head_lr_mult > 0, "train.head_lr_mult", t.head_lr_mult, "must be > 0")
     out.need(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     out.need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    warm = f"must be in [0, train.epochs={t.epochs})"
+    out.need(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", t.warmup_epochs, warm)
+    if t.ema_decay is not None:
+        out.need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1) or null")
     if t.crop_size is not None:
         out.need(t.crop_size >= 8, "train.crop_size", t.crop_size, "must be >= 8 or null")
     sr = list(t.scale_range)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import dist
@@ -112,6 +113,8 @@ class Loop:
         optimizer, scheduler: Stepped once per batch.
         amp_dtype: "bfloat16" or "float16" (with a gradient scaler) autocast, or None.
         seed, epochs: The run's seed and number of epochs.
+        ema_decay: Keep an exponential moving average of the weights and buffers, updated after every step
+            (torch's AveragedModel with its EMA function); `final_model()` is then the average.
     """
 
     def __init__(
@@ -125,12 +128,22 @@ class Loop:
         device: torch.device,
         seed: int,
         epochs: int,
+        ema_decay: float | None = None,
     ) -> None:
         self.name, self.model, self.net, self.device = name, model, net, device
         self.optimizer, self.scheduler, self.seed, self.epochs = optimizer, scheduler, seed, epochs
         self.amp_dtype = None if amp_dtype is None else AMP_DTYPES[str(amp_dtype)]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.history: list[dict[str, float]] = []
+        self.ema = (
+            None
+            if ema_decay is None
+            else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)), use_buffers=True)
+        )
+
+    def final_model(self) -> nn.Module:
+        """What the loop produced: the weights' moving average when one is kept, else the model itself."""
+        return self.model if self.ema is None else self.ema.module
 
     def epoch(self, loader: DataLoader, epoch: int, batch_loss: BatchLoss) -> Tensor:
         """One epoch on this rank's shard; returns [sum of loss * n, sum of n, *extra sums] over every rank."""
@@ -149,6 +162,8 @@ class Loop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             row = torch.cat(
                 [torch.stack([loss.detach().double() * n, torch.tensor(float(n), device=loss.device)]), extra.double()]
             )
@@ -157,7 +172,7 @@ class Loop:
         sums = dist.all_reduce_sum(sums.to(dist.reduce_device())) if dist.is_dist() else sums
         # DDP broadcasts BatchNorm statistics before each forward, so the last batch leaves every rank with its
         # own: take rank 0's, which it saves, so that every rank ends the epoch with the same state.
-        dist.broadcast_tensors(list(self.model.buffers()))
+        dist.broadcast_tensors(list(self.model.buffers()) + ([] if self.ema is None else list(self.ema.buffers())))
         return sums.cpu()
 
     def save(self, path: Path, epochs_done: int) -> None:
@@ -173,6 +188,8 @@ class Loop:
             "history": self.history,
             "rng": _rng_state(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         buf = io.BytesIO()
         torch.save(state, buf)
         with atomic_open(path, "wb") as f:
@@ -188,6 +205,8 @@ class Loop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         log.info("%s: resuming after epoch %d of %d (%s)", self.name, state["epoch"], self.epochs, path)
         return int(state["epoch"])
@@ -215,7 +234,7 @@ class Loop:
         if writer is not None:
             writer.close()
         # Every rank logs a digest of its final weights: under DDP they must agree.
-        log.info("%s: final weights sha256 %s (rank %d)", self.name, weights_digest(self.model), dist.rank())
+        log.info("%s: final weights sha256 %s (rank %d)", self.name, weights_digest(self.final_model()), dist.rank())
         return done
 
 

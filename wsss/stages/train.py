@@ -59,6 +59,16 @@ def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
     raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {tc.optimizer!r}")
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """IRN's poly decay, lr * (1 - step / total) ** 0.9 per batch, after `warmup` steps of linear warm-up from
+    lr / 100 (torch's LinearLR, then PolynomialLR over the remaining steps, chained by SequentialLR)."""
+    if warmup <= 0:
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
+    decay = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps - warmup, power=0.9)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+
+
 def _loader(source: SegmentationSource, cfg: DictConfig, device: torch.device) -> DataLoader:
     """This rank's shuffled, augmented batches (a split smaller than a batch gives one batch)."""
     tc = cfg.train
@@ -117,9 +127,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     model, net = _model(cfg, source.num_classes, ctx.device)
     optimizer = build_optimizer(model, cfg.train)
     epochs = cfg.train.epochs
-    # IRN's poly decay, lr * (1 - step / total) ** 0.9, stepped once per batch.
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs * len(loader), power=0.9)
-    loop = Loop("train", model, net, optimizer, scheduler, cfg.train.amp_dtype, ctx.device, cfg.seed, epochs)
+    scheduler = build_scheduler(optimizer, epochs * len(loader), round(cfg.train.warmup_epochs * len(loader)))
+    tc = cfg.train
+    loop = Loop("train", model, net, optimizer, scheduler, tc.amp_dtype, ctx.device, cfg.seed, epochs, tc.ema_decay)
 
     def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
         images, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
@@ -134,7 +144,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         from wsss import viz
 
         viz.plot_training_curves(loop.history, ctx.out_dir / "curves.png")
-        save_checkpoint(ctx.out_dir / "model.pt", model.cpu(), source.class_names, epochs=epochs)
+        save_checkpoint(ctx.out_dir / "model.pt", loop.final_model().cpu(), source.class_names, epochs=epochs)
         (ctx.out_dir / STATE).unlink()  # the model is final: the resume state has done its job
     return {
         "checkpoint": "model.pt",

@@ -1,0 +1,92 @@
+"""The training loop's schedule and weight average, against formulas written out here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from wsss.stages.train import build_scheduler
+from wsss.training import Loop, distributed_loader
+
+
+def _lrs(steps: int, warmup: int, lr: float = 0.5) -> list[float]:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = build_scheduler(optimizer, steps, warmup)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 7])
+def test_schedule_is_linear_warmup_then_poly(warmup):
+    steps, lr = 40, 0.5
+    expected = []
+    for s in range(steps):
+        if s < warmup:  # linear from lr / 100 at step 0 to lr at step `warmup`
+            expected.append(lr * (0.01 + 0.99 * s / warmup))
+        else:
+            expected.append(lr * (1 - (s - warmup) / (steps - warmup)) ** 0.9)
+    assert _lrs(steps, warmup, lr) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def _fit(tmp_path, ema_decay, fail_at=None, epochs=3):
+    """A linear model on a fixed regression set through `Loop`; records the weights each batch saw."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(24, 3), torch.randn(24, 2))
+    loader = distributed_loader(data, 6, seed=0, num_workers=0, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    scheduler = build_scheduler(optimizer, epochs * len(loader), 2)
+    loop = Loop("t", model, model, optimizer, scheduler, None, torch.device("cpu"), 0, epochs, ema_decay)
+    seen, calls = [], [0]
+
+    def batch_loss(b):
+        calls[0] += 1
+        if fail_at is not None and calls[0] == fail_at:
+            raise KeyboardInterrupt("killed")
+        seen.append({k: v.detach().double().clone() for k, v in model.state_dict().items()})
+        x, y = b
+        return nn.functional.mse_loss(model(x), y), x.shape[0], torch.zeros(0)
+
+    loop.fit(loader, batch_loss, lambda s: {"loss": s[0].item() / s[1].item()}, tmp_path, "state.pt")
+    return loop, seen, model
+
+
+def test_ema_is_the_moving_average_of_every_step(tmp_path):
+    decay = 0.8
+    loop, seen, model = _fit(tmp_path, decay)
+    # The weights after step t are what batch t + 1 saw; after the last step, the model's own.
+    after = [*seen[1:], {k: v.detach().double() for k, v in model.state_dict().items()}]
+    ema = None
+    for w in after:  # torch's EMA: the first update copies, then e = d * e + (1 - d) * w
+        ema = dict(w) if ema is None else {k: decay * ema[k] + (1 - decay) * w[k] for k in w}
+    final = loop.final_model().state_dict()
+    for k, v in ema.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        torch.testing.assert_close(final[k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(final["0.weight"], model.state_dict()["0.weight"])  # the average, not the last step
+
+
+def test_without_ema_the_final_model_is_the_model(tmp_path):
+    loop, _, model = _fit(tmp_path, None)
+    assert loop.final_model() is model
+
+
+def test_a_killed_run_resumes_to_the_same_average(tmp_path):
+    whole, _, _ = _fit(tmp_path / "whole", 0.8)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "killed", 0.8, fail_at=6)  # 4 batches per epoch: killed in the second epoch
+    resumed, seen, _ = _fit(tmp_path / "killed", 0.8)
+    assert len(seen) == 8  # epochs 2 and 3 only
+    a, b = whole.final_model().state_dict(), resumed.final_model().state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
