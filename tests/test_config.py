@@ -142,7 +142,7 @@ def test_choices_read_as_their_strings():
         (["cam.scales=[]"], "cam.scales=[]"),
         (["train.epochs=0"], "train.epochs=0: must be >= 1"),
         (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
-        (["train.epochs=4", "train.warmup_epochs=4"], "train.warmup_epochs=4.0: must be in [0, train.epochs=4)"),
+        (["train.epochs=4", "train.warmup_epochs=5"], "train.warmup_epochs=5.0: must be in [0, train.epochs=4]"),
         (["train.ema_decay=1.0"], "train.ema_decay=1.0: must be in (0, 1) or null"),
         (["cam.batch_size=0"], "cam.batch_size=0: must be >= 1"),
         (["model.output_stride=12"], "model.output_stride=12: must be 8, 16 or 32"),
@@ -178,6 +178,7 @@ IRN = {
     "train.weight_decay": 1e-4,  # --cam_weight_decay
     "train.crop_size": 512,  # --cam_crop_size
     "train.head_lr_mult": 10.0,  # step/train_cam.py: param_groups[1] at 10 * lr
+    "train.warmup_epochs": 0.0,  # misc/torchutils.py: PolyOptimizer decays from step 0, no warm-up
     "train.momentum": 0.0,  # misc/torchutils.py: PolyOptimizer(torch.optim.SGD) without momentum
     "cam.scales": [1.0, 0.5, 1.5, 2.0],  # --cam_scales
     "cam.flip": True,  # voc12/dataloader.py: VOC12ClassificationDatasetMSF stacks each scale with its flip

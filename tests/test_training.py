@@ -23,12 +23,14 @@ def _lrs(steps: int, warmup: int, lr: float = 0.5) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("warmup", [0, 1, 7])
+@pytest.mark.parametrize("warmup", [0, 1, 7, 40, 55])
 def test_schedule_is_linear_warmup_then_poly(warmup):
     steps, lr = 40, 0.5
     expected = []
     for s in range(steps):
-        if s < warmup:  # linear from lr / 100 at step 0 to lr at step `warmup`
+        if warmup >= steps:  # the ramp alone, over the whole run
+            expected.append(lr * (0.01 + 0.99 * s / steps))
+        elif s < warmup:  # linear from lr / 100 at step 0 to lr at step `warmup`
             expected.append(lr * (0.01 + 0.99 * s / warmup))
         else:
             expected.append(lr * (1 - (s - warmup) / (steps - warmup)) ** 0.9)

@@ -89,20 +89,20 @@ class ModelConfig:
 class TrainConfig:
     """Classifier training: multilabel soft margin loss, poly learning-rate decay (as IRN)."""
 
-    epochs: int = 28
+    epochs: int = 36
     batch_size: int = 32
     optimizer: Optimizer = Optimizer["adamw"]  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
-    lr: float = 2e-3
+    lr: float = 4e-3
     head_lr_mult: float = 1.0  # 10 is IRN's choice with a pretrained trunk
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-2
     crop_size: int | None = None  # null: the first image's longer side, rounded up to 32, at most 512
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
-    warmup_epochs: float = 0.0  # linear learning-rate warm-up from lr / 100 over this many epochs, then poly
+    warmup_epochs: float = 1.0  # linear warm-up from lr / 100 over this many epochs (at most all), then poly
     ema_decay: float | None = None  # keep an exponential moving average of the weights (per step); save it
     amp_dtype: AmpDtype | None = None  # bfloat16 | float16 (with a gradient scaler): autocast training
     sync_bn: bool = False  # under several ranks: BatchNorm statistics over the global batch
-    channels_last: bool | None = None  # null: on CUDA only, where it speeds convolutions up
+    channels_last: bool = True  # channels-last memory: convolutions faster on the CPU (1.4x here) and CUDA
 
 
 @dataclass
@@ -120,6 +120,7 @@ class CamConfig:
     canvas_stride: int | None = None  # null: scales resized straight to (H, W); 16: IRN's padded canvas, cropped
     store: CamStore = CamStore["float16"]  # float16 | uint8 | quarter: how maps are kept on disk (README)
     memory_mb: int = 2048  # device memory for a batch's maps: more images x classes go in chunks
+    channels_last: bool = True  # channels-last weights: convolutions 1.3-1.6x faster on this CPU and on CUDA
 
 
 @dataclass
@@ -281,8 +282,8 @@ def _training(t: DictConfig, out: _Problems) -> None:
     out.need(t.head_lr_mult > 0, "train.head_lr_mult", t.head_lr_mult, "must be > 0")
     out.need(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     out.need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    warm = f"must be in [0, train.epochs={t.epochs})"
-    out.need(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", t.warmup_epochs, warm)
+    warm = f"must be in [0, train.epochs={t.epochs}]"
+    out.need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs, warm)
     if t.ema_decay is not None:
         out.need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1) or null")
     if t.crop_size is not None:
@@ -346,6 +347,7 @@ def _refinement(p: DictConfig, r: DictConfig, a: DictConfig, out: _Problems) -> 
     )
     out.need(r.par_iterations >= 1, "refine.par_iterations", r.par_iterations, "must be >= 1")
     out.need(r.superpixel_segments >= 1, "refine.superpixel_segments", r.superpixel_segments, "must be >= 1")
+    out.need(r.superpixel_compactness > 0, "refine.superpixel_compactness", r.superpixel_compactness, "must be > 0")
     out.need(r.rw_radius >= 2, "refine.rw_radius", r.rw_radius, "must be >= 2")
     out.need(r.rw_beta > 0, "refine.rw_beta", r.rw_beta, "must be > 0")
     out.need(r.rw_steps >= 1, "refine.rw_steps", r.rw_steps, "must be >= 1")

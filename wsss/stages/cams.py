@@ -72,6 +72,8 @@ def _model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
     model, _ = load_checkpoint(train.path("checkpoint"), class_names)
     if ctx.cfg.cam.output_stride is not None:
         model.set_output_stride(ctx.cfg.cam.output_stride)
+    if ctx.cfg.cam.channels_last:  # same maps up to rounding, 1.3-1.6x faster convolutions (BENCHMARKS.md)
+        model = model.to(memory_format=torch.channels_last)
     return model.to(ctx.device).eval()
 
 

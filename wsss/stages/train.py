@@ -61,9 +61,12 @@ def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LRScheduler:
     """IRN's poly decay, lr * (1 - step / total) ** 0.9 per batch, after `warmup` steps of linear warm-up from
-    lr / 100 (torch's LinearLR, then PolynomialLR over the remaining steps, chained by SequentialLR)."""
+    lr / 100 (torch's LinearLR, then PolynomialLR over the remaining steps, chained by SequentialLR). A warm-up
+    as long as the run (a one-epoch test run) is the ramp alone."""
     if warmup <= 0:
         return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
+    if warmup >= steps:
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=steps)
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
     decay = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps - warmup, power=0.9)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
@@ -95,7 +98,7 @@ def _model(cfg: DictConfig, num_classes: int, device: torch.device) -> tuple[Cla
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     m = cfg.model
     model = Classifier(num_classes, str(m.backbone), m.output_stride, m.weights).to(device)
-    if cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda":
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return wrap(model, device, cfg.train.sync_bn)
 
