@@ -92,3 +92,50 @@ def test_a_killed_run_resumes_to_the_same_average(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """Item i: i plus a draw from torch's global RNG (as an augmentation would draw)."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+def _epoch_items(num_workers, epoch=1):
+    loader = distributed_loader(_Noisy(), 4, seed=3, num_workers=num_workers, device=torch.device("cpu"))
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loop = Loop("t", model, model, optimizer, build_scheduler(optimizer, 8, 0), None, torch.device("cpu"), 3, 2)
+    seen = []
+
+    def batch_loss(b):
+        seen.append(b.clone())
+        return (model.weight * 0).sum(), b.shape[0], torch.zeros(0)
+
+    loop.epoch(loader, epoch, batch_loss)
+    return torch.cat(seen)
+
+
+def test_augmentation_does_not_depend_on_the_number_of_workers():
+    main = _epoch_items(0)
+    assert torch.equal(main, _epoch_items(2))
+    assert sorted(main.floor().tolist()) == list(range(16))  # every item once
+    assert not torch.equal(main, _epoch_items(0, epoch=0))  # another epoch, other draws
+
+
+def test_an_items_draw_is_a_function_of_the_epoch_seed_and_its_index():
+    from wsss.training import SeededSamples
+
+    samples = SeededSamples(_Noisy())
+    samples.set_seed(11)
+    a = [samples[i] for i in (5, 2, 5)]
+    torch.manual_seed(0)  # the global stream does not matter, nor is it consumed
+    state = torch.get_rng_state()
+    b = samples[2]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a[0] == a[2]  # the same item twice: the same draw
+    assert a[1] == b
+    assert a[0] - 5 != a[1] - 2  # two items: two draws

@@ -71,7 +71,8 @@ class DatasetConfig:
     year: int = 2017  # coco: 2014 or 2017
     on_error: OnError = OnError["raise"]  # raise | skip: what a bad sample does (skips are counted and logged)
     max_pixels: int = 50_000_000  # images above this are refused (decompression bombs); real ones are < 0.5 M
-    num_workers: int = 2  # DataLoader workers (does not change any result, so it is in no cache key)
+    num_workers: int | None = None  # DataLoader workers; null: cores / 2 - 1, at most 8 (0 on 2 cores; no result
+    # depends on it: every item's augmentation is seeded by its index, so it is in no cache key)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -258,7 +259,8 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     out.need(d.name in DATASETS, "dataset.name", d.name, f"must be one of {sorted(DATASETS)}")
     out.need(d.year in (2014, 2017), "dataset.year", d.year, "must be 2014 or 2017")
     out.need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
-    out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0")
+    if d.num_workers is not None:
+        out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0 or null")
     out.need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
     from wsss.models.classifier import NATIVE_STRIDE
 

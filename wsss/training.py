@@ -1,11 +1,11 @@
 """What every training stage shares: a seeded, resumable, optionally distributed epoch loop.
 
-Each epoch's randomness (the sampler's order, augmentation in the main process and in every DataLoader worker)
-is seeded from (seed, epoch, rank), and after each epoch the state (model, optimizer, scheduler, AMP scaler,
-RNG states, history) is written atomically, so a rerun after a kill resumes after the last finished epoch and,
-on the CPU, ends with exactly the weights of an uninterrupted run. Under several ranks the model is wrapped
-in DistributedDataParallel, a DistributedSampler splits every epoch, the global batch is split across ranks,
-and BatchNorm statistics are taken from rank 0 at each epoch's end.
+Each epoch's randomness is seeded: the sampler's order from (seed, epoch), every item's augmentation from
+(seed, epoch, item index) whichever worker or rank reads it. After each epoch the state (model, optimizer,
+scheduler, AMP scaler, RNG states, history) is written atomically, so a rerun after a kill resumes after the
+last finished epoch and, on the CPU, ends with exactly the weights of an uninterrupted run. Under several
+ranks the model is wrapped in DistributedDataParallel, a DistributedSampler splits every epoch, the global
+batch is split across ranks, and BatchNorm statistics are taken from rank 0 at each epoch's end.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -43,11 +44,42 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank) % (1 << 63)
 
 
+class SeededSamples(Dataset):
+    """A dataset whose item i is drawn with torch's RNG seeded from (the epoch's seed, i), so augmentation
+    depends on neither the number of DataLoader workers nor the number of ranks (nor on which worker or rank
+    reads the item): `dataset.num_workers` changes no result, and a 2-rank run sees 1 rank's samples."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.seed = dataset, 0
+
+    def set_seed(self, seed: int) -> None:
+        """The epoch's seed (set before the epoch's workers start, which copy it)."""
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + int(i)) % (1 << 63))
+            return self.dataset[i]
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """`dataset.num_workers`, or for null half the cores less one, at most 8 (on 2 cores the main process
+    loading the small images itself is faster than workers competing with the compute threads: BENCHMARKS.md)."""
+    if num_workers is not None:
+        return int(num_workers)
+    return max(0, min(8, (os.cpu_count() or 1) // 2 - 1))
+
+
 def distributed_loader(
-    dataset: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device, **kwargs: Any
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int | None, device: torch.device, **kwargs: Any
 ) -> DataLoader:
-    """This rank's shuffled batches of `dataset`: `batch_size` is the global batch, split evenly across ranks."""
+    """This rank's shuffled batches of `dataset`: `batch_size` is the global batch, split evenly across ranks.
+    Items are drawn through `SeededSamples`: the same samples whatever the number of workers or ranks."""
     world = dist.world_size()
+    dataset = SeededSamples(dataset)
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is the global batch: it must divide by the {world} ranks")
     sampler = DistributedSampler(dataset, world, dist.rank(), shuffle=True, seed=seed, drop_last=True)
@@ -56,7 +88,7 @@ def distributed_loader(
         batch_size=batch_size // world,
         sampler=sampler,
         drop_last=True,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         generator=torch.Generator(),  # reseeded per epoch: the workers' seeds
         persistent_workers=False,  # fresh workers per epoch, seeded from (seed, epoch, rank): resumable exactly
         pin_memory=device.type == "cuda",
@@ -148,8 +180,10 @@ class Loop:
     def epoch(self, loader: DataLoader, epoch: int, batch_loss: BatchLoss) -> Tensor:
         """One epoch on this rank's shard; returns [sum of loss * n, sum of n, *extra sums] over every rank."""
         seed = epoch_seed(self.seed, epoch, dist.rank())
-        torch.manual_seed(seed)  # augmentation in the main process (num_workers=0)
-        loader.generator.manual_seed(seed)  # the workers' seeds
+        torch.manual_seed(seed)
+        loader.generator.manual_seed(seed)  # the workers' base seeds (items reseed themselves: SeededSamples)
+        if isinstance(loader.dataset, SeededSamples):
+            loader.dataset.set_seed(epoch_seed(self.seed, epoch, 0))  # one seed for all ranks: items are global
         loader.sampler.set_epoch(epoch)
         self.net.train()
         autocast = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()

@@ -16,6 +16,7 @@ from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.models import load_checkpoint
 from wsss.stages.base import Need, Stage, StageContext, check_classes, model_provenance, plain
+from wsss.training import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loader = DataLoader(
         InferenceDataset(source, todo),
         batch_size=cc.batch_size,
-        num_workers=cfg.dataset.num_workers,
+        num_workers=loader_workers(cfg.dataset.num_workers),
         collate_fn=collate_list,
     )
     empty = 0
