@@ -12,6 +12,9 @@ never build one artifact twice at once; it first removes temp files a killed run
 resume (the CAM stage) keep the files that were finished. A file of an input artifact that a stage cannot read back
 (`DamagedFileError`) is deleted, that input is rebuilt (resuming: only that file is made again), and the stage
 runs again. When a configuration was built before under other inputs, the log says what changed.
+
+(About 450 lines, over the house's 400: graph resolution, keys, the code digest over the import graph, and
+the build/reuse protocol with its locking and repair are one protocol, kept in one module to be read whole.)
 """
 
 from __future__ import annotations
