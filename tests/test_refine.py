@@ -221,3 +221,11 @@ def test_crf_masks_compare_with_the_background_marginal(tmp_path):
         np.testing.assert_array_equal(
             read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png"), expected
         )
+
+
+def test_crf_spatial_width_scales_with_the_longer_side():
+    from wsss.stages.refine import crf_sxy
+
+    assert crf_sxy(80, (375, 500)) == 80.0  # a VOC image: PSA's value
+    assert crf_sxy(80, (128, 128)) == pytest.approx(20.48)
+    assert crf_sxy(80, (1000, 640)) == 160.0

@@ -142,7 +142,8 @@ class RefineConfig:
     workers: int = 2  # crf / superpixel: CPU processes
     batch_size: int = 16  # par: images of one size per batch on the device
     crf_iterations: int = 10  # PSA's crf_inference: 10 mean-field steps, Gaussian sxy 3 compat 3,
-    crf_bilateral_sxy: float = 80.0  # bilateral sxy 80, srgb 13, compat 10
+    crf_bilateral_sxy: float = 80.0  # bilateral sxy 80 (at a 500-px image; scaled by longer side / 500), srgb 13,
+    # compat 10
     crf_bilateral_srgb: float = 13.0
     par_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])  # AFA's VOC setting
     par_iterations: int = 10

@@ -2,7 +2,8 @@
 
 Settings are PSA's `crf_inference` (Ahn and Kwak 2018; also used by AffinityNet's successors): a softmax
 unary from the maps with the background score set to the threshold (IRN's padding), a Gaussian kernel
-sxy = 3, compat = 3, a bilateral kernel sxy = 80, srgb = 13, compat = 10, and 10 mean-field iterations.
+sxy = 3, compat = 3, a bilateral kernel sxy = 80, srgb = 13, compat = 10, and 10 mean-field iterations (the
+refine stage scales the bilateral sxy with the image: 80 at a 500-px image).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def _cpu_one(image_id: str) -> str:
             cams["maps"],
             w["threshold"],
             iterations=rc.crf_iterations,
-            bilateral_sxy=rc.crf_bilateral_sxy,
+            bilateral_sxy=crf_sxy(rc.crf_bilateral_sxy, image.shape[:2]),
             bilateral_srgb=rc.crf_bilateral_srgb,
         )
     else:
@@ -66,6 +66,12 @@ def _cpu_one(image_id: str) -> str:
     strided = _strided(maps)
     write_cams(w["out"] / f"{image_id}.npz", cams["keys"], maps, strided, background=background)
     return image_id
+
+
+def crf_sxy(sxy_at_500: float, size: tuple[int, int]) -> float:
+    """The bilateral kernel's spatial width for an image: PSA's value holds for VOC's 500-px images and
+    scales with the longer side (80 px at 500 px is the whole of a 128-px image; measured in BENCHMARKS.md)."""
+    return float(sxy_at_500) * max(size) / 500.0
 
 
 def _strided(maps: np.ndarray | torch.Tensor) -> np.ndarray:
