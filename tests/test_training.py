@@ -61,17 +61,19 @@ def _fit(tmp_path, ema_decay, fail_at=None, epochs=3):
     return loop, seen, model
 
 
-def test_ema_is_the_moving_average_of_every_step(tmp_path):
-    decay = 0.8
+@pytest.mark.parametrize("decay", [0.3, 0.8])  # 0.3: capped from the 3rd update; 0.8: warm-up throughout
+def test_ema_is_the_moving_average_of_every_step(tmp_path, decay):
     loop, seen, model = _fit(tmp_path, decay)
     # The weights after step t are what batch t + 1 saw; after the last step, the model's own.
     after = [*seen[1:], {k: v.detach().double() for k, v in model.state_dict().items()}]
     ema = None
-    for w in after:  # torch's EMA: the first update copies, then e = d * e + (1 - d) * w
-        ema = dict(w) if ema is None else {k: decay * ema[k] + (1 - decay) * w[k] for k in w}
+    for n, w in enumerate(after):  # the first update copies, then e = d_n e + (1 - d_n) w, d_n warmed up
+        d = min(decay, (1 + n) / (10 + n))
+        ema = dict(w) if ema is None else {k: d * ema[k] + (1 - d) * w[k] for k in w}
     final = loop.final_model().state_dict()
     for k, v in ema.items():
         if k.endswith("num_batches_tracked"):
+            assert final[k] == model.state_dict()[k]  # a counter: the model's own
             continue
         torch.testing.assert_close(final[k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
     assert not torch.equal(final["0.weight"], model.state_dict()["0.weight"])  # the average, not the last step

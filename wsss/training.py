@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import dist
@@ -136,6 +136,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 BatchLoss = Callable[[Any], tuple[Tensor, int, Tensor]]
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The moving average's decay after `updates` updates: min(decay, (1 + n) / (10 + n)) (TensorFlow's
+    ExponentialMovingAverage with num_updates), so that a short run does not keep its random initial weights
+    (0.99 ** 60 = 55 % of them after 60 steps at a fixed 0.99); from 890 updates on it is 0.99 itself."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def _ema_update(decay: float):
+    """AveragedModel's multi_avg_fn: lerp the floating tensors by 1 - decay_n; counters take the current value."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        d = ema_decay_at(decay, int(num_averaged))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update
+
+
 class Loop:
     """Epochs of `batch_loss` with an optimizer, a per-step scheduler and AMP; saves and resumes its state.
 
@@ -146,7 +168,7 @@ class Loop:
         amp_dtype: "bfloat16" or "float16" (with a gradient scaler) autocast, or None.
         seed, epochs: The run's seed and number of epochs.
         ema_decay: Keep an exponential moving average of the weights and buffers, updated after every step
-            (torch's AveragedModel with its EMA function); `final_model()` is then the average.
+            (torch's AveragedModel, decay warmed up as in `ema_decay_at`); `final_model()` is then the average.
     """
 
     def __init__(
@@ -170,7 +192,7 @@ class Loop:
         self.ema = (
             None
             if ema_decay is None
-            else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)), use_buffers=True)
+            else AveragedModel(model, multi_avg_fn=_ema_update(float(ema_decay)), use_buffers=True)
         )
 
     def final_model(self) -> nn.Module:
