@@ -143,6 +143,35 @@ def test_random_walk_equals_a_dense_matrix_power():
     np.testing.assert_allclose(got.numpy().reshape(3, n), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_random_walk_batches_images_without_mixing_them():
+    """A batch walks as its images do one by one: the transition is block-diagonal, no pair crosses images."""
+    gen = torch.Generator().manual_seed(4)
+    feats, maps = torch.randn(3, 8, 6, 7, generator=gen), torch.rand(3, 4, 6, 7, generator=gen)
+    batched = random_walk(maps, feats, radius=3, beta=2.0, steps=5)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], random_walk(maps[i], feats[i], radius=3, beta=2.0, steps=5))
+    with pytest.raises(ValueError, match="batch size"):
+        random_walk(maps[:2], feats, radius=3)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.16, 0.3, 0.8])
+def test_background_alpha_makes_unwalked_maps_the_seeds(threshold):
+    """argmax over [(1 - max)^alpha, maps] (PSA's background) equals the threshold rule when alpha comes from the
+    threshold: (1 - t)^alpha = t."""
+    from wsss.pseudo import threshold_mask
+    from wsss.refine.random_walk import background_alpha, background_map
+
+    alpha = background_alpha(threshold)
+    assert (1 - threshold) ** alpha == pytest.approx(threshold, rel=1e-12)
+    maps = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    keys = torch.tensor([0, 4, 7])
+    got = threshold_mask(maps, keys, 0.0, background=background_map(maps, alpha))
+    np.testing.assert_array_equal(got.numpy(), threshold_mask(maps, keys, threshold).numpy())
+    assert background_alpha(0.5) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"got 1\.0"):
+        background_alpha(1.0)
+
+
 def test_superpixel_vote_equals_a_loop_over_segments():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, (8, 9))
@@ -229,3 +258,33 @@ def test_crf_spatial_width_scales_with_the_longer_side():
     assert crf_sxy(80, (375, 500)) == 80.0  # a VOC image: PSA's value
     assert crf_sxy(80, (128, 128)) == pytest.approx(20.48)
     assert crf_sxy(80, (1000, 640)) == 160.0
+
+
+def test_random_walk_run_masks_take_the_walked_background(tmp_path):
+    """pseudo.refine=rw end to end: the affinity stage trains and is reused by a second run; the refined npz
+    carry a walked background, and the masks are the argmax over [background, maps], ties to background."""
+    from tests.tiny import tiny_cfg
+    from wsss.artifacts import read_cams, read_mask
+    from wsss.pipeline import Pipeline
+
+    overrides = ["pseudo.refine=rw", "affinity.epochs=1", "affinity.batch_size=8", "refine.rw_steps=8"]
+    pipe = Pipeline(tiny_cfg(tmp_path, overrides))
+    pipe.run("pseudo_masks")
+    assert pipe.report["affinity"] == "ran"
+    checked = 0
+    for path in sorted((pipe.artifact_dir("refine") / "maps").glob("*.npz")):
+        z = read_cams(path)
+        if len(z["keys"]) == 0:
+            continue
+        assert z["maps"].max() == pytest.approx(1.0, abs=1e-3)  # divided by the image's largest class score
+        stack = np.concatenate([z["background"][None], z["maps"]]).astype(np.float64)
+        labels = np.concatenate([[0], z["keys"] + 1])
+        expected = labels[np.argmax(stack, 0)].astype(np.uint8)
+        got = read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png")
+        np.testing.assert_array_equal(got, expected)
+        checked += 1
+    assert checked > 0
+    again = Pipeline(tiny_cfg(tmp_path, [*overrides, "refine.rw_steps=4"]))
+    again.run("pseudo_masks")
+    assert again.report["affinity"] == "reused"
+    assert again.report["refine"] == "ran"

@@ -1,15 +1,15 @@
 """Refinement of CAMs into better score maps: dense CRF, PAR, superpixel voting, AffinityNet random walk.
 
 Each method takes one image's normalised maps (K, H, W) in [0, 1] and returns refined maps of the same shape
-(and, for the CRF, which scores the background too, a background map), so that IRN's threshold rule, the
-one-pass threshold sweep and PxAP apply to the refined maps as they do to CAMs.
+(and, for the CRF and the random walk, which score the background too, a background map), so that IRN's
+threshold rule, the one-pass threshold sweep and PxAP apply to the refined maps as they do to CAMs.
 
 | method | paper | where it runs |
 |---|---|---|
 | `crf` | fully connected CRF, Kraehenbuehl and Koltun 2011; PSA's `crf_inference` settings | CPU, a process pool |
 | `par` | pixel-adaptive refinement, Ru et al. 2022 (AFA), also ToCo | torch, batched on the device |
-| `superpixel` | SLIC or Felzenszwalb (scikit-image); each superpixel takes its pixels' mean | CPU, a process pool |
-| `rw` | AffinityNet random walk, Ahn and Kwak 2018 (PSA), with the `affinity` stage's network | torch, on the device |
+| `superpixel` | Felzenszwalb or SLIC (scikit-image); each superpixel takes its pixels' mean | CPU, a process pool |
+| `rw` | AffinityNet random walk, Ahn and Kwak 2018 (PSA), the background walking too | torch, batched |
 """
 
 from wsss.refine.crf import dense_crf

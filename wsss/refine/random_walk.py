@@ -4,10 +4,19 @@ CVPR 2018): propagate class maps over a graph of pixel pairs whose weights come 
 For pixels i, j closer than `radius` (in the feature grid), a_ij = exp(-mean_d |f_i,d - f_j,d|) (Eq. 3 of the
 paper); with a_ii = 1, A = a^beta, and the transition T = A D^-1 (each column sums to 1), the maps become
 v T^t: every pixel takes a weighted average of its neighbourhood, t times (PSA: t = 2^8, beta = 8). T is
-sparse (one row block per offset), so the walk costs t sparse products, batched over the classes.
+sparse (one row block per offset) and block-diagonal over the images of a batch, so the walk of a whole batch
+costs t sparse products, over all images and classes at once.
+
+As in PSA's `infer_aff.py`, the background walks too: its map is (1 - max_k m_k)^alpha, and the label is the
+argmax over [background, maps] after the walk. PSA's alpha = 16 suits peaky ImageNet-pretrained CAMs; here the
+default alpha is the one that makes the unwalked maps give exactly the threshold rule's seeds (see
+`background_alpha`), so the walk alone decides what changes.
 """
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -20,31 +29,33 @@ def radius_offsets(radius: int) -> list[tuple[int, int]]:
 
 
 def affinity_pairs(features: Tensor, radius: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pairs within `radius` of a (D, h, w) feature map and their affinities exp(-mean |f_i - f_j|).
+    """Pairs within `radius` of (B, D, h, w) feature maps (or one (D, h, w)) and their affinities
+    exp(-mean |f_i - f_j|); pixels of different images are never paired.
 
     Returns:
-        (from, to, affinity): flat pixel indices (P,) int64 and (P,) float, every ordered pair once.
+        (from, to, affinity): flat pixel indices into B * h * w (P,) int64 and (P,) float, every ordered pair once.
     """
-    _d, h, w = features.shape
-    index = torch.arange(h * w, device=features.device).view(h, w)
+    f = features if features.dim() == 4 else features[None]
+    b, _d, h, w = f.shape
+    index = torch.arange(b * h * w, device=f.device).view(b, h, w)
     src, dst, aff = [], [], []
     for dy, dx in radius_offsets(radius):
         ys, ye = max(0, -dy), min(h, h - dy)
         xs, xe = max(0, -dx), min(w, w - dx)
         if ys >= ye or xs >= xe:
             continue
-        a = features[:, ys:ye, xs:xe]
-        b = features[:, ys + dy : ye + dy, xs + dx : xe + dx]
-        src.append(index[ys:ye, xs:xe].reshape(-1))
-        dst.append(index[ys + dy : ye + dy, xs + dx : xe + dx].reshape(-1))
-        aff.append(torch.exp(-(a - b).abs().mean(0)).reshape(-1))
+        a = f[:, :, ys:ye, xs:xe]
+        c = f[:, :, ys + dy : ye + dy, xs + dx : xe + dx]
+        src.append(index[:, ys:ye, xs:xe].reshape(-1))
+        dst.append(index[:, ys + dy : ye + dy, xs + dx : xe + dx].reshape(-1))
+        aff.append(torch.exp(-(a - c).abs().mean(1)).reshape(-1))
     return torch.cat(src), torch.cat(dst), torch.cat(aff)
 
 
 def transition(features: Tensor, radius: int, beta: float) -> Tensor:
-    """The (N, N) sparse transition T = A D^-1 of a (D, h, w) feature map (columns sum to 1)."""
-    _, h, w = features.shape
-    n = h * w
+    """The sparse transition T = A D^-1 (columns sum to 1) of (B, D, h, w) features, (B h w, B h w) and
+    block-diagonal over the images (or (h w, h w) for one (D, h, w) map)."""
+    n = features.shape[-1] * features.shape[-2] * (features.shape[0] if features.dim() == 4 else 1)
     src, dst, aff = affinity_pairs(features, radius)
     diag = torch.arange(n, device=features.device)
     rows = torch.cat([src, diag])
@@ -56,16 +67,43 @@ def transition(features: Tensor, radius: int, beta: float) -> Tensor:
 
 
 def random_walk(maps: Tensor, features: Tensor, *, radius: int = 5, beta: float = 8.0, steps: int = 256) -> Tensor:
-    """Propagate (K, h, w) maps with the walk defined by (D, h, w) features: v <- v T, `steps` times.
+    """Propagate maps with the walk defined by features: v <- v T, `steps` times.
+
+    Args:
+        maps: (B, K, h, w), or (K, h, w) for one image.
+        features: (B, D, h, w), or (D, h, w), on the device the walk runs on.
 
     Returns:
-        (K, h, w) maps (float32), on the features' device.
+        Maps of the input's shape (float32), on the features' device.
     """
-    k, h, w = maps.shape
-    if features.shape[-2:] != (h, w):
+    if maps.shape[-2:] != features.shape[-2:] or maps.dim() != features.dim() or maps.dim() not in (3, 4):
         raise ValueError(f"maps {tuple(maps.shape)} and features {tuple(features.shape)} differ in size")
-    t_transposed = transition(features.float(), radius, beta).t().coalesce()  # (v T)^T = T^T v^T
-    v = maps.reshape(k, h * w).to(features.device, torch.float32).t()  # (N, K)
+    if maps.dim() == 4 and maps.shape[0] != features.shape[0]:
+        raise ValueError(f"maps {tuple(maps.shape)} and features {tuple(features.shape)} differ in batch size")
+    shape = maps.shape
+    m = maps if maps.dim() == 4 else maps[None]
+    b, k, h, w = m.shape
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are ~20x COO's on the CPU
+        warnings.simplefilter("ignore", UserWarning)
+        t_transposed = transition(features.float(), radius, beta).t().to_sparse_csr()  # (v T)^T = T^T v^T
+    v = m.to(features.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, k)  # (B h w, K)
     for _ in range(steps):
-        v = torch.sparse.mm(t_transposed, v)
-    return v.t().reshape(k, h, w)
+        v = t_transposed @ v
+    return v.reshape(b, h, w, k).permute(0, 3, 1, 2).reshape(shape).contiguous()
+
+
+def background_alpha(threshold: float) -> float:
+    """The alpha for which (1 - m)^alpha = m exactly at m = `threshold`: with a background map (1 - max_k m_k)^alpha,
+    the argmax over [background, maps] is then the threshold rule (m > threshold), so an unwalked map gives the
+    seeds. 1 at threshold 0.5; about 10.5 at IRN's 0.16 (PSA uses 16)."""
+    t = float(threshold)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"background threshold must be in (0, 1) for the random walk's background, got {t}")
+    return math.log(t) / math.log1p(-t)
+
+
+def background_map(maps: Tensor, alpha: float) -> Tensor:
+    """PSA's background score (1 - max_k m_k)^alpha of (..., K, h, w) maps, (..., h, w); 1 where K = 0."""
+    if maps.shape[-3] == 0:
+        return maps.new_ones(maps.shape[:-3] + maps.shape[-2:])
+    return (1 - maps.amax(-3).clamp(0, 1)).pow(alpha)

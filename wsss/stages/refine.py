@@ -1,10 +1,10 @@
 """Stage `refine`: CAMs -> refined maps by `pseudo.refine` (crf, par, superpixel, rw); see `wsss.refine`.
 
-Writes `maps/<id>.npz` in the CAM format (the CRF adds the `background` marginal), so `pseudo_masks` and the
-threshold sweep of `evaluate` read refined maps as they read CAMs. CRF and superpixels run on the CPU in a
-process pool (`refine.workers`); PAR runs batched on the device; the random walk runs on the device with the
-`affinity` stage's network, at the 1/4 resolution of the stored strided maps, then upsamples bilinearly and
-divides each map by its max (the CAM convention, so the same thresholds apply). Per image, resumable.
+Writes `maps/<id>.npz` in the CAM format (the CRF and the random walk add a `background` map), so
+`pseudo_masks` and the threshold sweep of `evaluate` read refined maps as they read CAMs. CRF and superpixels run
+on the CPU in a process pool (`refine.workers`); PAR runs batched on the device; the random walk runs batched
+on the device with the `affinity` stage's network, at the 1/4 resolution of the stored strided maps, with
+PSA's background map beside the classes, then upsamples bilinearly. Per image, resumable.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from omegaconf import DictConfig
 
 from wsss import dist
 from wsss.artifacts import read_cams, write_cams
-from wsss.cam import normalize_maps
 from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.refine import dense_crf, par_refine, random_walk, superpixel_vote
+from wsss.refine.random_walk import background_alpha, background_map
 from wsss.refine.superpixel import segments
 from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
 
@@ -61,7 +61,9 @@ def _cpu_one(image_id: str) -> str:
             bilateral_srgb=rc.crf_bilateral_srgb,
         )
     else:
-        labels = segments(image, rc.superpixel_method, rc.superpixel_segments, rc.superpixel_compactness)
+        labels = segments(
+            image, rc.superpixel_method, rc.superpixel_segments, rc.superpixel_compactness, rc.superpixel_scale
+        )
         maps = superpixel_vote(cams["maps"], labels)
     strided = _strided(maps)
     write_cams(w["out"] / f"{image_id}.npz", cams["keys"], maps, strided, background=background)
@@ -142,24 +144,52 @@ def _run_par(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo
 
 
 def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
-    """The random walk over `todo`, with the affinity network, on the device."""
+    """The random walk over `todo` with the affinity network: images of one size batched on the device, the
+    background walking beside the classes (PSA); the maps and the background are written divided by the
+    image's largest class score (IRN's one normalisation for all classes, so their argmax is unchanged)."""
     from wsss.stages.affinity import load_affinity
 
     rc = ctx.cfg.refine
+    alpha = rw_alpha(ctx.cfg)
     net = load_affinity(ctx.inputs["affinity"].path("checkpoint"), ctx.device)
-    for image_id in progress(todo, desc="refine rw", unit="img"):
-        cams = read_cams(maps_dir / f"{image_id}.npz")
-        h, w = cams["maps"].shape[1:]
-        if len(cams["keys"]):
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for image_id in todo:
+        by_size.setdefault(source.image_size(image_id), []).append(image_id)
+    bar = progress(total=len(todo), desc="refine rw", unit="img")
+    for (h, w), ids in by_size.items():
+        for i in range(0, len(ids), rc.batch_size):
+            chunk = ids[i : i + rc.batch_size]
+            cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
+            k = max(len(c["keys"]) for c in cams)
+            strided = torch.zeros(len(chunk), 1 + k, *cams[0]["strided"].shape[1:])
+            for row, c in enumerate(cams):
+                low = torch.from_numpy(c["strided"]).float()
+                strided[row, 0] = background_map(low, alpha)
+                strided[row, 1 : 1 + len(c["keys"])] = low
+            images = torch.stack([normalize(source.load_image(j)) for j in chunk]).to(ctx.device)
             with torch.no_grad():
-                features = net(normalize(source.load_image(image_id)[None].to(ctx.device)))[0]  # (D, h/4, w/4)
-            strided = torch.from_numpy(cams["strided"]).to(ctx.device)
-            walked = random_walk(strided, features, radius=rc.rw_radius, beta=rc.rw_beta, steps=rc.rw_steps)
-            up = F.interpolate(walked[None], size=(h, w), mode="bilinear", align_corners=False)
-            maps, low = normalize_maps(up)[0].cpu(), normalize_maps(walked[None])[0].cpu()
-        else:
-            maps, low = torch.from_numpy(cams["maps"]), torch.from_numpy(cams["strided"])
-        write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", cams["keys"], maps, low)
+                features = net(images)  # (B, D, h/4, w/4)
+            walked = random_walk(
+                strided.to(ctx.device), features, radius=rc.rw_radius, beta=rc.rw_beta, steps=rc.rw_steps
+            )
+            up = F.interpolate(walked, size=(h, w), mode="bilinear", align_corners=False)
+            for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
+                n = len(c["keys"])
+                if n == 0:  # no class: the CAMs as they are (all background)
+                    write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], c["maps"], c["strided"])
+                    continue
+                full, low = up[row, : 1 + n], walked[row, : 1 + n]
+                scale = full[1:].amax().clamp(min=1e-12)
+                full, low = (full / scale).cpu(), (low / low[1:].amax().clamp(min=1e-12)).cpu()
+                write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], full[1:], low[1:], background=full[0])
+            bar.update(len(chunk))
+    bar.close()
+
+
+def rw_alpha(cfg: DictConfig) -> float:
+    """`refine.rw_alpha`, or when null the one for which the unwalked maps give the seeds at `pseudo.threshold`."""
+    alpha = cfg.refine.rw_alpha
+    return background_alpha(cfg.pseudo.threshold) if alpha is None else float(alpha)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -186,7 +216,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 _METHOD_KEYS = {
     "crf": ("crf_iterations", "crf_bilateral_sxy", "crf_bilateral_srgb"),
     "par": ("par_dilations", "par_iterations"),
-    "superpixel": ("superpixel_method", "superpixel_segments", "superpixel_compactness"),
+    "superpixel": ("superpixel_method", "superpixel_segments", "superpixel_compactness", "superpixel_scale"),
     "rw": ("rw_radius", "rw_beta", "rw_steps"),
 }
 
@@ -198,6 +228,8 @@ def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
     params.update({k: rc[k] for k in _METHOD_KEYS[method]})
     if method == "crf":
         params["threshold"] = cfg.pseudo.threshold  # the CRF's background unary
+    if method == "rw":
+        params["rw_alpha"] = rw_alpha(cfg)  # the background map's exponent (from the threshold when null)
     return params
 
 
