@@ -276,7 +276,9 @@ def test_random_walk_run_masks_take_the_walked_background(tmp_path):
         z = read_cams(path)
         if len(z["keys"]) == 0:
             continue
-        assert z["maps"].max() == pytest.approx(1.0, abs=1e-3)  # divided by the image's largest class score
+        peak = float(z["maps"].max())  # divided by the image's largest class score (all-zero CAMs stay 0)
+        assert peak == pytest.approx(1.0, abs=1e-3) or peak == 0.0
+        assert np.isfinite(z["background"]).all()
         stack = np.concatenate([z["background"][None], z["maps"]]).astype(np.float64)
         labels = np.concatenate([[0], z["keys"] + 1])
         expected = labels[np.argmax(stack, 0)].astype(np.uint8)

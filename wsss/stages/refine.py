@@ -179,11 +179,16 @@ def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo:
                     write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], c["maps"], c["strided"])
                     continue
                 full, low = up[row, : 1 + n], walked[row, : 1 + n]
-                scale = full[1:].amax().clamp(min=1e-12)
-                full, low = (full / scale).cpu(), (low / low[1:].amax().clamp(min=1e-12)).cpu()
+                full, low = (full / _peak(full[1:])).cpu(), (low / _peak(low[1:])).cpu()
                 write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], full[1:], low[1:], background=full[0])
             bar.update(len(chunk))
     bar.close()
+
+
+def _peak(maps: torch.Tensor) -> torch.Tensor:
+    """The largest class score of an image, at least 1e-4: one factor for background and classes keeps their
+    argmax, and the background (at most 1 before) stays within float16 where the classes barely respond."""
+    return maps.amax().clamp(min=1e-4)
 
 
 def rw_alpha(cfg: DictConfig) -> float:
