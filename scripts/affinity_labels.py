@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra import compose, initialize_config_dir
 
 from wsss.artifacts import read_cams
@@ -58,7 +57,7 @@ def main() -> None:
         if len(cams["keys"]) == 0:
             best, label = np.zeros(gt.shape), np.zeros(gt.shape, np.int64)
         else:
-            m = torch.from_numpy(cams["maps"]).float().numpy()
+            m = cams["maps"].astype(np.float32)
             best, label = m.max(0), cams["keys"][m.argmax(0)] + 1
         b, lab, g = best[valid], label[valid], gt[valid]
         above = b[None] > fg[:, None]  # (F, P)

@@ -55,7 +55,7 @@ def affinity_pairs(features: Tensor, radius: int) -> tuple[Tensor, Tensor, Tenso
 def transition(features: Tensor, radius: int, beta: float) -> Tensor:
     """The sparse transition T = A D^-1 (columns sum to 1) of (B, D, h, w) features, (B h w, B h w) and
     block-diagonal over the images (or (h w, h w) for one (D, h, w) map)."""
-    n = features.shape[-1] * features.shape[-2] * (features.shape[0] if features.dim() == 4 else 1)
+    n = features.numel() // features.shape[-3]  # pixels over all images
     src, dst, aff = affinity_pairs(features, radius)
     diag = torch.arange(n, device=features.device)
     rows = torch.cat([src, diag])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,30 +118,41 @@ def _run_cpu(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo
 def _run_par(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
     """PAR over `todo`, images of one size batched on the device."""
     rc = ctx.cfg.refine
+    bar = progress(total=len(todo), desc="refine par", unit="img")
+    for chunk in _size_batches(source, todo, rc.batch_size):
+        cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
+        maps = _stack_maps([c["maps"] for c in cams], 1)
+        images = torch.stack([source.load_image(j) for j in chunk]).float()  # (B, 3, H, W) RGB
+        refined = par_refine(
+            images.to(ctx.device),
+            maps.to(ctx.device),
+            dilations=tuple(rc.par_dilations),
+            iterations=rc.par_iterations,
+        ).cpu()
+        for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
+            out = refined[row, : len(c["keys"])]
+            write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], out, _strided(out))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _size_batches(source: SegmentationSource, todo: list[str], batch_size: int) -> Iterator[list[str]]:
+    """`todo` in batches of at most `batch_size` images of one size (so they stack)."""
     by_size: dict[tuple[int, int], list[str]] = {}
     for image_id in todo:
         by_size.setdefault(source.image_size(image_id), []).append(image_id)
-    bar = progress(total=len(todo), desc="refine par", unit="img")
     for ids in by_size.values():
-        for i in range(0, len(ids), rc.batch_size):
-            chunk = ids[i : i + rc.batch_size]
-            cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
-            k = max(1, max(len(c["keys"]) for c in cams))
-            maps = torch.zeros(len(chunk), k, *cams[0]["maps"].shape[1:])
-            for row, c in enumerate(cams):
-                maps[row, : len(c["keys"])] = torch.from_numpy(c["maps"])
-            images = torch.stack([source.load_image(j) for j in chunk]).float()  # (B, 3, H, W) RGB
-            refined = par_refine(
-                images.to(ctx.device),
-                maps.to(ctx.device),
-                dilations=tuple(rc.par_dilations),
-                iterations=rc.par_iterations,
-            ).cpu()
-            for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
-                out = refined[row, : len(c["keys"])]
-                write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], out, _strided(out))
-            bar.update(len(chunk))
-    bar.close()
+        for i in range(0, len(ids), batch_size):
+            yield ids[i : i + batch_size]
+
+
+def _stack_maps(maps: list[np.ndarray], at_least: int = 0) -> torch.Tensor:
+    """(K_i, h, w) maps of one size -> (B, max(K_i, at_least), h, w) float32, zero-padded past each K_i."""
+    k = max(at_least, *(len(m) for m in maps))
+    out = torch.zeros(len(maps), k, *maps[0].shape[1:])
+    for row, m in enumerate(maps):
+        out[row, : len(m)] = torch.from_numpy(m)
+    return out
 
 
 def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
@@ -152,36 +164,25 @@ def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo:
     rc = ctx.cfg.refine
     alpha = rw_alpha(ctx.cfg)
     net = load_affinity(ctx.inputs["affinity"].path("checkpoint"), ctx.device)
-    by_size: dict[tuple[int, int], list[str]] = {}
-    for image_id in todo:
-        by_size.setdefault(source.image_size(image_id), []).append(image_id)
     bar = progress(total=len(todo), desc="refine rw", unit="img")
-    for (h, w), ids in by_size.items():
-        for i in range(0, len(ids), rc.batch_size):
-            chunk = ids[i : i + rc.batch_size]
-            cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
-            k = max(len(c["keys"]) for c in cams)
-            strided = torch.zeros(len(chunk), 1 + k, *cams[0]["strided"].shape[1:])
-            for row, c in enumerate(cams):
-                low = torch.from_numpy(c["strided"]).float()
-                strided[row, 0] = background_map(low, alpha)
-                strided[row, 1 : 1 + len(c["keys"])] = low
-            images = torch.stack([normalize(source.load_image(j)) for j in chunk]).to(ctx.device)
-            with torch.no_grad():
-                features = net(images)  # (B, D, h/4, w/4)
-            walked = random_walk(
-                strided.to(ctx.device), features, radius=rc.rw_radius, beta=rc.rw_beta, steps=rc.rw_steps
-            )
-            up = F.interpolate(walked, size=(h, w), mode="bilinear", align_corners=False)
-            for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
-                n = len(c["keys"])
-                if n == 0:  # no class: the CAMs as they are (all background)
-                    write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], c["maps"], c["strided"])
-                    continue
-                full, low = up[row, : 1 + n], walked[row, : 1 + n]
-                full, low = (full / _peak(full[1:])).cpu(), (low / _peak(low[1:])).cpu()
-                write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], full[1:], low[1:], background=full[0])
-            bar.update(len(chunk))
+    for chunk in _size_batches(source, todo, rc.batch_size):
+        cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
+        low = _stack_maps([c["strided"] for c in cams]).to(ctx.device)  # (B, K, h/4, w/4); padding 0
+        low = torch.cat([background_map(low, alpha)[:, None], low], 1)  # zero padding leaves the max as it is
+        images = torch.stack([normalize(source.load_image(j)) for j in chunk]).to(ctx.device)
+        with torch.no_grad():
+            features = net(images)  # (B, D, h/4, w/4)
+        walked = random_walk(low, features, radius=rc.rw_radius, beta=rc.rw_beta, steps=rc.rw_steps)
+        up = F.interpolate(walked, size=cams[0]["maps"].shape[1:], mode="bilinear", align_corners=False)
+        for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
+            n = len(c["keys"])
+            if n == 0:  # no class: the CAMs as they are (all background)
+                write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], c["maps"], c["strided"])
+                continue
+            full, small = up[row, : 1 + n], walked[row, : 1 + n]
+            full, small = (full / _peak(full[1:])).cpu(), (small / _peak(small[1:])).cpu()
+            write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], full[1:], small[1:], background=full[0])
+        bar.update(len(chunk))
     bar.close()
 
 
