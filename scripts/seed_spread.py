@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_dir
 
 from wsss.config import register_configs
 from wsss.pipeline import Pipeline
+from wsss.stages.base import environment
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("miou", "sweep_best", "pxap")
@@ -89,7 +89,7 @@ def main() -> None:
         s = summary[f]
         print(f"{f:<11} {s['mean']:6.2f} +- {s['std']:.2f}  (min {s['min']:.2f}, max {s['max']:.2f})")
     if args.out:
-        machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        machine = environment(torch.device("cpu"))
         payload = {"overrides": args.overrides, "rows": rows, "summary": summary, "machine": machine}
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -141,3 +141,33 @@ def test_an_items_draw_is_a_function_of_the_epoch_seed_and_its_index():
     assert a[0] == a[2]  # the same item twice: the same draw
     assert a[1] == b
     assert a[0] - 5 != a[1] - 2  # two items: two draws
+
+
+def test_auto_precision_is_bfloat16_only_where_native(monkeypatch):
+    from wsss import training
+
+    cpu = torch.device("cpu")
+    assert training.resolve_amp_dtype(None, cpu) is None
+    assert training.resolve_amp_dtype("float16", cpu) == "float16"
+    monkeypatch.setattr(training, "native_bfloat16", lambda device: True)
+    assert training.resolve_amp_dtype("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(training, "native_bfloat16", lambda device: False)
+    assert training.resolve_amp_dtype("auto", cpu) is None
+
+
+def test_auto_precision_keys_the_model_by_what_it_resolves_to(tmp_path, monkeypatch):
+    """`auto` shares its cache key with the precision it resolves to on this device, never with the other."""
+    from tests.tiny import tiny_cfg
+    from wsss import training
+    from wsss.config import register_configs
+    from wsss.pipeline import Pipeline
+
+    register_configs()
+
+    def key(amp: str) -> str:
+        return Pipeline(tiny_cfg(tmp_path, [f"train.amp_dtype={amp}"])).key("train")
+
+    for native, same, other in ((True, "bfloat16", "null"), (False, "null", "bfloat16")):
+        monkeypatch.setattr(training, "native_bfloat16", lambda device, native=native: native)
+        assert key("auto") == key(same)
+        assert key("auto") != key(other)

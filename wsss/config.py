@@ -41,6 +41,7 @@ CamMethod = _choice("CamMethod", METHODS)
 Backbone = _choice("Backbone", BACKBONES)
 Optimizer = _choice("Optimizer", ("adamw", "sgd"))
 AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
+TrainAmpDtype = _choice("TrainAmpDtype", ("auto", "bfloat16", "float16"))
 OnError = _choice("OnError", ("raise", "skip"))
 CamStore = _choice("CamStore", ("float16", "uint8", "quarter"))
 RefineMethod = _choice("RefineMethod", ("none", "crf", "par", "superpixel", "rw"))
@@ -90,7 +91,7 @@ class ModelConfig:
 class TrainConfig:
     """Classifier training: multilabel soft margin loss, poly learning-rate decay (as IRN)."""
 
-    epochs: int = 36
+    epochs: int = 50
     batch_size: int = 32
     optimizer: Optimizer = Optimizer["adamw"]  # adamw (from scratch) | sgd (IRN, with a pretrained trunk)
     lr: float = 4e-3
@@ -101,7 +102,9 @@ class TrainConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
     warmup_epochs: float = 1.0  # linear warm-up from lr / 100 over this many epochs (at most all), then poly
     ema_decay: float | None = 0.99  # exponential moving average of the weights (per step), saved; null: off
-    amp_dtype: AmpDtype | None = None  # bfloat16 | float16 (with a gradient scaler): autocast training
+    # auto: bfloat16 autocast where the device computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or
+    # AMX: 1.45x faster training here), else float32 | bfloat16 | float16 (with a gradient scaler) | null: float32
+    amp_dtype: TrainAmpDtype | None = TrainAmpDtype["auto"]
     sync_bn: bool = False  # under several ranks: BatchNorm statistics over the global batch
     channels_last: bool = True  # channels-last memory: convolutions faster on the CPU (1.4x here) and CUDA
 

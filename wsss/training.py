@@ -39,6 +39,29 @@ log = logging.getLogger(__name__)
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: CUDA with bf16 support, or a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16 or AMX); elsewhere bfloat16 autocast is emulated and slower than float32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_amp_dtype(amp_dtype: Any, device: torch.device) -> str | None:
+    """`train.amp_dtype` as used on `device`: "auto" -> "bfloat16" where native (see `native_bfloat16`), else
+    None (float32); any other value as given."""
+    if amp_dtype is None:
+        return None
+    if str(amp_dtype) == "auto":
+        return "bfloat16" if native_bfloat16(device) else None
+    return str(amp_dtype)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one epoch on one rank: every epoch's randomness is a function of (seed, epoch, rank)."""
     return (seed * 1_000_003 + epoch * 7_919 + rank) % (1 << 63)

@@ -2,7 +2,9 @@
 
 One process or several (torchrun, Slurm): under N ranks the model is wrapped in DistributedDataParallel, a
 DistributedSampler splits each epoch, and `train.batch_size` stays the global batch (batch_size / N per rank).
-`train.amp_dtype` trains under autocast (bfloat16, or float16 with a gradient scaler), `train.sync_bn` syncs
+`train.amp_dtype` trains under autocast: `auto` (the default) is bfloat16 where the device computes it natively
+and float32 elsewhere, the resolved precision being part of the cache key; bfloat16 or float16 (with a gradient
+scaler) force one, null forces float32. `train.sync_bn` syncs
 BatchNorm statistics across ranks, and channels-last memory is used on CUDA (`train.channels_last`).
 
 After every epoch the artifact keeps `train_state.pt` (model, optimizer, scheduler, scaler, RNG states, epoch),
@@ -33,7 +35,7 @@ from wsss.data.transforms import TrainTransform
 from wsss.fingerprint import FileGroup
 from wsss.models import Classifier, load_checkpoint, save_checkpoint
 from wsss.stages.base import Fingerprints, Stage, StageContext, plain
-from wsss.training import Loop, distributed_loader, wrap
+from wsss.training import Loop, distributed_loader, resolve_amp_dtype, wrap
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     epochs = cfg.train.epochs
     scheduler = build_scheduler(optimizer, epochs * len(loader), round(cfg.train.warmup_epochs * len(loader)))
     tc = cfg.train
-    loop = Loop("train", model, net, optimizer, scheduler, tc.amp_dtype, ctx.device, cfg.seed, epochs, tc.ema_decay)
+    amp = resolve_amp_dtype(tc.amp_dtype, ctx.device)
+    log.info("train: %s", f"autocast {amp}" if amp else "float32")
+    loop = Loop("train", model, net, optimizer, scheduler, amp, ctx.device, cfg.seed, epochs, tc.ema_decay)
 
     def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
         images, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
@@ -173,10 +177,13 @@ def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
         }
     model = plain(cfg.model)
     model.pop("checkpoint")
+    train = plain(cfg.train)
+    if train["amp_dtype"] == "auto":  # the precision it resolves to on this device is what shapes the model
+        train["amp_dtype"] = resolve_amp_dtype("auto", dist.local_device(str(cfg.device)))
     return {
         "dataset": dataset_identity(cfg.dataset, split),
         "model": model,
-        "train": plain(cfg.train),
+        "train": train,
         "seed": cfg.seed,
         # N ranks split every batch and keep their own BatchNorm statistics: another training, another model
         "ranks": dist.world_size(),

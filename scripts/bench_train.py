@@ -1,0 +1,87 @@
+"""Time training epochs of two recipes in one process, interleaved, and project each recipe's training time.
+
+Both recipes are the default pipeline's training (same data, loader, model, optimizer, schedule and loop as
+`python -m wsss.run stage=train`) with their own Hydra overrides. Epochs alternate between the two (A, B, A, B,
+...) so that a noisy machine slows both alike; the first epoch of each is a warm-up and not counted. The
+projection is median seconds per epoch x the recipe's `train.epochs`; the last line is the B/A ratio of the
+projections as a bare number (below 1: B trains faster than A).
+
+    python scripts/bench_train.py --a train.amp_dtype=null train.epochs=36 --b ''   # float32 36 epochs vs default
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from wsss.config import register_configs
+from wsss.data import build_source
+from wsss.stages import train as T
+from wsss.stages.base import environment
+from wsss.training import Loop, resolve_amp_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe(overrides: list[str]):
+    """The composed config, its loader and a fresh loop (model, optimizer, schedule) on the CPU."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    device = torch.device("cpu")
+    source = build_source(cfg.dataset, str(cfg.dataset.train_split))
+    loader = T._loader(source, cfg, device)
+    model, net = T._model(cfg, source.num_classes, device)
+    tc = cfg.train
+    optimizer = T.build_optimizer(model, tc)
+    scheduler = T.build_scheduler(optimizer, tc.epochs * len(loader), round(tc.warmup_epochs * len(loader)))
+    amp = resolve_amp_dtype(tc.amp_dtype, device)
+    loop = Loop("bench", model, net, optimizer, scheduler, amp, device, cfg.seed, tc.epochs, tc.ema_decay)
+
+    def batch_loss(batch):
+        images, targets = batch
+        logits = net(images)
+        loss = F.multilabel_soft_margin_loss(logits.float(), targets)
+        return loss, images.shape[0], loss.new_zeros(2, dtype=torch.float64)
+
+    return cfg, loader, loop, batch_loss, amp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", default="train.amp_dtype=null train.epochs=36", help="overrides of recipe A")
+    parser.add_argument("--b", default="", help="overrides of recipe B (default: the default recipe)")
+    parser.add_argument("--epochs", type=int, default=4, help="timed epochs of each, after one warm-up epoch")
+    args = parser.parse_args()
+    runs = {name: recipe(shlex.split(text)) for name, text in (("A", args.a), ("B", args.b))}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for epoch in range(args.epochs + 1):
+        for name, (_, loader, loop, batch_loss, _) in runs.items():
+            start = time.perf_counter()
+            loop.epoch(loader, epoch, batch_loss)
+            if epoch > 0:
+                times[name].append(time.perf_counter() - start)
+    env = environment(torch.device("cpu"))
+    print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}")
+    projected = {}
+    for name, (cfg, loader, _, _, amp) in runs.items():
+        per_epoch = statistics.median(times[name])
+        projected[name] = per_epoch * cfg.train.epochs
+        text = args.a if name == "A" else args.b
+        print(
+            f"{name} [{text or 'default'}]: {amp or 'float32'}, {len(loader)} batches/epoch, "
+            f"{per_epoch:.2f} s/epoch (median of {len(times[name])}: "
+            f"{', '.join(f'{t:.2f}' for t in times[name])}) x {cfg.train.epochs} epochs = {projected[name]:.0f} s"
+        )
+    print(f"B/A projected training time: {projected['B'] / projected['A']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
