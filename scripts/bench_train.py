@@ -4,7 +4,7 @@ Both recipes are the default pipeline's training (same data, loader, model, opti
 `python -m wsss.run stage=train`) with their own Hydra overrides. Epochs alternate between the two (A, B, A, B,
 ...) so that a noisy machine slows both alike; the first epoch of each is a warm-up and not counted. The
 projection is median seconds per epoch x the recipe's `train.epochs`; the last line is the B/A ratio of the
-projections as a bare number (below 1: B trains faster than A).
+projections as a bare number (below 1: B trains faster than A); `--out FILE.json` also writes them.
 
     python scripts/bench_train.py --a train.amp_dtype=null train.epochs=36 --b ''   # float32 36 epochs vs default
 """
@@ -12,6 +12,7 @@ projections as a bare number (below 1: B trains faster than A).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import time
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--a", default="train.amp_dtype=null train.epochs=36", help="overrides of recipe A")
     parser.add_argument("--b", default="", help="overrides of recipe B (default: the default recipe)")
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs of each, after one warm-up epoch")
+    parser.add_argument("--out", type=Path, help="also write the times and projections as JSON here")
     args = parser.parse_args()
     runs = {name: recipe(shlex.split(text)) for name, text in (("A", args.a), ("B", args.b))}
     times: dict[str, list[float]] = {"A": [], "B": []}
@@ -80,7 +82,21 @@ def main() -> None:
             f"{per_epoch:.2f} s/epoch (median of {len(times[name])}: "
             f"{', '.join(f'{t:.2f}' for t in times[name])}) x {cfg.train.epochs} epochs = {projected[name]:.0f} s"
         )
-    print(f"B/A projected training time: {projected['B'] / projected['A']:.3f}")
+    ratio = projected["B"] / projected["A"]
+    print(f"B/A projected training time: {ratio:.3f}")
+    if args.out:
+        recipes = {
+            name: {
+                "overrides": args.a if name == "A" else args.b,
+                "precision": amp or "float32",
+                "epochs": cfg.train.epochs,
+                "seconds_per_epoch": times[name],
+                "projected_seconds": projected[name],
+            }
+            for name, (cfg, _, _, _, amp) in runs.items()
+        }
+        payload = {"recipes": recipes, "ratio": ratio, "machine": env}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

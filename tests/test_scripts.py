@@ -57,6 +57,26 @@ def test_seed_spread_reports_mean_and_std(tmp_path):
     assert "evaluate: reusing" in again.stdout + again.stderr
 
 
+def test_bench_train_projects_both_recipes(tmp_path):
+    """Two tiny recipes, epochs interleaved: each projection is its median epoch x its epochs; ratio B / A."""
+    tiny = " ".join(TINY)
+    a, b = f"{tiny} train.amp_dtype=null train.epochs=3", f"{tiny} train.amp_dtype=bfloat16 train.epochs=5"
+    out = tmp_path / "train.json"
+    args = ["--a", a, "--b", b, "--epochs", "2", "--out", str(out)]
+    proc = _script("bench_train.py", *args, env={"WSSS_DATA": str(tmp_path / "data")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    ra, rb = result["recipes"]["A"], result["recipes"]["B"]
+    assert (ra["precision"], rb["precision"]) == ("float32", "bfloat16")
+    assert (ra["epochs"], rb["epochs"]) == (3, 5)
+    for r in (ra, rb):
+        times = sorted(r["seconds_per_epoch"])
+        assert len(times) == 2
+        assert r["projected_seconds"] == pytest.approx((times[0] + times[1]) / 2 * r["epochs"], rel=1e-12)
+    assert result["ratio"] == pytest.approx(rb["projected_seconds"] / ra["projected_seconds"], rel=1e-12)
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"{result['ratio']:.3f}")
+
+
 def test_bench_keys_small_tree():
     proc = _script("bench_keys.py", "--ids", "300", "--repeats", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
