@@ -19,40 +19,26 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from wsss.config import register_configs
 from wsss.data import build_source
 from wsss.stages import train as T
 from wsss.stages.base import environment
-from wsss.training import Loop, resolve_amp_dtype
+from wsss.training import resolve_amp_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe(overrides: list[str]):
-    """The composed config, its loader and a fresh loop (model, optimizer, schedule) on the CPU."""
+    """The composed config and the train stage's own loader, loop and batch loss for it, on the CPU."""
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     device = torch.device("cpu")
     source = build_source(cfg.dataset, str(cfg.dataset.train_split))
-    loader = T._loader(source, cfg, device)
-    model, net = T._model(cfg, source.num_classes, device)
-    tc = cfg.train
-    optimizer = T.build_optimizer(model, tc)
-    scheduler = T.build_scheduler(optimizer, tc.epochs * len(loader), round(tc.warmup_epochs * len(loader)))
-    amp = resolve_amp_dtype(tc.amp_dtype, device)
-    loop = Loop("bench", model, net, optimizer, scheduler, amp, device, cfg.seed, tc.epochs, tc.ema_decay)
-
-    def batch_loss(batch):
-        images, targets = batch
-        logits = net(images)
-        loss = F.multilabel_soft_margin_loss(logits.float(), targets)
-        return loss, images.shape[0], loss.new_zeros(2, dtype=torch.float64)
-
-    return cfg, loader, loop, batch_loss, amp
+    loader, loop, batch_loss = T.build_run(cfg, source, device)
+    return cfg, loader, loop, batch_loss, resolve_amp_dtype(cfg.train.amp_dtype, device)
 
 
 def main() -> None:

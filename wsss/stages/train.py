@@ -35,7 +35,7 @@ from wsss.data.transforms import TrainTransform
 from wsss.fingerprint import FileGroup
 from wsss.models import Classifier, load_checkpoint, save_checkpoint
 from wsss.stages.base import Fingerprints, Stage, StageContext, plain
-from wsss.training import Loop, distributed_loader, resolve_amp_dtype, wrap
+from wsss.training import BatchLoss, Loop, distributed_loader, resolve_amp_dtype, wrap
 
 log = logging.getLogger(__name__)
 
@@ -122,28 +122,36 @@ def _given_checkpoint(ctx: StageContext) -> dict[str, Any]:
     return {"checkpoint": str(path), "class_names": source.class_names, "dataset": source.identity()}
 
 
+def build_run(cfg: DictConfig, source: SegmentationSource, device: torch.device) -> tuple[DataLoader, Loop, BatchLoss]:
+    """The loader, the loop (model, optimizer, schedule, precision, EMA) and the batch loss of one training run;
+    `run` fits them, `scripts/bench_train.py` times their epochs."""
+    loader = _loader(source, cfg, device)
+    model, net = _model(cfg, source.num_classes, device)
+    tc = cfg.train
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc.epochs * len(loader), round(tc.warmup_epochs * len(loader)))
+    amp = resolve_amp_dtype(tc.amp_dtype, device)
+    log.info("train: %s", f"autocast {amp}" if amp else "float32")
+    loop = Loop("train", model, net, optimizer, scheduler, amp, device, cfg.seed, tc.epochs, tc.ema_decay)
+
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        logits = net(images)  # (B, K)
+        loss = F.multilabel_soft_margin_loss(logits.float(), targets)
+        correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
+        return loss, images.shape[0], torch.stack([correct.double(), correct.new_tensor(targets.numel()).double()])
+
+    return loader, loop, batch_loss
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     """Fit the classifier on the training split, resuming after the last finished epoch; write `model.pt`."""
     cfg = ctx.cfg
     if cfg.model.checkpoint:
         return _given_checkpoint(ctx)
     source = ctx.source()
-    loader = _loader(source, cfg, ctx.device)
-    model, net = _model(cfg, source.num_classes, ctx.device)
-    optimizer = build_optimizer(model, cfg.train)
+    loader, loop, batch_loss = build_run(cfg, source, ctx.device)
     epochs = cfg.train.epochs
-    scheduler = build_scheduler(optimizer, epochs * len(loader), round(cfg.train.warmup_epochs * len(loader)))
-    tc = cfg.train
-    amp = resolve_amp_dtype(tc.amp_dtype, ctx.device)
-    log.info("train: %s", f"autocast {amp}" if amp else "float32")
-    loop = Loop("train", model, net, optimizer, scheduler, amp, ctx.device, cfg.seed, epochs, tc.ema_decay)
-
-    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        images, targets = (t.to(ctx.device, non_blocking=True) for t in batch)
-        logits = net(images)  # (B, K)
-        loss = F.multilabel_soft_margin_loss(logits.float(), targets)
-        correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
-        return loss, images.shape[0], torch.stack([correct.double(), correct.new_tensor(targets.numel()).double()])
 
     start = time.perf_counter()
     done = loop.fit(loader, batch_loss, _summarise, ctx.out_dir, STATE)
