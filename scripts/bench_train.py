@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs of each, after one warm-up epoch")
     parser.add_argument("--out", type=Path, help="also write the times and projections as JSON here")
     args = parser.parse_args()
-    runs = {name: recipe(shlex.split(text)) for name, text in (("A", args.a), ("B", args.b))}
+    texts = {"A": args.a, "B": args.b}
+    runs = {name: recipe(shlex.split(text)) for name, text in texts.items()}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for epoch in range(args.epochs + 1):
         for name, (_, loader, loop, batch_loss, _) in runs.items():
@@ -62,9 +63,8 @@ def main() -> None:
     for name, (cfg, loader, _, _, amp) in runs.items():
         per_epoch = statistics.median(times[name])
         projected[name] = per_epoch * cfg.train.epochs
-        text = args.a if name == "A" else args.b
         print(
-            f"{name} [{text or 'default'}]: {amp or 'float32'}, {len(loader)} batches/epoch, "
+            f"{name} [{texts[name] or 'default'}]: {amp or 'float32'}, {len(loader)} batches/epoch, "
             f"{per_epoch:.2f} s/epoch (median of {len(times[name])}: "
             f"{', '.join(f'{t:.2f}' for t in times[name])}) x {cfg.train.epochs} epochs = {projected[name]:.0f} s"
         )
@@ -73,7 +73,7 @@ def main() -> None:
     if args.out:
         recipes = {
             name: {
-                "overrides": args.a if name == "A" else args.b,
+                "overrides": texts[name],
                 "precision": amp or "float32",
                 "epochs": cfg.train.epochs,
                 "seconds_per_epoch": times[name],
