@@ -15,6 +15,17 @@ one `torch.bincount`; there is no Python loop over pixels, classes or thresholds
 ranks with `all_reduce` in `compute()` when `torch.distributed` is initialised, so every rank must call it.
 """
 
+from wsss.metrics.bootstrap import (
+    BOOTSTRAP_METRICS,
+    ImageStats,
+    ImageStatsBuilder,
+    bootstrap_intervals,
+    image_record,
+    interval,
+    resample_weights,
+    resampled_metrics,
+)
+from wsss.metrics.boxes import BOX_DELTAS, HIT_COLUMNS, BoxAccuracy, box_iou, box_scores, pair_ious
 from wsss.metrics.confusion import ConfusionMatrix, confusion_matrix
 from wsss.metrics.pxap import pixel_ap
 from wsss.metrics.scores import MAXIMISABLE, PER_LABEL_KEYS, SCALAR_KEYS, best_threshold, scores, threshold_curves
@@ -22,16 +33,30 @@ from wsss.metrics.sweep import ThresholdSweep
 from wsss.metrics.thresholds import check_thresholds, parse_thresholds
 
 __all__ = [
+    "BOOTSTRAP_METRICS",
+    "BOX_DELTAS",
+    "HIT_COLUMNS",
     "MAXIMISABLE",
     "PER_LABEL_KEYS",
     "SCALAR_KEYS",
+    "BoxAccuracy",
     "ConfusionMatrix",
+    "ImageStats",
+    "ImageStatsBuilder",
     "ThresholdSweep",
     "best_threshold",
+    "bootstrap_intervals",
+    "box_iou",
+    "box_scores",
     "check_thresholds",
     "confusion_matrix",
+    "image_record",
+    "interval",
+    "pair_ious",
     "parse_thresholds",
     "pixel_ap",
+    "resample_weights",
+    "resampled_metrics",
     "scores",
     "threshold_curves",
 ]

@@ -61,6 +61,7 @@ class PixelAPHistogram:
         self.device = device
         self._cls: Tensor | None = None  # (C, 3, n+1) int64 [class, neg/pos/ignored, score bin]
         self._fg: Tensor | None = None  # (3, n+1) int64 [neg/pos/ignored, score bin]
+        self.last_fg: Tensor | None = None  # (3, n+1) the class-agnostic counts of the last update alone
 
     def update(self, maps: Tensor, keys: Tensor, key_mask: Tensor | None, g: Tensor, m: Tensor) -> None:
         """Add a batch: maps (B, K, H, W), keys (B, K), key_mask (B, K) or None, g the mapped ground truth
@@ -92,6 +93,7 @@ class PixelAPHistogram:
             self._fg = torch.zeros((3, nb), dtype=torch.int64, device=dev)
         self._cls += cls_hist.to(self._cls.device)
         self._fg += fg_hist.to(self._fg.device)
+        self.last_fg = fg_hist
 
     def compute(self) -> dict:
         """PxAP in percent (collective when distributed).

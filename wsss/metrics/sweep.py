@@ -44,6 +44,8 @@ class ThresholdSweep:
         thresholds: Strictly increasing values in [0, 1], or a `parse_thresholds` spec.
         pxap_bins: Number n of PxAP threshold steps (thresholds i/n, i = 0..n); None to skip PxAP.
         device: Where the counts live; by default the device of the first update.
+        keep_last: Keep the counts of the last update apart (`last_hist`, and the PxAP histogram's `last_fg`),
+            for per-image statistics; costs one (L, L, T+1) buffer per update.
     """
 
     def __init__(
@@ -53,7 +55,9 @@ class ThresholdSweep:
         *,
         pxap_bins: int | None = None,
         device: torch.device | str | None = None,
+        keep_last: bool = False,
     ) -> None:
+        self.keep_last = keep_last
         self.num_labels = check_num_labels(num_labels)
         self.thresholds = check_thresholds(parse_thresholds(thresholds))
         if pxap_bins is not None and pxap_bins < 1:
@@ -66,6 +70,7 @@ class ThresholdSweep:
     def reset(self) -> None:
         """Forget all counts."""
         self._hist: Tensor | None = None  # (L, L, T+1) int64 [gt label, winning label, bin]
+        self.last_hist: Tensor | None = None  # the same counts of the last update alone (keep_last)
         self._pxap = None if self.pxap_bins is None else PixelAPHistogram(self.num_labels, self.pxap_bins, self.device)
 
     def _binner(self, dtype: torch.dtype, device: torch.device) -> Binner:
@@ -145,7 +150,13 @@ class ThresholdSweep:
         if self._hist is None:
             self._hist = torch.zeros((L, L, n_bins), dtype=torch.int64, device=self.device or device)
         dev = self._hist.device
-        self._hist.view(L, L * n_bins).index_add_(1, target.view(-1).to(dev), hist[:L].to(dev))
+        if self.keep_last:
+            last = torch.zeros((L, L * n_bins), dtype=torch.int64, device=dev)
+            last.index_add_(1, target.view(-1).to(dev), hist[:L].to(dev))
+            self.last_hist = last.view(L, L, n_bins)
+            self._hist += self.last_hist
+        else:
+            self._hist.view(L, L * n_bins).index_add_(1, target.view(-1).to(dev), hist[:L].to(dev))
         return m
 
     def compute(self) -> Tensor:
@@ -162,6 +173,11 @@ class ThresholdSweep:
         cms = tail.permute(2, 0, 1).contiguous()  # (T, L, L)
         cms[:, :, 0] = hist.sum((1, 2))[None] - cms[:, :, 1:].sum(-1)
         return cms
+
+    @property
+    def last_pxap_hist(self) -> Tensor | None:
+        """(3, n+1) class-agnostic PxAP counts [negative, positive, ignored] of the last update, or None."""
+        return None if self._pxap is None else self._pxap.last_fg
 
     def compute_pxap(self) -> dict:
         """PxAP in percent (collective when distributed); see `PixelAPHistogram.compute`."""
