@@ -161,7 +161,10 @@ def compressed_rle(m: np.ndarray) -> dict:
 
 
 def coco_annotations() -> tuple[list[dict], list[dict]]:
-    """(images, annotations) of the fixture, with the exact expected masks in `expected_coco_masks`."""
+    """(images, annotations) of the fixture, with the exact expected masks in `expected_coco_masks`.
+
+    The `bbox`es carry fractional and out-of-image values on purpose; `expected_coco_boxes` converts them by hand.
+    """
     images = [
         {"id": 30, "file_name": "{}30.jpg"},  # no annotation at all
         {"id": 10, "file_name": "{}10.jpg"},  # overlap + crowd
@@ -171,22 +174,22 @@ def coco_annotations() -> tuple[list[dict], list[dict]]:
     anns = [
         # image 10: a big car, a small person on top of it, a crowd region over car and background.
         {"id": 1, "image_id": 10, "category_id": 3, "iscrowd": 0, "area": 400.0,
-         "segmentation": [rect_poly(5, 5, 25, 25)]},
+         "segmentation": [rect_poly(5, 5, 25, 25)], "bbox": [4.7, 5.25, 20.3, 19.75]},
         {"id": 2, "image_id": 10, "category_id": 1, "iscrowd": 0, "area": 36.0,
-         "segmentation": [rect_poly(10, 10, 16, 16)]},
+         "segmentation": [rect_poly(10, 10, 16, 16)], "bbox": [10.0, 10.0, 6.0, 6.0]},
         {"id": 3, "image_id": 10, "category_id": 7, "iscrowd": 1, "area": 200.0,
-         "segmentation": uncompressed_rle(box(20, 0, 40, 10))},
+         "segmentation": uncompressed_rle(box(20, 0, 40, 10)), "bbox": [20.0, 0.0, 20.5, 10.0]},
         # image 20: toothbrush in two parts; a train as compressed RLE; equal areas of person (id 5) and train
         # (id 6) overlapping: the later id (train) ends on top.
         {"id": 4, "image_id": 20, "category_id": 90, "iscrowd": 0, "area": 8.0,
-         "segmentation": [rect_poly(0, 0, 2, 2), rect_poly(36, 26, 38, 28)]},
+         "segmentation": [rect_poly(0, 0, 2, 2), rect_poly(36, 26, 38, 28)], "bbox": [-0.5, 0.0, 38.0, 28.0]},
         {"id": 5, "image_id": 20, "category_id": 1, "iscrowd": 0, "area": 100.0,
-         "segmentation": [rect_poly(5, 5, 15, 15)]},
+         "segmentation": [rect_poly(5, 5, 15, 15)], "bbox": [5.0, 5.0, 10.0, 10.0]},
         {"id": 6, "image_id": 20, "category_id": 7, "iscrowd": 0, "area": 100.0,
-         "segmentation": compressed_rle(box(10, 10, 20, 20))},
+         "segmentation": compressed_rle(box(10, 10, 20, 20)), "bbox": [10.2, 9.9, 9.6, 10.1]},
         # image 40: only a crowd.
         {"id": 7, "image_id": 40, "category_id": 3, "iscrowd": 1, "area": 50.0,
-         "segmentation": uncompressed_rle(box(0, 0, 10, 5))},
+         "segmentation": uncompressed_rle(box(0, 0, 10, 5)), "bbox": [0.0, 0.0, 10.0, 5.0]},
     ]  # fmt: skip
     return images, anns
 
@@ -207,6 +210,20 @@ def expected_coco_masks() -> dict[int, np.ndarray]:
     m40 = np.zeros(COCO_SIZE, np.uint8)
     m40[0:5, 0:10] = 255
     return {10: m10, 20: m20, 30: m30, 40: m40}
+
+
+def expected_coco_boxes() -> dict[int, list[tuple[tuple[int, int, int, int], int, bool]]]:
+    """Per image id, (x0, y0, x1, y1 0-based inclusive, class index, crowd) of each annotation in json order."""
+    return {
+        # car [4.7, 5.25, 20.3, 19.75]: floor 4, 5 (not rounded: 5, 5); ceil(25.0) - 1 = 24 twice.
+        # crowd train [20, 0, 20.5, 10]: ceil(40.5) - 1 = 40 is clipped to the last column, 39.
+        10: [((4, 5, 24, 24), 1, False), ((10, 10, 15, 15), 0, False), ((20, 0, 39, 9), 2, True)],
+        # toothbrush [-0.5, 0, 38, 28]: floor(-0.5) = -1 clipped to 0; ceil(37.5) - 1 = 37.
+        # train [10.2, 9.9, 9.6, 10.1]: floor 10, 9; ceil(19.8) - 1 = 19, ceil(20.0) - 1 = 19.
+        20: [((0, 0, 37, 27), 3, False), ((5, 5, 14, 14), 0, False), ((10, 9, 19, 19), 2, False)],
+        30: [],
+        40: [((0, 0, 9, 4), 1, True)],
+    }
 
 
 def coco_prefix(split: str, year: int) -> str:

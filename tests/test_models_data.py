@@ -60,7 +60,7 @@ def test_unknown_weights_and_backbone_errors():
 
 
 def test_synthetic_layout_and_reader(synthetic_root):
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation"):
         assert (synthetic_root / sub).is_dir()
     src = VOCSource(synthetic_root, "train", SYNTHETIC_CLASSES, name="synthetic")
     assert len(src) == 24

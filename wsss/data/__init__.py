@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsss.data.base import ClassificationDataset, InferenceDataset, SegmentationSource, collate_list
+from wsss.data.base import ClassificationDataset, ImageBoxes, InferenceDataset, SegmentationSource, collate_list
 from wsss.fingerprint import FileGroup
 
 __all__ = [
     "DATASETS",
     "ClassificationDataset",
+    "ImageBoxes",
     "InferenceDataset",
     "SegmentationSource",
     "build_source",

@@ -4,6 +4,11 @@ Label conventions (shared by every source, every stage and every artifact):
 - `class_names` lists the foreground classes only. Foreground class c (0-based) is mask value c + 1.
 - Mask value 0 is background, 255 is ignore (void borders, crowd regions); nothing else is valid.
 - Image-level labels are sorted unique foreground indices 0..C-1.
+- Ground-truth boxes (`ImageBoxes`, where `has_boxes()`): one row per annotated object, x0, y0, x1, y1 as
+  inclusive 0-based pixel coordinates of the original image (a box covers columns x0..x1 and rows y0..y1, so its
+  area is (x1 - x0 + 1) * (y1 - y0 + 1)), with the object's foreground class index 0..C-1 and its VOC
+  `difficult` / COCO `iscrowd` flags. Every box lies inside the image. Each reader converts its own
+  convention (VOC's 1-based pixels, COCO's continuous [x, y, w, h]) once, in `load_boxes`.
 
 Errors name the file and the problem. A reader's errors carry a short `reason` that a skip policy counts.
 """
@@ -14,6 +19,7 @@ import logging
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +81,42 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
     if len(names) > IGNORE_INDEX - 1:
         raise ValueError(f"at most {IGNORE_INDEX - 1} classes fit a uint8 mask, got {len(names)}")
     return names
+
+
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare the fields with numpy
+class ImageBoxes:
+    """The ground-truth boxes of one image (the convention is in the module docstring).
+
+    Args:
+        boxes: (N, 4) int64 x0, y0, x1, y1, inclusive 0-based pixel coordinates.
+        classes: (N,) int64 foreground class index 0..C-1 of each box.
+        difficult: (N,) bool, VOC's `<difficult>` (False where the source has no such flag).
+        crowd: (N,) bool, COCO's `iscrowd` (False where the source has no such flag).
+    """
+
+    boxes: np.ndarray
+    classes: np.ndarray
+    difficult: np.ndarray
+    crowd: np.ndarray
+
+    def __post_init__(self) -> None:
+        # Coerce once here so every reader (and an empty image's lists) yields the same dtypes and shapes.
+        boxes = np.asarray(self.boxes, dtype=np.int64).reshape(-1, 4)
+        n = len(boxes)
+        fields = {"boxes": boxes}
+        for name, dtype in (("classes", np.int64), ("difficult", bool), ("crowd", bool)):
+            fields[name] = np.asarray(getattr(self, name), dtype=dtype).reshape(-1)
+            if len(fields[name]) != n:
+                raise ValueError(f"ImageBoxes: {n} boxes but {len(fields[name])} {name}")
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def of_class(self, c: int) -> np.ndarray:
+        """The (M, 4) boxes of foreground class `c` (crowd and difficult ones included)."""
+        return self.boxes[self.classes == c]
 
 
 def _open(path: Path, kind: str, max_pixels: int | None) -> Image.Image:
@@ -174,7 +216,8 @@ class SegmentationSource(ABC):
 
     Subclasses call `super().__init__(root, name, split, on_error, max_pixels)`, set `class_names` and `ids`,
     and implement `image_path`, `labels`, `label_table` and `_mask`. `skipped` counts ids dropped under a skip
-    policy, by reason, for the manifest.
+    policy, by reason, for the manifest. A source with ground-truth boxes overrides `has_boxes` and
+    `load_boxes`.
     """
 
     name: str
@@ -231,6 +274,21 @@ class SegmentationSource(ABC):
     def load_mask(self, image_id: str) -> np.ndarray:
         """The ground-truth mask as (H, W) uint8: 0 background, c + 1 class c, 255 ignore."""
         return self._mask(image_id, self.image_size(image_id))
+
+    def has_boxes(self) -> bool:
+        """Whether `load_boxes` can work: the source carries ground-truth boxes."""
+        return False
+
+    def load_boxes(self, image_id: str) -> ImageBoxes:
+        """The ground-truth boxes of an image, in the convention of the module docstring.
+
+        Raises:
+            NotImplementedError: the source has no boxes (see `has_boxes`).
+        """
+        raise NotImplementedError(
+            f"{self.name}/{self.split}: {type(self).__name__} has no ground-truth boxes (has_boxes() is False); "
+            f"cannot load boxes for {image_id!r}"
+        )
 
     def load_sample(self, image_id: str) -> tuple[Tensor, np.ndarray]:
         """Image (3, H, W) uint8 and its checked mask (H, W) uint8, decoded once each."""

@@ -5,6 +5,15 @@ classes apart. Object sizes run from about 15 % to 70 % of the image side. Backg
 with distractors that belong to no class (irregular blobs, line segments, speckle). Masks follow VOC: 0
 background, c + 1 for class c, a 255 void band along every object's outline. Generation is deterministic in
 (seed, index) and writes files atomically; `generator.json` records the parameters and is written last.
+
+Each image also gets a VOC annotation `Annotations/<id>.xml`, so the folder is a complete VOC-layout dataset
+with ground-truth boxes. An object's box is the bounding box of its visible pixels in the final image (later
+objects occlude earlier ones; the pixels are the instance's own, before the 255 void band is drawn, so the box
+sits one pixel inside the outer edge of the band), written 1-based inclusive as VOC does; `truncated` is 1 when
+part of the shape falls outside the image. An object left without any visible pixel gets no entry.
+
+Generator versions: 1 wrote images, masks and split lists; 2 adds the XMLs (images and masks are byte-identical).
+`ensure_synthetic` upgrades a finished version-1 dataset in place by writing the missing XMLs.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +49,9 @@ _TEXTURES = {
     "ring": "checker",
     "cross": "dots",
 }
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+# Older versions whose images and masks are still current: their datasets are upgraded in place, not refused.
+_UPGRADABLE_VERSIONS = (1,)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,21 @@ class SyntheticSpec:
     image_size: int = 128
     seed: int = 0
     version: int = GENERATOR_VERSION
+
+
+@dataclass(frozen=True)
+class DrawnObject:
+    """One object `render_annotated` drew that is visible in the final image.
+
+    Args:
+        class_index: Foreground class index into `SYNTHETIC_CLASSES`.
+        box: x0, y0, x1, y1 of its visible pixels, 0-based inclusive (the convention of `wsss.data.base`).
+        truncated: Part of its shape falls outside the image.
+    """
+
+    class_index: int
+    box: tuple[int, int, int, int]
+    truncated: bool
 
 
 def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -132,17 +159,30 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 def render(index: int, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
     """Image (H, W, 3) uint8 RGB and mask (H, W) uint8 of sample `index`; deterministic in (seed, index)."""
+    img, mask, _ = render_annotated(index, spec)
+    return img, mask
+
+
+def render_annotated(index: int, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, list[DrawnObject]]:
+    """`render`'s image and mask, and the visible objects in drawing order (see the module docstring).
+
+    Returns:
+        Image (H, W, 3) uint8 RGB, mask (H, W) uint8, and one `DrawnObject` per object with a visible pixel.
+    """
+    # Every rng call below is part of the dataset's definition: adding or reordering one changes every image.
     rng = np.random.default_rng([spec.seed, index])
     size = spec.image_size
     img = _background(size, rng)
     mask = np.zeros((size, size), np.uint8)
+    instances = np.zeros((size, size), np.uint8)  # k + 1 where object k is on top, 0 where no object is
+    truncated = []
     border = np.zeros((size, size), bool)
     kernel = np.ones((3, 3), np.uint8)
     n_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
     classes = rng.integers(0, len(SYNTHETIC_CLASSES), n_objects)
     if n_objects > 1 and rng.random() < 0.3:  # repeated instances of one class
         classes[1] = classes[0]
-    for c in classes:
+    for k, c in enumerate(classes):
         name = SYNTHETIC_CLASSES[c]
         side = int(np.clip(round(size * np.exp(rng.uniform(np.log(0.15), np.log(0.7)))), 8, size))
         shape = _shape_mask(name, side, rng)
@@ -159,13 +199,43 @@ def render(index: int, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
         region = img[ys, xs]
         region[sub] = patch[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0][sub]
         mask[ys, xs][sub] = c + 1
+        instances[ys, xs][sub] = k + 1
+        truncated.append(np.count_nonzero(sub) < np.count_nonzero(shape))
         full = np.zeros((size, size), np.uint8)
         full[ys, xs] = sub
         edge = cv2.dilate(full, kernel) != cv2.erode(full, kernel)
         border |= edge
     mask[border] = IGNORE_INDEX
     img = cv2.GaussianBlur(img, (3, 3), 0.6)
-    return np.clip(img, 0, 255).astype(np.uint8), mask
+    objects = []
+    for k, c in enumerate(classes):
+        ys_k, xs_k = np.nonzero(instances == k + 1)
+        if len(xs_k):  # an object hidden by later ones (or cut off entirely) is not in the image
+            box = (int(xs_k.min()), int(ys_k.min()), int(xs_k.max()), int(ys_k.max()))
+            objects.append(DrawnObject(int(c), box, bool(truncated[k])))
+    return np.clip(img, 0, 255).astype(np.uint8), mask, objects
+
+
+def annotation_xml(image_id: str, size: tuple[int, int], objects: list[DrawnObject]) -> str:
+    """The PASCAL VOC annotation of one image: `size` is (H, W); boxes are written 1-based inclusive, as VOC's."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "synthetic"
+    ET.SubElement(root, "filename").text = f"{image_id}.jpg"
+    size_el = ET.SubElement(root, "size")
+    for tag, value in (("width", size[1]), ("height", size[0]), ("depth", 3)):
+        ET.SubElement(size_el, tag).text = str(value)
+    ET.SubElement(root, "segmented").text = "1"
+    for obj in objects:
+        el = ET.SubElement(root, "object")
+        ET.SubElement(el, "name").text = SYNTHETIC_CLASSES[obj.class_index]
+        ET.SubElement(el, "pose").text = "Unspecified"
+        ET.SubElement(el, "truncated").text = str(int(obj.truncated))
+        ET.SubElement(el, "difficult").text = "0"
+        bndbox = ET.SubElement(el, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj.box, strict=True):
+            ET.SubElement(bndbox, tag).text = str(value + 1)
+    ET.indent(root, space="\t")
+    return ET.tostring(root, encoding="unicode") + "\n"
 
 
 def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
@@ -192,7 +262,9 @@ def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
     """Generate the dataset into `root` unless a complete one with the same spec is there; return `root`.
 
     A generation that was killed resumes (its `.generating.json` records the spec); files are written
-    atomically, so the ones that exist are complete.
+    atomically, so the ones that exist are complete. A dataset of an older generator version whose spec is
+    otherwise equal is upgraded in place under the generation lock: the files it lacks (the XMLs of version 1)
+    are written, the others kept, and `generator.json` is rewritten last.
 
     Raises:
         ValueError: `root` holds a synthetic dataset generated with a different spec, or other files.
@@ -200,13 +272,31 @@ def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
     root = Path(root)
     marker = root / "generator.json"
     if marker.is_file():  # the common case: no lock needed to read a finished dataset
-        return _check_spec(root, read_json(marker), spec)
+        found = read_json(marker)
+        if not _upgradable(found, spec):
+            return _check_spec(root, found, spec)
     with _generation_lock(root):
-        if marker.is_file():  # another job finished it while we waited
-            return _check_spec(root, read_json(marker), spec)
+        if marker.is_file():  # finished, maybe by another job while we waited; maybe at an older version
+            found = read_json(marker)
+            if _upgradable(found, spec):
+                log.info(
+                    "%s: upgrading the synthetic dataset from generator version %s to %s: writing its "
+                    "Annotations/*.xml (images and masks are kept)",
+                    root,
+                    found.get("version"),
+                    spec.version,
+                )
+                _write_files(root, spec)
+                write_json(marker, asdict(spec))
+                return root
+            return _check_spec(root, found, spec)
         started = root / ".generating.json"
         if started.is_file():
-            _check_spec(root, read_json(started), spec)
+            found = read_json(started)
+            if _upgradable(found, spec):  # a killed older generation: its files stay valid, finish at this version
+                write_json(started, asdict(spec))
+            else:
+                _check_spec(root, found, spec)
             log.info("resuming the interrupted generation of %s", root)
         elif root.is_dir() and any(root.iterdir()):
             raise ValueError(
@@ -222,6 +312,15 @@ def ensure_synthetic(root: str | Path, spec: SyntheticSpec) -> Path:
     return root
 
 
+def _upgradable(found: dict, spec: SyntheticSpec) -> bool:
+    """Whether `found` is the spec of an older generator version whose files `spec` only adds to."""
+    return (
+        spec.version == GENERATOR_VERSION
+        and found.get("version") in _UPGRADABLE_VERSIONS
+        and {**found, "version": spec.version} == asdict(spec)
+    )
+
+
 def _check_spec(root: Path, found: dict, spec: SyntheticSpec) -> Path:
     if found != asdict(spec):
         raise ValueError(
@@ -232,21 +331,36 @@ def _check_spec(root: Path, found: dict, spec: SyntheticSpec) -> Path:
 
 
 def _generate(root: Path, spec: SyntheticSpec) -> None:
-    """Write every image, mask and split list that is not there yet."""
+    """Write every image, mask, annotation and split list that is not there yet."""
     log.info("generating the synthetic dataset into %s (%s)", root, asdict(spec))
+    _write_files(root, spec)
+
+
+def _write_files(root: Path, spec: SyntheticSpec) -> None:
+    """Write the files that are missing (atomic writes: an existing file is complete) and the split lists."""
     splits = {"train": range(spec.num_train), "val": range(spec.num_train, spec.num_train + spec.num_val)}
     for split, indices in splits.items():
         ids = [f"{split}_{i:05d}" for i in indices]
         for image_id, i in zip(progress(ids, desc=f"synthetic {split}", unit="img"), indices, strict=True):
             img_path = root / "JPEGImages" / f"{image_id}.jpg"
             mask_path = root / "SegmentationClass" / f"{image_id}.png"
-            if img_path.is_file() and mask_path.is_file():  # atomic writes: an existing file is complete
+            xml_path = root / "Annotations" / f"{image_id}.xml"
+            missing = [p for p in (img_path, mask_path, xml_path) if not p.is_file()]
+            if not missing:
                 continue
-            img, mask = render(i, spec)
-            _write_jpeg(img_path, img)
-            write_mask(mask_path, mask)
-        with atomic_open(root / "ImageSets" / "Segmentation" / f"{split}.txt", "w") as f:
-            f.write("\n".join(ids) + "\n")
+            img, mask, objects = render_annotated(i, spec)
+            if img_path in missing:
+                _write_jpeg(img_path, img)
+            if mask_path in missing:
+                write_mask(mask_path, mask)
+            if xml_path in missing:
+                with atomic_open(xml_path, "w") as f:
+                    f.write(annotation_xml(image_id, mask.shape, objects))
+        listing = "\n".join(ids) + "\n"
+        list_path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not list_path.is_file() or list_path.read_text() != listing:  # an upgrade leaves the lists untouched
+            with atomic_open(list_path, "w") as f:
+                f.write(listing)
 
 
 def _prepare(cfg: Any) -> list[str] | None:
