@@ -190,6 +190,9 @@ class EvaluateConfig:
     thresholds: Any = "0.00:0.95:0.01"  # a list [0.1, 0.2] or a range "start:stop:step" (stop included)
     select_on: str | None = None  # pick the threshold on this split and report eval_split at it
     overlays: int = 6  # best and worst images drawn in the overlay grid
+    boxes: bool = True  # MaxBoxAcc / MaxBoxAccV2 where the dataset has boxes (and the run has maps)
+    bootstrap: int = 1000  # resamples of the images for 95 % intervals; 0 turns the intervals off
+    bootstrap_seed: int = 0  # fixed, so runs on the same images share their resamples (paired comparisons)
 
 
 @dataclass
@@ -340,6 +343,7 @@ def _masks_and_scores(p: DictConfig, e: DictConfig, out: _Problems) -> None:
     except ValueError as err:
         out.append(f"evaluate.thresholds={e.thresholds}: {err}")
     out.need(e.overlays >= 0, "evaluate.overlays", e.overlays, "must be >= 0")
+    out.need(e.bootstrap >= 0, "evaluate.bootstrap", e.bootstrap, "must be >= 0 (0 turns the intervals off)")
     if e.select_on is not None and e.masks_dir is not None:
         out.append(f"evaluate.select_on={e.select_on}: needs CAMs, so it cannot be used with evaluate.masks_dir")
 

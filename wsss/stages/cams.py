@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from wsss import dist
 from wsss.artifacts import write_cams
 from wsss.cam import build_cam
+from wsss.cam.ops import resize_maps
 from wsss.data import InferenceDataset, collate_list, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.dist import progress
@@ -21,6 +23,7 @@ from wsss.training import loader_workers
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_IMAGES = 8  # images whose CAMs are timed against a plain forward of the same inputs (the cost ratio)
 
 
 def _by_size(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -66,6 +69,22 @@ def _multiscale(cam: Any, images: torch.Tensor, classes: torch.Tensor, cc: Any) 
     return torch.cat(high), torch.cat(low)
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _plain_forward(model: torch.nn.Module, images: torch.Tensor, cc: Any, amp: torch.dtype | None) -> None:
+    """The classifier's forward on the inputs `_multiscale` feeds it (every scale, with its flip), no CAM."""
+    h, w = images.shape[-2:]
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        for scale in cc.scales:
+            x = resize_maps(images, (max(1, round(h * scale)), max(1, round(w * scale))))
+            model(torch.cat([x, x.flip(-1)]) if cc.flip else x)
+
+
 def _model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
     """The trained classifier, read at `cam.output_stride`, in eval mode on the device."""
     train = ctx.inputs["train"]
@@ -101,6 +120,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         collate_fn=collate_list,
     )
     empty = 0
+    cost = {"cam_s": 0.0, "probe_cam_s": 0.0, "probe_forward_s": 0.0, "probe_images": 0}
     bar = progress(total=len(todo), desc=f"cams {cc.method}", unit="img")
     amp = AMP_DTYPES[None if cc.amp_dtype is None else str(cc.amp_dtype)]
     with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp, norm_eps=cc.norm_eps) as cam:
@@ -108,7 +128,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
             for group in _by_size(batch):
                 images = normalize(torch.stack([it["image"] for it in group]).to(ctx.device))  # (B, 3, H, W)
                 classes = _class_table(group).to(ctx.device)
+                t0 = _clock(ctx.device)
                 highres, strided = _multiscale(cam, images, classes, cc)  # (B, K, H, W), (B, K, H/4, W/4)
+                t1 = _clock(ctx.device)
+                cost["cam_s"] += t1 - t0
+                if cost["probe_images"] < PROBE_IMAGES:  # the same inputs through a plain forward
+                    _plain_forward(model, images, cc, amp)
+                    cost["probe_cam_s"] += t1 - t0
+                    cost["probe_forward_s"] += _clock(ctx.device) - t1
+                    cost["probe_images"] += len(group)
                 for row, it in enumerate(group):
                     n = len(it["labels"])
                     empty += n == 0
@@ -123,12 +151,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "maps_dir": "maps",
         "ids": list(source.ids),
         "model": model_provenance(ctx.inputs["train"]),
+        "cost": _cost(cost, len(todo)),
         "counts": {
             "images": len(source.ids),
             "computed": dist.sum_int(len(todo)),
             "no_labels": dist.sum_int(empty),
             "skipped": dict(source.skipped),
         },
+    }
+
+
+def _cost(cost: dict[str, Any], computed: int) -> dict[str, Any] | None:
+    """CAM seconds per image (this rank, this run's images) and the ratio to a plain forward of the same inputs
+    (timed on the first `PROBE_IMAGES` images); None when nothing was computed (a resumed, finished run)."""
+    if not computed or not cost["probe_forward_s"]:
+        return None
+    return {
+        "cam_seconds_per_image": round(cost["cam_s"] / computed, 5),
+        "forward_seconds_per_image": round(cost["probe_forward_s"] / cost["probe_images"], 5),
+        "ratio_to_forward": round(cost["probe_cam_s"] / cost["probe_forward_s"], 3),
+        "probe_images": cost["probe_images"],
+        "images_timed": computed,
     }
 
 

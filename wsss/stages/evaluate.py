@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,19 @@ from wsss.data import SegmentationSource, dataset_identity
 from wsss.dist import progress
 from wsss.fingerprint import FileGroup
 from wsss.metrics import (
+    BoxAccuracy,
     ConfusionMatrix,
+    ImageStats,
+    ImageStatsBuilder,
     ThresholdSweep,
     best_threshold,
+    box_scores,
     confusion_matrix,
+    image_record,
+    interval,
     parse_thresholds,
+    resample_weights,
+    resampled_metrics,
     scores,
     threshold_curves,
 )
@@ -48,7 +57,14 @@ log = logging.getLogger(__name__)
 
 PXAP_BINS = 1000  # thresholds i / 1000, the WSOL protocol's cam_curve_interval = 0.001
 CURVE_KEYS = ("miou", "fg_miou", "mprecision", "mrecall", "mfp_ratio", "mfn_ratio")
-REPORT_FILES = ("metrics.json", "summary.md", "threshold_curve.png", "class_iou.png", "overlays.png")
+REPORT_FILES = (
+    "metrics.json",
+    "per_image.npz",
+    "summary.md",
+    "threshold_curve.png",
+    "class_iou.png",
+    "overlays.png",
+)
 
 
 def _named(values: list[float], names: list[str]) -> dict[str, float]:
@@ -107,6 +123,21 @@ class _Seeds:
         self.sweep.update(maps, keys, gt)
 
 
+class _ImageBoxes:
+    """The box metrics' pass: each image's maps against its ground-truth boxes (None where there are none)."""
+
+    def __init__(self, source: SegmentationSource, thresholds: list[float]) -> None:
+        self.source = source
+        self.acc = BoxAccuracy(thresholds)
+
+    def update(self, image_id: str, maps: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, int]:
+        """(T, 4) hits and the scored pair count of one image."""
+        boxes = self.source.load_boxes(image_id)
+        by_class = {int(c): boxes.of_class(int(c)) for c in keys}
+        hits = self.acc.image_hits(maps, keys, by_class)
+        return hits, self.acc.last_pairs
+
+
 def _score_pass(
     source: SegmentationSource,
     masks_dir: Path,
@@ -114,24 +145,79 @@ def _score_pass(
     thresholds: list[float],
     device: torch.device,
     seeds: _Seeds | None = None,
-) -> tuple[ConfusionMatrix, ThresholdSweep | None, dict[str, float]]:
-    """One pass over the split: the masks' confusion matrix, per-image mIoU, the maps' sweep (and the seeds')."""
+    boxes: _ImageBoxes | None = None,
+) -> tuple[ConfusionMatrix, ThresholdSweep | None, dict[str, dict[str, Any]]]:
+    """One pass over the split: the masks' confusion matrix, the maps' sweep (and the seeds'), and what each
+    image contributes (`records`: its mIoU and the per-image counts the bootstrap resamples)."""
     num_labels = source.num_classes + 1
     cm = ConfusionMatrix(num_labels, device=device)
-    sweep = ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device) if maps_dir else None
-    per_image: dict[str, float] = {}
+    sweep = (
+        ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device, keep_last=True) if maps_dir else None
+    )
+    records: dict[str, dict[str, Any]] = {}
     for image_id in progress(dist.shard(source.ids), desc="evaluate", unit="img"):
         gt = torch.from_numpy(source.load_mask(image_id)).to(device)
         pred = _read_prediction(masks_dir, image_id, gt, source.split)
+        cm_image = confusion_matrix(gt, pred, num_labels)
         cm.update(gt, pred)
-        per_image[image_id] = scores(confusion_matrix(gt, pred, num_labels))["miou"]
+        parts: dict[str, Any] = {"masks_cm": cm_image}
         if sweep is not None:
             cams = read_cams(maps_dir / f"{image_id}.npz")
             maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)  # (K, H, W)
             sweep.update(maps, torch.from_numpy(cams["keys"]).to(device).long(), gt)
+            parts.update(sweep_hist=sweep.last_hist, pxap_hist=sweep.last_pxap_hist)
+            if boxes is not None:
+                parts["box_hits"], parts["box_pairs"] = boxes.update(image_id, cams["maps"], cams["keys"])
         if seeds is not None:
             seeds.update(image_id, gt)
-    return cm, sweep, per_image
+        records[image_id] = {"miou": scores(cm_image)["miou"], "stats": image_record(**parts)}
+    return cm, sweep, records
+
+
+def _image_stats(records: dict[str, dict[str, Any]], ids: list[str], num_labels: int, thresholds) -> ImageStats:
+    """The per-image statistics in split order, from every rank's records."""
+    b = ImageStatsBuilder(num_labels, thresholds)
+    for image_id in ids:
+        b.add_record(image_id, records[image_id]["stats"])
+    return b.build()
+
+
+def _box_pass(source: SegmentationSource, ev: DictConfig, maps_dir: Path | None, thresholds) -> _ImageBoxes | None:
+    """The box pass when it applies; one logged line saying why when it does not."""
+    if maps_dir is None or not ev.boxes:
+        return None
+    if not source.has_boxes():
+        log.info("evaluate: %s/%s has no ground-truth boxes: box metrics skipped", source.name, source.split)
+        return None
+    return _ImageBoxes(source, thresholds)
+
+
+def _box_report(stats: ImageStats, pairs_without_box: int) -> dict[str, Any]:
+    """metrics.json's "boxes" entry from the summed per-image hits."""
+    out = box_scores(stats.box_hits.sum(0), int(stats.box_pairs.sum()), list(stats.thresholds))
+    out["pairs_without_box"] = pairs_without_box
+    out["curves"] = {k: [round(v, 4) for v in c] for k, c in out["curves"].items()}
+    for k in ("maxboxacc", "maxboxacc_v2"):
+        out[k] = round(out[k], 4)
+    return out
+
+
+def _intervals(stats: ImageStats, ev: DictConfig, miou_at: int | None) -> dict[str, Any] | None:
+    """The bootstrap block of metrics.json, or None when `evaluate.bootstrap=0`."""
+    if not ev.bootstrap:
+        return None
+    t0 = time.perf_counter()
+    values = resampled_metrics(stats, resample_weights(stats.num_images, ev.bootstrap, ev.bootstrap_seed), miou_at)
+    seconds = time.perf_counter() - t0
+    log.info("evaluate: %d bootstrap resamples of %d images in %.1f s", ev.bootstrap, stats.num_images, seconds)
+    return {
+        "method": "percentile bootstrap over images (ratio of resampled sums)",
+        "level": 0.95,
+        "resamples": int(ev.bootstrap),
+        "seed": int(ev.bootstrap_seed),
+        "seconds": round(seconds, 3),
+        **{k: [round(x, 4) for x in interval(v)] for k, v in values.items()},
+    }
 
 
 def _side_by_side(name: str, split: str, masks: dict, entries: dict, names: list[str]) -> dict[str, Any]:
@@ -170,6 +256,14 @@ def _sweep_report(sweep: ThresholdSweep, thresholds: list[float], source: Segmen
     }
 
 
+def _cam_provenance(ctx: StageContext) -> dict[str, Any] | None:
+    """The CAM method and its cost (from the cams artifact the scored maps or seeds come from)."""
+    cams = next((ctx.inputs[k] for k in ("maps", "seeds") if k in ctx.inputs and ctx.inputs[k].stage == "cams"), None)
+    if cams is None:
+        return None
+    return {"method": cams.manifest["config"]["cam"]["method"], "key": cams.key, "cost": cams.manifest.get("cost")}
+
+
 def _mask_rule(pseudo: dict[str, Any]) -> dict[str, Any]:
     """How the masks were made: one background threshold, or the confident fg / bg band (no threshold then)."""
     if pseudo.get("conf_fg") is not None:
@@ -199,7 +293,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     masks_dir, maps_dir, rule, seeds_dir = _inputs(ctx)
     thresholds = parse_thresholds(ev.thresholds)
     seeds = _Seeds(seeds_dir, rule, len(names), thresholds, ctx.device) if seeds_dir else None
-    cm, sweep, per_image = _score_pass(source, masks_dir, maps_dir, thresholds, ctx.device, seeds)
+    boxes = _box_pass(source, ev, maps_dir, thresholds)
+    cm, sweep, records = _score_pass(source, masks_dir, maps_dir, thresholds, ctx.device, seeds, boxes)
     masks_scores = cm.scores()
     result: dict[str, Any] = {
         "dataset": source.identity(),
@@ -209,6 +304,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "masks_rule": rule,
         "refine": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("method"),
         "model": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("model"),
+        "cam": _cam_provenance(ctx),
         "environment": environment(ctx.device),
         "num_images": len(source.ids),
         "skipped": dict(source.skipped),
@@ -229,17 +325,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
             headline_t, _ = best_threshold(sel.compute(), thresholds)
             headline = scores(cms[thresholds.index(headline_t)])
             chosen_on = ev.select_on
-    parts = dist.gather(per_image)  # every rank's images, on rank 0, which alone writes
+    no_box = dist.sum_int(boxes.acc.pairs_without_box) if boxes is not None else 0
+    parts = dist.gather(records)  # every rank's images, on rank 0, which alone writes
     if not dist.is_main():
         return {}
-    per_image = {k: v for part in parts for k, v in part.items()}
+    records = {k: v for part in parts for k, v in part.items()}
+    stats = _image_stats(records, source.ids, len(names), thresholds)
+    stats.save(ctx.out_dir / "per_image.npz")
     result.update(
         miou=round(headline["miou"], 4),
         iou=_named(headline["iou"], names),
         reported_threshold=headline_t,
         threshold_chosen_on=chosen_on,
         scores=_summary(headline, names),
-        per_image_miou={i: round(per_image[i], 3) for i in source.ids},
+        boxes=_box_report(stats, no_box) if boxes is not None else None,
+        intervals=_intervals(stats, ev, thresholds.index(headline_t) if chosen_on else None),
+        per_image_bytes=round((ctx.out_dir / "per_image.npz").stat().st_size / len(source.ids)),
+        per_image_miou={i: round(records[i]["miou"], 3) for i in source.ids},
     )
     write_json(ctx.out_dir / "metrics.json", result)
     _write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir, seeds_dir)
@@ -283,9 +385,52 @@ def _write_figures(
     if rows:
         viz.overlay_grid(rows, out_dir / "overlays.png")
     with atomic_open(out_dir / "summary.md", "w") as f:
+        f.write(_headline_table(result) + "\n\n")
         if "seeds" in result:
             f.write(_side_by_side_table(result) + "\n\n")
         f.write(viz.markdown_table(names, result["scores"]) + "\n")
+
+
+def headline_values(result: dict) -> dict[str, tuple[float | None, str]]:
+    """The headline metrics of a metrics.json with where each was taken: name -> (value, at)."""
+    out: dict[str, tuple[float | None, str]] = {}
+    at = f"t = {result['reported_threshold']}" if result.get("reported_threshold") is not None else "masks"
+    if result.get("threshold_chosen_on"):
+        at += f", chosen on {result['threshold_chosen_on']}"
+    out["miou"] = (result["miou"], at)
+    if "sweep" in result:
+        sw = result["sweep"]
+        out["sweep_best_miou"] = (sw["best"]["miou"], f"best t = {sw['best_threshold']} (oracle)")
+        out["pxap"] = (result["pxap"]["pxap"], "")
+    if result.get("boxes"):
+        b = result["boxes"]
+        out["maxboxacc"] = (b["maxboxacc"], f"best t = {b['maxboxacc_threshold']} (oracle)")
+        ts = ", ".join(str(v[1]) for v in b["v2_per_delta"].values())
+        out["maxboxacc_v2"] = (b["maxboxacc_v2"], f"best t per IoU 0.3/0.5/0.7 = {ts}")
+    return out
+
+
+METRIC_NAMES = {
+    "miou": "mIoU",
+    "sweep_best_miou": "best mIoU",
+    "pxap": "PxAP",
+    "maxboxacc": "MaxBoxAcc",
+    "maxboxacc_v2": "MaxBoxAccV2",
+}
+
+
+def _headline_table(result: dict) -> str:
+    """The headline metrics with their 95 % bootstrap intervals over images."""
+    iv = result.get("intervals") or {}
+    head = f"95 % CI ({iv['resamples']} resamples of the images)" if iv else "95 % CI (bootstrap off)"
+    lines = [f"| {result['split']} | value | {head} | at |", "|---|---|---|---|"]
+    for k, (v, at) in headline_values(result).items():
+        ci = f"[{iv[k][0]:.2f}, {iv[k][1]:.2f}]" if k in iv else "-"
+        lines.append(f"| {METRIC_NAMES[k]} | {v:.2f} | {ci} | {at} |")
+    if result.get("boxes"):
+        b = result["boxes"]
+        lines.append(f"\nBox metrics over {b['pairs']} (image, class) pairs ({b['pairs_without_box']} without a box).")
+    return "\n".join(lines)
 
 
 def _side_by_side_table(result: dict) -> str:
@@ -333,6 +478,22 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
             sw["best_threshold"],
             sw["best_chosen_on"],
             result["pxap"]["pxap"],
+        )
+    if result.get("boxes"):
+        b = result["boxes"]
+        log.info(
+            "evaluate: MaxBoxAcc %.2f at threshold %s, MaxBoxAccV2 %.2f, over %d (image, class) pairs",
+            b["maxboxacc"],
+            b["maxboxacc_threshold"],
+            b["maxboxacc_v2"],
+            b["pairs"],
+        )
+    if result.get("intervals"):
+        iv = result["intervals"]
+        log.info(
+            "evaluate: 95 %% intervals over images (%d resamples): %s",
+            iv["resamples"],
+            ", ".join(f"{METRIC_NAMES[k]} [{iv[k][0]:.2f}, {iv[k][1]:.2f}]" for k in METRIC_NAMES if k in iv),
         )
     if run_dir is not None:
         for name in REPORT_FILES:
