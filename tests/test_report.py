@@ -1,0 +1,148 @@
+"""The leaderboard: paired differences, seed folds, refusals, and the `-m` sweep's callback against the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.tiny import error_line, run_cli, tiny_cfg
+from wsss.metrics.bootstrap import ImageStats, interval, resample_weights, resampled_metrics
+from wsss.pipeline import Pipeline
+from wsss.report import OUTPUTS, build, main
+
+
+def _run(tmp_path: Path, name: str, overrides: list[str], cli: list[str] | None = None) -> Path:
+    """An evaluate run directory as `python -m wsss.run` leaves it (its overrides in .hydra/overrides.yaml)."""
+    run_dir = tmp_path / "runs" / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    Pipeline(tiny_cfg(tmp_path, ["stage=evaluate", *overrides]), run_dir=run_dir).run("evaluate")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(cli if cli is not None else overrides))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("report")
+    return _run(tmp, "cam", ["cam=cam"]), _run(tmp, "gradcampp", ["cam=gradcampp"])
+
+
+def test_rows_intervals_and_paired_difference(two_runs, tmp_path):
+    a, b = two_runs
+    board = build([a, b], reference="cam=cam", resamples=200, seed=0, base=tmp_path)
+    rows = {r["name"]: r for r in board["rows"]}
+    assert list(rows) == ["cam=cam", "cam=gradcampp"]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    sa, sb = ImageStats.load(a / "per_image.npz"), ImageStats.load(b / "per_image.npz")
+    w = resample_weights(sa.num_images, 200, 0)
+    ra, rb = resampled_metrics(sa, w), resampled_metrics(sb, w)
+    for k in ("miou", "sweep_best_miou", "pxap", "maxboxacc", "maxboxacc_v2"):
+        assert rows["cam=cam"]["metrics"][k]["ci"] == pytest.approx(interval(ra[k]), abs=1e-4), k
+        e = rows["cam=gradcampp"]["metrics"][k]
+        assert e["diff_ci"] == pytest.approx(interval(rb[k] - ra[k]), abs=1e-4), k
+        assert e["diff_excludes_0"] == (e["diff_ci"][0] > 0 or e["diff_ci"][1] < 0)
+    assert rows["cam=gradcampp"]["metrics"]["miou"]["diff"] == pytest.approx(mb["miou"] - ma["miou"], abs=1e-4)
+    assert rows["cam=cam"]["metrics"]["maxboxacc"]["value"] == ma["boxes"]["maxboxacc"]
+    assert rows["cam=gradcampp"]["cam_cost"]["ratio_to_forward"] > 0  # the cams artifact's probe, carried over
+    assert rows["cam=cam"]["model_key"] == rows["cam=gradcampp"]["model_key"]
+
+
+def test_a_run_against_itself_differs_by_exactly_zero(two_runs, tmp_path):
+    a, _ = two_runs
+    twin = tmp_path / "twin"
+    shutil.copytree(a, twin)
+    (twin / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["cam=cam", "evaluate.overlays=3"]))
+    other_model = tmp_path / "other_model"
+    shutil.copytree(a, other_model)
+    m = json.loads((other_model / "metrics.json").read_text())
+    m["model"]["key"] = "another-trained-model"
+    (other_model / "metrics.json").write_text(json.dumps(m))
+    (other_model / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["cam=cam", "seed=5"]))
+    board = build([a, twin, other_model], resamples=300, base=tmp_path)
+    # Another model is never paired with this one: it is the reference of its own model (the first row's
+    # settings but seed), so it gets no row in the differences table.
+    assert board["rows"][2]["reference"] == board["rows"][2]["name"] == "seed=5"
+    row = board["rows"][1]
+    assert row["reference"] == board["rows"][0]["name"]
+    for k, e in row["metrics"].items():
+        assert e["diff"] == 0.0, k
+        assert e["diff_ci"] == [0.0, 0.0], k
+        assert not e["diff_excludes_0"]
+
+
+def test_seed_fold_is_mean_and_sample_std(two_runs, tmp_path):
+    a, _ = two_runs
+    dirs = []
+    for seed, shift in ((0, 0.0), (1, 2.0), (2, 5.0)):  # the same images, point values moved per "seed"
+        d = tmp_path / f"s{seed}"
+        shutil.copytree(a, d)
+        m = json.loads((d / "metrics.json").read_text())
+        m["miou"] += shift
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["cam=cam", f"seed={seed}"]))
+        dirs.append(d)
+    board = build(dirs, resamples=50, base=tmp_path)
+    (fold,) = board["seed_folds"]
+    vals = [r["metrics"]["miou"]["value"] for r in board["rows"]]
+    assert fold["seeds"] == ["0", "1", "2"]
+    assert fold["metrics"]["miou"]["mean"] == pytest.approx(np.mean(vals), abs=1e-4)
+    assert fold["metrics"]["miou"]["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-4)
+
+
+def test_bad_input_is_one_error_line(two_runs, tmp_path, capsys):
+    a, b = two_runs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    assert f"{empty}: no metrics.json" in capsys.readouterr().err
+    assert main([str(a), str(b), "--reference", "cam=layercam"]) == 2
+    assert "--reference cam=layercam: no run has that override" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(b, other)
+    m = json.loads((other / "metrics.json").read_text())
+    m["dataset"]["split"] = "val"
+    (other / "metrics.json").write_text(json.dumps(m))
+    assert main([str(a), str(other), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wsss: error: runs of different datasets or splits")
+    assert str(other) in err
+    no_stats = tmp_path / "no_stats"
+    shutil.copytree(a, no_stats)
+    (no_stats / "per_image.npz").unlink()
+    assert main([str(no_stats)]) == 2
+    assert "per_image.npz: not found" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in OUTPUTS)  # nothing written on a refusal
+
+
+def test_negative_bootstrap_is_refused(tmp_path):
+    proc = run_cli(tmp_path, ["evaluate.bootstrap=-1"], timeout=120)
+    assert proc.returncode == 2
+    assert "evaluate.bootstrap=-1: must be >= 0" in error_line(proc.stderr)
+
+
+@pytest.mark.slow
+def test_sweep_writes_the_leaderboard_and_the_cli_rewrites_it_byte_for_byte(tmp_path):
+    sweep = tmp_path / "multirun"
+    proc = run_cli(tmp_path, ["-m", "cam=cam,gradcampp", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    text = (sweep / "leaderboard.md").read_text()
+    assert "| cam=cam |" in text
+    assert "| cam=gradcampp |" in text
+    assert "## Paired differences" in text
+    assert text in proc.stdout  # the sweep ends by printing the table
+    first = {n: (sweep / n).read_bytes() for n in OUTPUTS}
+    for n in OUTPUTS:
+        (sweep / n).unlink()
+    cli = subprocess.run(
+        [sys.executable, "-m", "wsss.report", str(sweep)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    for n in OUTPUTS:
+        assert (sweep / n).read_bytes() == first[n], n

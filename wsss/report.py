@@ -1,0 +1,468 @@
+"""One leaderboard over runs: `python -m wsss.report DIR [DIR ...] [--reference cam=cam] [--out DIR]`.
+
+Each DIR is a run directory (it holds the `metrics.json` and `per_image.npz` that `evaluate` copies there) or a
+folder of them, such as a Hydra multirun directory. One row per run, named by the overrides that differ
+between the runs (Hydra's `.hydra/overrides.yaml`); columns mIoU at the reported threshold, the sweep's best
+mIoU and its threshold, PxAP, MaxBoxAcc, MaxBoxAccV2 and the CAM cost, each metric with its 95 % bootstrap
+interval over images.
+
+Rows of the same trained model (same train key) scored on the same images are compared paired: the same
+resamples of the images give each row's difference from its reference row (`--reference KEY=VALUE`: the
+rows with that override; by default the first row's values of every varying key but `seed`), and a
+difference whose interval excludes 0 is marked. Rows that differ only by `seed` fold into mean +- std over
+seeds. Runs of different datasets or splits are refused.
+
+The same report is written at the end of every `-m` sweep by `LeaderboardCallback` (conf/config.yaml
+registers it under `hydra.callbacks`). Outputs (`leaderboard.md`, `.csv`, `.json`, `.png`) are written
+atomically and depend only on the runs read, so rerunning the command rewrites them byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from wsss.artifacts import atomic_open, read_json
+from wsss.errors import WsssError
+from wsss.metrics.bootstrap import (
+    BOOTSTRAP_METRICS,
+    ImageStats,
+    interval,
+    resample_weights,
+    resampled_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+NAMES = {
+    "miou": "mIoU",
+    "sweep_best_miou": "best mIoU",
+    "pxap": "PxAP",
+    "maxboxacc": "MaxBoxAcc",
+    "maxboxacc_v2": "MaxBoxAccV2",
+}
+OUTPUTS = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.png")
+
+
+class ReportError(WsssError, ValueError):
+    """A report that cannot be made: the message names the directory, run or option."""
+
+
+@dataclass
+class Run:
+    """One run directory's results."""
+
+    dir: Path
+    overrides: dict[str, str]
+    metrics: dict[str, Any]
+    stats: ImageStats
+    name: str = ""
+
+    @property
+    def model_key(self) -> str | None:
+        return (self.metrics.get("model") or {}).get("key")
+
+    @property
+    def data(self) -> tuple:
+        """What must agree between runs of one report: dataset, root, split, class list."""
+        d = self.metrics["dataset"]
+        return (d.get("dataset"), d.get("root"), d.get("split"), tuple(d.get("class_names", [])))
+
+
+def _run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories: each path that holds metrics.json, else its subfolders that do (numeric names in order)."""
+    out = []
+    for p in paths:
+        if not p.is_dir():
+            raise ReportError(f"{p}: not a directory")
+        if (p / "metrics.json").is_file():
+            out.append(p)
+            continue
+        subs = [d for d in p.iterdir() if d.is_dir() and (d / "metrics.json").is_file()]
+        if not subs:
+            raise ReportError(f"{p}: no metrics.json (not a run directory, and no run directory under it)")
+        out += sorted(subs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+    return out
+
+
+def _overrides(run_dir: Path) -> dict[str, str]:
+    """The run's command-line overrides (Hydra's `.hydra/overrides.yaml`), key -> value; {} without it."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    out = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run directory; errors name the missing or unreadable file."""
+    metrics_path, stats_path = run_dir / "metrics.json", run_dir / "per_image.npz"
+    if not metrics_path.is_file():
+        raise ReportError(f"{metrics_path}: not found (the run has no evaluate results)")
+    try:
+        metrics = read_json(metrics_path)
+    except ValueError as e:
+        raise ReportError(f"{metrics_path}: unreadable ({e})") from e
+    if not stats_path.is_file():
+        raise ReportError(f"{stats_path}: not found (written by evaluate since the leaderboard exists; rerun it)")
+    try:
+        stats = ImageStats.load(stats_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ReportError(f"{stats_path}: unreadable ({e})") from e
+    return Run(run_dir, _overrides(run_dir), metrics, stats)
+
+
+def _name_runs(runs: list[Run]) -> list[str]:
+    """Name each run by the overrides that vary across runs (all of them for a single run); returns those keys."""
+    keys = sorted({k for r in runs for k in r.overrides})
+    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    shown = varying if len(runs) > 1 else keys
+    for r in runs:
+        parts = [f"{k}={r.overrides[k]}" for k in shown if k in r.overrides]
+        r.name = " ".join(parts) or r.dir.name
+    names = [r.name for r in runs]
+    for r in runs:  # two runs with the same overrides (e.g. two folders of one run) keep their folder apart
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} ({r.dir.name})"
+    return varying
+
+
+def _check_comparable(runs: list[Run]) -> None:
+    """Refuse runs of different datasets or splits, naming them."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.data != first.data:
+            a, b = first.metrics["dataset"], r.metrics["dataset"]
+            raise ReportError(
+                f"runs of different datasets or splits: {first.dir} ({a.get('dataset')}/{a.get('split')}) and "
+                f"{r.dir} ({b.get('dataset')}/{b.get('split')}); report them separately"
+            )
+
+
+def _reference_rows(runs: list[Run], reference: str | None, varying: list[str]) -> list[Run]:
+    """The rows that serve as reference (one per model), from `--reference KEY=VALUE` or the first row."""
+    if reference is None:
+        first = runs[0]
+        keys = [k for k in varying if k != "seed"]
+        return [r for r in runs if all(r.overrides.get(k) == first.overrides.get(k) for k in keys)]
+    key, sep, value = reference.partition("=")
+    if not sep:
+        raise ReportError(f"--reference {reference!r}: expected KEY=VALUE, e.g. cam=cam")
+    rows = [r for r in runs if r.overrides.get(key) == value]
+    if not rows:
+        have = sorted({f"{k}={v}" for r in runs for k, v in r.overrides.items() if k in varying})
+        raise ReportError(f"--reference {reference}: no run has that override (the runs vary in: {have})")
+    return rows
+
+
+def _point(r: Run) -> dict[str, float | None]:
+    """The run's reported values of each leaderboard metric (None where it has none)."""
+    m = r.metrics
+    boxes = m.get("boxes") or {}
+    return {
+        "miou": m.get("miou"),
+        "sweep_best_miou": (m.get("sweep") or {}).get("best", {}).get("miou"),
+        "pxap": (m.get("pxap") or {}).get("pxap"),
+        "maxboxacc": boxes.get("maxboxacc"),
+        "maxboxacc_v2": boxes.get("maxboxacc_v2"),
+    }
+
+
+def _miou_at(r: Run) -> int | None:
+    """The sweep index of a threshold chosen on another split, as evaluate bootstraps it."""
+    m = r.metrics
+    if m.get("threshold_chosen_on"):
+        return list(r.stats.thresholds).index(m["reported_threshold"])
+    return None
+
+
+def build(
+    paths: list[Path],
+    reference: str | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    base: Path | None = None,
+) -> dict[str, Any]:
+    """The leaderboard of the runs under `paths` as a JSON-ready dict (see the module docstring); run
+    directories are recorded relative to `base` (the output folder), so the same runs give the same bytes
+    however the folders were named on the command line."""
+    if resamples < 1:
+        raise ReportError(f"--resamples {resamples}: must be >= 1")
+    runs = [load_run(d) for d in _run_dirs(paths)]
+    _check_comparable(runs)
+    varying = _name_runs(runs)
+    refs = _reference_rows(runs, reference, varying)
+    ids = runs[0].stats.ids
+    weights = resample_weights(len(ids), resamples, seed)
+    values = {}
+    for r in runs:
+        if r.stats.ids != ids:
+            raise ReportError(f"{r.dir}: scored other images than {runs[0].dir}; report them separately")
+        values[r.dir] = resampled_metrics(r.stats, weights, _miou_at(r))
+    rows = []
+    for r in runs:
+        point, res = _point(r), values[r.dir]
+        ref = next((x for x in refs if x.model_key == r.model_key), None)
+        row: dict[str, Any] = {
+            "name": r.name,
+            "dir": os.path.relpath(r.dir.resolve(), (base or Path.cwd()).resolve()),
+            "overrides": r.overrides,
+            "model_key": r.model_key,
+            "best_threshold": (r.metrics.get("sweep") or {}).get("best_threshold"),
+            "cam_cost": (r.metrics.get("cam") or {}).get("cost"),
+            "metrics": {},
+            "reference": None if ref is None else ref.name,
+        }
+        for k in BOOTSTRAP_METRICS:
+            if point[k] is None or k not in res:
+                continue
+            entry: dict[str, Any] = {"value": round(point[k], 4), "ci": [round(x, 4) for x in interval(res[k], level)]}
+            if ref is not None and k in values[ref.dir] and _point(ref)[k] is not None:
+                diff = res[k] - values[ref.dir][k]
+                lo, hi = interval(diff, level)
+                entry["diff"] = round(point[k] - _point(ref)[k], 4)
+                entry["diff_ci"] = [round(lo, 4), round(hi, 4)]
+                entry["diff_excludes_0"] = bool(lo > 0 or hi < 0)
+            row["metrics"][k] = entry
+        rows.append(row)
+    return {
+        "dataset": runs[0].metrics["dataset"].get("dataset"),
+        "split": runs[0].metrics["dataset"].get("split"),
+        "num_images": len(ids),
+        "resamples": resamples,
+        "seed": seed,
+        "level": level,
+        "varying": varying,
+        "rows": rows,
+        "seed_folds": _seed_folds(runs, rows, varying),
+    }
+
+
+def _seed_folds(runs: list[Run], rows: list[dict], varying: list[str]) -> list[dict[str, Any]]:
+    """Runs that differ only by `seed`: mean +- sample std of each metric over their seeds."""
+    if "seed" not in varying:
+        return []
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(runs):
+        groups.setdefault(tuple((k, r.overrides.get(k)) for k in varying if k != "seed"), []).append(i)
+    out = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        fold: dict[str, Any] = {
+            "name": " ".join(f"{k}={v}" for k, v in key if v is not None) or "all runs",
+            "seeds": [runs[i].overrides.get("seed") for i in members],
+            "metrics": {},
+        }
+        for k in BOOTSTRAP_METRICS:
+            vals = [rows[i]["metrics"][k]["value"] for i in members if k in rows[i]["metrics"]]
+            if len(vals) == len(members):
+                fold["metrics"][k] = {
+                    "mean": round(float(np.mean(vals)), 4),
+                    "std": round(float(np.std(vals, ddof=1)), 4),
+                }
+        out.append(fold)
+    return out
+
+
+# -- writers ---------------------------------------------------------------------------------------------------
+
+
+def _columns(board: dict) -> list[str]:
+    return [k for k in BOOTSTRAP_METRICS if any(k in r["metrics"] for r in board["rows"])]
+
+
+def _cost(row: dict) -> str:
+    c = row["cam_cost"]
+    return "-" if not c else f"{c['cam_seconds_per_image'] * 1000:.1f} ms ({c['ratio_to_forward']:.1f}x)"
+
+
+def to_markdown(board: dict) -> str:
+    """leaderboard.md: the table, the paired differences and the seed folds."""
+    cols = _columns(board)
+    pct = round(100 * board["level"])
+    lines = [
+        f"# Leaderboard: {board['dataset']} / {board['split']}, {board['num_images']} images",
+        "",
+        f"Each value with its {pct} % bootstrap interval over images ({board['resamples']} resamples, seed "
+        f"{board['seed']}); the interval covers the sampling of images, not training randomness.",
+        "",
+        "| run | " + " | ".join(NAMES[k] for k in cols) + " | best t | CAM cost (per image, x forward) |",
+        "|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    for r in board["rows"]:
+        cells = []
+        for k in cols:
+            e = r["metrics"].get(k)
+            cells.append("-" if e is None else f"{e['value']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['best_threshold']} | {_cost(r)} |")
+    diffs = [r for r in board["rows"] if r["reference"] is not None and r["reference"] != r["name"]]
+    if diffs:
+        lines += [
+            "",
+            f"## Paired differences (same model, same images, same resamples; * = the {pct} % interval excludes 0)",
+            "",
+            "| run | reference | " + " | ".join(f"{NAMES[k]} diff" for k in cols) + " |",
+            "|---|---|" + "---|" * len(cols),
+        ]
+        for r in diffs:
+            cells = []
+            for k in cols:
+                e = r["metrics"].get(k, {})
+                if "diff" not in e:
+                    cells.append("-")
+                    continue
+                star = " *" if e["diff_excludes_0"] else ""
+                cells.append(f"{e['diff']:+.2f} [{e['diff_ci'][0]:+.2f}, {e['diff_ci'][1]:+.2f}]{star}")
+            lines.append(f"| {r['name']} | {r['reference']} | " + " | ".join(cells) + " |")
+    unpaired = [r["name"] for r in board["rows"] if r["reference"] is None]
+    if unpaired:
+        lines += ["", "No reference row of the same trained model, so no paired difference: " + ", ".join(unpaired)]
+    if board["seed_folds"]:
+        lines += [
+            "",
+            "## Over seeds (mean +- sample std of the point values; covers training randomness)",
+            "",
+            "| runs | seeds | " + " | ".join(NAMES[k] for k in cols) + " |",
+            "|---|---|" + "---|" * len(cols),
+        ]
+        for f in board["seed_folds"]:
+            cells = [
+                f"{f['metrics'][k]['mean']:.2f} +- {f['metrics'][k]['std']:.2f}" if k in f["metrics"] else "-"
+                for k in cols
+            ]
+            lines.append(f"| {f['name']} | {', '.join(map(str, f['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(board: dict) -> str:
+    """leaderboard.csv: one row per run, value / interval / paired difference per metric, CAM cost."""
+    cols = _columns(board)
+    header = ["run", "dir", "model_key", "reference", "best_threshold"]
+    for k in cols:
+        header += [k, f"{k}_lo", f"{k}_hi", f"{k}_diff", f"{k}_diff_lo", f"{k}_diff_hi"]
+    header += ["cam_seconds_per_image", "cam_ratio_to_forward"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in board["rows"]:
+        line = [r["name"], r["dir"], r["model_key"], r["reference"], r["best_threshold"]]
+        for k in cols:
+            e = r["metrics"].get(k, {})
+            line += [e.get("value"), *(e.get("ci") or [None, None]), e.get("diff"), *(e.get("diff_ci") or [None, None])]
+        c = r["cam_cost"] or {}
+        line += [c.get("cam_seconds_per_image"), c.get("ratio_to_forward")]
+        w.writerow(["" if v is None else v for v in line])
+    return buf.getvalue()
+
+
+def plot(board: dict, path: Path) -> None:
+    """leaderboard.png: each metric's value per run with its interval."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = _columns(board)
+    rows = board["rows"]
+    fig = Figure(figsize=(3.2 * len(cols), 0.45 * len(rows) + 1.2), dpi=100)
+    FigureCanvasAgg(fig)
+    y = np.arange(len(rows))[::-1]
+    for i, k in enumerate(cols):
+        ax = fig.add_subplot(1, len(cols), i + 1)
+        for yy, r in zip(y, rows, strict=True):
+            e = r["metrics"].get(k)
+            if e is None:
+                continue
+            ax.errorbar(e["value"], yy, xerr=[[e["value"] - e["ci"][0]], [e["ci"][1] - e["value"]]], fmt="o", capsize=3)
+        ax.set_yticks(y, [r["name"] for r in rows] if i == 0 else [""] * len(rows), fontsize=8)
+        ax.set_title(NAMES[k], fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", metadata={"Software": None})
+
+
+def write(board: dict, out_dir: Path) -> list[Path]:
+    """Write the four outputs into `out_dir`, each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "leaderboard.md": to_markdown(board),
+        "leaderboard.csv": to_csv(board),
+        "leaderboard.json": json.dumps(board, indent=1, sort_keys=True) + "\n",
+    }
+    for name, text in texts.items():
+        with atomic_open(out_dir / name, "w") as f:
+            f.write(text)
+    plot(board, out_dir / "leaderboard.png")
+    return [out_dir / n for n in OUTPUTS]
+
+
+def report(
+    paths: list[Path], out_dir: Path, reference: str | None = None, resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Build the leaderboard of the runs under `paths` and write it into `out_dir`; returns it."""
+    board = build(paths, reference, resamples, seed, base=out_dir)
+    write(board, out_dir)
+    log.info("report: %d runs -> %s", len(board["rows"]), out_dir / "leaderboard.md")
+    return board
+
+
+class LeaderboardCallback:
+    """Hydra callback: at the end of a `-m` sweep, the leaderboard of its runs in the sweep directory.
+
+    A sweep whose runs wrote no metrics (e.g. `stage=train`) gets one log line and no leaderboard; a report
+    that cannot be made is logged as one error line and never fails the sweep whose runs already finished.
+    """
+
+    def __init__(self, reference: str | None = None, resamples: int = 1000, seed: int = 0) -> None:
+        self.reference, self.resamples, self.seed = reference, resamples, seed
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir() or not any((d / "metrics.json").is_file() for d in sweep_dir.iterdir()):
+            log.info("report: no run of %s wrote metrics.json; no leaderboard", sweep_dir)
+            return
+        try:
+            report([sweep_dir], sweep_dir, self.reference, self.resamples, self.seed)
+        except (ReportError, OSError, ValueError) as e:
+            log.error("report: no leaderboard for %s: %s", sweep_dir, e)
+            return
+        sys.stdout.write((sweep_dir / "leaderboard.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a bad directory or option is one `wsss: error:` line and exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m wsss.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="run directories, or folders of them (a -m sweep)")
+    p.add_argument("--reference", help="KEY=VALUE override of the reference rows (default: the first row)")
+    p.add_argument("--out", type=Path, help="where to write (default: the one DIR given, else the current dir)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0, as evaluate's)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path.cwd())
+    try:
+        report(args.dirs, out, args.reference, args.resamples, args.seed)
+    except (ReportError, OSError) as e:
+        sys.stderr.write(f"wsss: error: {e}\n")
+        return 2
+    sys.stdout.write((out / "leaderboard.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
