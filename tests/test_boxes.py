@@ -127,6 +127,11 @@ def test_threshold_compares_exactly_map_ge_tau():
     m = np.full((4, 4), np.float16(0.5))
     got = pair_ious(m, [0.4999, 0.5, 0.5001], np.array([[0, 0, 3, 3]]))
     assert got[:, 0].tolist() == [1.0, 1.0, 0.0]  # 0.5 >= 0.5 is in, 0.5 >= 0.5001 is out
+    # float32(0.7) = 0.69999999 lies below the real 0.7, float32(0.3) = 0.30000001 above the real 0.3.
+    for value, t, inside in ((0.7, 0.7, False), (0.3, 0.3, True)):
+        m = np.full((3, 3), np.float32(value))
+        assert pair_ious(m, [t], np.array([[0, 0, 2, 2]]))[0, 0] == float(inside), (value, t)
+        assert (np.float64(np.float32(value)) >= t) == inside
 
 
 def test_accumulated_scores_match_reference():

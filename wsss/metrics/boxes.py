@@ -63,8 +63,19 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def threshold_levels(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Per pixel, how many thresholds are <= its score, so `score >= t_j` iff `level > j`; uint8 or uint16."""
-    levels = np.searchsorted(np.asarray(thresholds, np.float64), scores.astype(np.float64), side="right")
+    """Per pixel, how many thresholds are <= its score, so `score >= t_j` iff `level > j`; uint8 or uint16.
+
+    Exact for the real numbers the floats denote: float16 and float32 scores are compared in float32 with
+    each threshold rounded up to the next float32 (s >= t iff s >= that value, for any float32 s); other
+    dtypes in float64.
+    """
+    th = np.asarray(thresholds, np.float64)
+    if scores.dtype in (np.float16, np.float32):
+        up = th.astype(np.float32)
+        up = np.where(up < th, np.nextafter(up, np.float32(np.inf)), up)
+        levels = np.searchsorted(up, scores.astype(np.float32, copy=False), side="right")
+    else:
+        levels = np.searchsorted(th, scores.astype(np.float64, copy=False), side="right")
     return levels.astype(np.uint8 if len(thresholds) < 255 else np.uint16)
 
 
@@ -81,10 +92,14 @@ def component_boxes(binary: np.ndarray) -> tuple[np.ndarray, int]:
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return np.zeros((0, 4), np.int64), -1
-    rects = np.array([cv2.boundingRect(c) for c in contours], np.int64).reshape(-1, 4)  # x, y, w, h
-    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] - 1], 1)
+    boxes = np.empty((len(contours), 4), np.int64)
+    for i, c in enumerate(contours):
+        x, y, w, h = cv2.boundingRect(c)
+        boxes[i] = x, y, x + w - 1, y + h - 1
+    if len(contours) == 1:
+        return boxes, 0
     areas = [cv2.contourArea(c) for c in contours]
-    return boxes, int(np.argmax(areas))
+    return boxes, areas.index(max(areas))
 
 
 def pair_ious(scores: np.ndarray, thresholds: Sequence[float], gt_boxes: np.ndarray) -> np.ndarray:
@@ -103,27 +118,32 @@ def pair_ious(scores: np.ndarray, thresholds: Sequence[float], gt_boxes: np.ndar
         (T, 2) float64: column 0 the largest component's IoU, column 1 the best IoU of any component (0 where
         `scores >= t` is empty).
     """
-    levels = threshold_levels(scores, thresholds)
+    levels = threshold_levels(np.asarray(scores), thresholds)
     counts = np.bincount(levels.ravel(), minlength=len(thresholds) + 1)
-    top = int(levels.max()) if levels.size else 0  # thresholds 0..top-1 have a non-empty map
+    top = int(np.flatnonzero(counts)[-1])  # thresholds 0..top-1 have a non-empty map
     out = np.zeros((len(thresholds), 2), np.float64)
-    row_top, col_top = levels.max(1), levels.max(0)  # (H,), (W,): a crop that holds the map at each threshold
-    boxes, largest, owner = [], [], []  # per distinct binary map
+    if top == 0:
+        return out
+    if levels.dtype != np.uint8:  # cv2.threshold takes 8-bit images only
+        levels = levels.astype(np.float32)
+    boxes, largest, owner = [], [], np.zeros(top, np.int64)  # boxes per distinct binary map
+    x0, y0, x1, y1 = 0, 0, levels.shape[1] - 1, levels.shape[0] - 1  # holds every pixel with level > j
     for j in range(top):
         if j == 0 or counts[j] > 0:  # the map at t_j differs from the one at t_{j-1} only if a level equals j
-            rows, cols = np.flatnonzero(row_top > j), np.flatnonzero(col_top > j)
-            y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-            found, big = component_boxes(np.asarray(levels[y0:y1, x0:x1] > j, np.uint8))
-            boxes.append(found + np.array([x0, y0, x0, y0]))
+            _, binary = cv2.threshold(levels[y0 : y1 + 1, x0 : x1 + 1], j, 255, cv2.THRESH_BINARY)  # level > j
+            found, big = component_boxes(binary.astype(np.uint8, copy=False))
+            found += (x0, y0, x0, y0)
+            boxes.append(found)
             largest.append(big)
-        owner.append(len(boxes) - 1)
-    if not boxes:
-        return out
+            # The map at a higher threshold lies inside this one's components: scan only their hull next.
+            x0, y0 = found[:, :2].min(0)
+            x1, y1 = found[:, 2:].max(0)
+        owner[j] = len(boxes) - 1
     sizes = [len(b) for b in boxes]
     best = box_iou(np.concatenate(boxes), gt_boxes).max(1)  # (sum sizes,) best IoU of each estimated box
     starts = np.cumsum([0, *sizes[:-1]])
     per_map = np.stack([best[starts + np.asarray(largest)], np.maximum.reduceat(best, starts)], 1)  # (maps, 2)
-    out[:top] = per_map[np.asarray(owner)]
+    out[:top] = per_map[owner]
     return out
 
 
