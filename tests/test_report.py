@@ -146,3 +146,31 @@ def test_sweep_writes_the_leaderboard_and_the_cli_rewrites_it_byte_for_byte(tmp_
     assert cli.returncode == 0, cli.stderr[-2000:]
     for n in OUTPUTS:
         assert (sweep / n).read_bytes() == first[n], n
+
+
+def test_boxes_skipped_without_annotations_and_a_bad_box_names_its_xml(tmp_path, caplog):
+    """A dataset without boxes scores everything else and says so in one line; a box outside its image stops
+    the run with one `wsss: error:` line naming the XML."""
+    cfg = tiny_cfg(tmp_path, ["stage=pseudo_masks"])
+    Pipeline(cfg).run("pseudo_masks")  # generates the tiny set and its CAMs
+    root = tmp_path / "data" / "synthetic"
+    shutil.move(root / "Annotations", tmp_path / "Annotations")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with caplog.at_level("INFO"):
+        Pipeline(tiny_cfg(tmp_path, ["stage=evaluate"]), run_dir=run_dir).run("evaluate")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["boxes"] is None
+    assert "maxboxacc" not in metrics["intervals"]
+    assert "miou" in metrics["intervals"]
+    assert sum("has no ground-truth boxes: box metrics skipped" in r.getMessage() for r in caplog.records) == 1
+    shutil.move(tmp_path / "Annotations", root / "Annotations")
+    xml = root / "Annotations" / "train_00003.xml"
+    text = xml.read_text()
+    start = text.index("<xmax>") + len("<xmax>")
+    xml.write_text(text[:start] + "999" + text[text.index("</xmax>") :])  # beyond the 64-px image
+    proc = run_cli(tmp_path, ["stage=evaluate"], timeout=300)
+    assert proc.returncode == 2
+    line = error_line(proc.stderr)
+    assert str(xml) in line
+    assert "999" in line
