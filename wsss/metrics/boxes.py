@@ -16,6 +16,8 @@ generalised from one object class per image to every (image, image-level class) 
 
 Where wsss differs from the reference (measured side by side in BENCHMARKS.md):
 
+- The reference min-max normalises each map first (`normalize_scoremap`); wsss scores the maps as stored
+  (IRN's per-class max normalisation: the maximum is 1, the minimum need not be 0).
 - The reference thresholds a uint8 copy of the map, `uint8(255 * map) > int(tau * max)`; wsss compares the
   stored map with tau exactly (`map >= tau`), as the segmentation sweep does.
 - The reference traces `RETR_TREE`, so with every component counted the bounding boxes of holes are
