@@ -124,7 +124,7 @@ class ImageStatsBuilder:
             out.pxap = np.stack(p["pxap"])
         if "box_hits" in p:
             out.box_hits = np.stack(p["box_hits"])
-            out.box_pairs = np.asarray(p["box_pairs"], np.int64)
+            out.box_pairs = np.asarray(p["box_pairs"], np.uint8)
         return out
 
 
@@ -144,17 +144,20 @@ def image_record(
         box_hits: (T, 4) box hits (`BoxAccuracy.image_hits`).
         box_pairs: The image's scored (image, class) pairs.
     """
+    # Stored narrow: one image's pixel counts fit int32 (at most 2^31 - 1 pixels; the reader's cap is 5e7), and
+    # its hits and pairs are at most its classes (<= 254), so uint8.
     rec: dict = {}
     if masks_cm is not None:
         cm = masks_cm.cpu().to(torch.int64)
         tp = cm.diagonal()
-        rec["masks"] = torch.stack([tp, cm.sum(0) - tp, cm.sum(1) - tp], 1).numpy()
+        rec["masks"] = torch.stack([tp, cm.sum(0) - tp, cm.sum(1) - tp], 1).numpy().astype(np.int32)
     if sweep_hist is not None:
-        rec["sweep"] = sweep_rows(sweep_hist)
+        labels, gt, tp, pred = sweep_rows(sweep_hist)
+        rec["sweep"] = (labels, gt.astype(np.int32), tp.astype(np.int32), pred.astype(np.int32))
     if pxap_hist is not None:
-        rec["pxap"] = pxap_hist[:2].cpu().numpy().astype(np.int64)
+        rec["pxap"] = pxap_hist[:2].cpu().numpy().astype(np.int32)
     if box_hits is not None:
-        rec["box_hits"] = np.asarray(box_hits, np.int64)
+        rec["box_hits"] = np.asarray(box_hits).astype(np.uint8)
         rec["box_pairs"] = int(box_pairs)
     return rec
 
@@ -218,9 +221,9 @@ def _sweep_sums(s: ImageStats, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     for label in np.unique(s.sweep_labels):
         rows = np.flatnonzero(s.sweep_labels == label)
         wl = w[:, image_of_row[rows]]  # (B, rows): an image holds each label in at most one row
-        tp[:, label] = wl @ s.sweep_tp[rows]
-        pred[:, label] = wl @ s.sweep_pred[rows]
-        gt[:, label, 0] = wl @ s.sweep_gt[rows]
+        tp[:, label] = wl @ s.sweep_tp[rows].astype(np.float64)
+        pred[:, label] = wl @ s.sweep_pred[rows].astype(np.float64)
+        gt[:, label, 0] = wl @ s.sweep_gt[rows].astype(np.float64)
     return tp, pred, gt
 
 
@@ -239,12 +242,16 @@ def resampled_metrics(s: ImageStats, weights: np.ndarray, miou_at: int | None = 
     weights = np.asarray(weights, np.float64)
     if weights.ndim != 2 or weights.shape[1] != s.num_images:
         raise ValueError(f"weights must be (B, {s.num_images}), got {weights.shape}")
+    n = s.num_images
+    f64 = lambda a: None if a is None else a.reshape(n, -1).astype(np.float64)  # noqa: E731  BLAS operands
+    masks, pxap, box_hits = f64(s.masks), f64(s.pxap), f64(s.box_hits)
+    box_pairs = None if s.box_pairs is None else s.box_pairs.astype(np.float64)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(weights), _CHUNK):
         w = weights[start : start + _CHUNK]
         out: dict[str, np.ndarray] = {}
         if s.masks is not None:
-            sums = (w @ s.masks.reshape(s.num_images, -1)).reshape(len(w), -1, 3)  # (B, L, 3)
+            sums = (w @ masks).reshape(len(w), -1, 3)  # (B, L, 3)
             out["miou"] = _miou(sums[..., 0], sums.sum(-1))
         if s.sweep_tp is not None:
             tp, pred, gt = _sweep_sums(s, w)
@@ -254,11 +261,11 @@ def resampled_metrics(s: ImageStats, weights: np.ndarray, miou_at: int | None = 
             best = np.nan_to_num(curve, nan=-np.inf).max(1)
             out["sweep_best_miou"] = np.where(np.isfinite(best), best, np.nan)
         if s.pxap is not None:
-            hist = torch.from_numpy(w @ s.pxap.reshape(s.num_images, -1)).view(len(w), 2, -1)
+            hist = torch.from_numpy(w @ pxap).view(len(w), 2, -1)
             out["pxap"] = pixel_ap(hist[:, 1], hist[:, 0])[0].numpy()
         if s.box_hits is not None:
-            pairs = w @ s.box_pairs  # (B,)
-            hits = (w @ s.box_hits.reshape(s.num_images, -1)).reshape(len(w), -1, 4)  # (B, T, 4)
+            pairs = w @ box_pairs  # (B,)
+            hits = (w @ box_hits).reshape(len(w), -1, 4)  # (B, T, 4)
             with np.errstate(invalid="ignore", divide="ignore"):
                 acc = 100.0 * hits / pairs[:, None, None]
             best = acc.max(1)  # (B, 4)
