@@ -125,6 +125,7 @@ def test_negative_bootstrap_is_refused(tmp_path):
     proc = run_cli(tmp_path, ["evaluate.bootstrap=-1"], timeout=120)
     assert proc.returncode == 2
     assert "evaluate.bootstrap=-1: must be >= 0" in error_line(proc.stderr)
+    assert "Callback" not in proc.stderr  # the leaderboard callback has every hook Hydra calls on a single run
 
 
 @pytest.mark.slow
@@ -137,6 +138,7 @@ def test_sweep_writes_the_leaderboard_and_the_cli_rewrites_it_byte_for_byte(tmp_
     assert "| cam=gradcampp |" in text
     assert "## Paired differences" in text
     assert text in proc.stdout  # the sweep ends by printing the table
+    assert "Callback" not in proc.stderr  # no hook of the leaderboard callback is missing or raised
     first = {n: (sweep / n).read_bytes() for n in OUTPUTS}
     for n in OUTPUTS:
         (sweep / n).unlink()
@@ -174,3 +176,16 @@ def test_boxes_skipped_without_annotations_and_a_bad_box_names_its_xml(tmp_path,
     line = error_line(proc.stderr)
     assert str(xml) in line
     assert "999" in line
+
+
+def test_evaluates_resamples_are_stored_and_reused_only_when_they_match(two_runs):
+    a, _ = two_runs
+    stats = ImageStats.load(a / "per_image.npz")
+    cached = stats.cached_resampled(1000, 0, None)  # evaluate.bootstrap=1000, bootstrap_seed=0 by default
+    fresh = resampled_metrics(stats, resample_weights(stats.num_images, 1000, 0))
+    assert set(cached) == set(fresh)
+    for k, v in fresh.items():
+        np.testing.assert_array_equal(cached[k], v)
+    assert stats.cached_resampled(1000, 1, None) is None  # another seed
+    assert stats.cached_resampled(999, 0, None) is None  # another number of resamples
+    assert stats.cached_resampled(1000, 0, 3) is None  # mIoU at a chosen threshold, not at the masks

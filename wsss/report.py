@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from hydra.experimental.callback import Callback
 
 from wsss.artifacts import atomic_open, read_json
 from wsss.errors import WsssError
@@ -213,7 +214,9 @@ def build(
     for r in runs:
         if r.stats.ids != ids:
             raise ReportError(f"{r.dir}: scored other images than {runs[0].dir}; report them separately")
-        values[r.dir] = resampled_metrics(r.stats, weights, _miou_at(r))
+        miou_at = _miou_at(r)
+        cached = r.stats.cached_resampled(resamples, seed, miou_at)  # evaluate's, when made with these resamples
+        values[r.dir] = cached if cached is not None else resampled_metrics(r.stats, weights, miou_at)
     rows = []
     for r in runs:
         point, res = _point(r), values[r.dir]
@@ -421,7 +424,7 @@ def report(
     return board
 
 
-class LeaderboardCallback:
+class LeaderboardCallback(Callback):
     """Hydra callback: at the end of a `-m` sweep, the leaderboard of its runs in the sweep directory.
 
     A sweep whose runs wrote no metrics (e.g. `stage=train`) gets one log line and no leaderboard; a report

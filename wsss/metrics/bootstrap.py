@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from wsss.metrics.boxes import BOX_DELTAS
-from wsss.metrics.pxap import pixel_ap
 
 # The metrics the bootstrap resamples, in table order.
 BOOTSTRAP_METRICS = ("miou", "sweep_best_miou", "pxap", "maxboxacc", "maxboxacc_v2")
@@ -42,7 +41,7 @@ class ImageStats:
 
     ids: list[str]
     thresholds: np.ndarray  # (T,) float64, the sweep's and the box metrics' thresholds
-    masks: np.ndarray | None = None  # (N, L, 3) int64 [TP, FP, FN]
+    masks: np.ndarray | None = None  # (N, L, 3) int32 [TP, FP, FN]
     sweep_offsets: np.ndarray | None = None  # (N + 1,) rows of image i: offsets[i]:offsets[i+1]
     sweep_labels: np.ndarray | None = None  # (M,) label of each row
     sweep_gt: np.ndarray | None = None  # (M,) ground-truth pixels of that label
@@ -52,6 +51,26 @@ class ImageStats:
     box_hits: np.ndarray | None = None  # (N, T, 4)
     box_pairs: np.ndarray | None = None  # (N,)
     num_labels: int = 0
+    # The resampled values evaluate computed (`store_resampled`), so a report with the same resamples reads them.
+    resampled: np.ndarray | None = None  # (len(resampled_metrics), B) float64
+    resampled_metrics: np.ndarray | None = None  # metric names
+    resampled_seed: int = -1
+    resampled_miou_at: int = -1  # the sweep index `miou` was taken at, -1 for the written masks
+
+    def store_resampled(self, values: dict[str, np.ndarray], seed: int, miou_at: int | None) -> None:
+        """Keep the resampled metric values of `resample_weights(N, B, seed)` (see `cached_resampled`)."""
+        self.resampled_metrics = np.array(list(values))
+        self.resampled = np.stack(list(values.values())) if values else np.zeros((0, 0))
+        self.resampled_seed = int(seed)
+        self.resampled_miou_at = -1 if miou_at is None else int(miou_at)
+
+    def cached_resampled(self, num_resamples: int, seed: int, miou_at: int | None) -> dict[str, np.ndarray] | None:
+        """The stored resampled values if they were made with these resamples, else None."""
+        if self.resampled is None or self.resampled_seed != seed or self.resampled.shape[-1] != num_resamples:
+            return None
+        if self.resampled_miou_at != (-1 if miou_at is None else miou_at):
+            return None
+        return {str(k): v for k, v in zip(self.resampled_metrics, self.resampled, strict=True)}
 
     def save(self, path: str | Path) -> None:
         """Write a compressed npz (via a temp file, so a killed write leaves nothing a rerun trusts)."""
@@ -59,7 +78,8 @@ class ImageStats:
 
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         arrays["ids"] = np.array(self.ids)
-        arrays["num_labels"] = np.array(self.num_labels)
+        for k in ("num_labels", "resampled_seed", "resampled_miou_at"):
+            arrays[k] = np.array(getattr(self, k))
         with atomic_open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
 
@@ -69,7 +89,9 @@ class ImageStats:
         with np.load(path, allow_pickle=False) as z:
             kw = {k: z[k] for k in z.files}
         kw["ids"] = [str(i) for i in kw["ids"]]
-        kw["num_labels"] = int(kw["num_labels"])
+        for k in ("num_labels", "resampled_seed", "resampled_miou_at"):
+            if k in kw:
+                kw[k] = int(kw[k])
         return cls(**kw)
 
     @property
@@ -227,6 +249,16 @@ def _sweep_sums(s: ImageStats, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return tp, pred, gt
 
 
+def _pixel_ap_cumulative(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """`wsss.metrics.pxap.pixel_ap` from pixels at or above each threshold (B, n+1) instead of histograms."""
+    predicted = tp + fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / np.where(predicted > 0, predicted, 1), 0.0)
+        recall = tp / tp[:, :1]  # NaN where there are no positives
+    drop = recall - np.concatenate([recall[:, 1:], np.zeros_like(recall[:, :1])], 1)  # R_i - R_{i+1}
+    return 100.0 * (drop * precision).sum(1)
+
+
 def resampled_metrics(s: ImageStats, weights: np.ndarray, miou_at: int | None = None) -> dict[str, np.ndarray]:
     """Every metric of `BOOTSTRAP_METRICS` that `s` can give, for each row of image multiplicities.
 
@@ -244,7 +276,10 @@ def resampled_metrics(s: ImageStats, weights: np.ndarray, miou_at: int | None = 
         raise ValueError(f"weights must be (B, {s.num_images}), got {weights.shape}")
     n = s.num_images
     f64 = lambda a: None if a is None else a.reshape(n, -1).astype(np.float64)  # noqa: E731  BLAS operands
-    masks, pxap, box_hits = f64(s.masks), f64(s.pxap), f64(s.box_hits)
+    masks, box_hits = f64(s.masks), f64(s.box_hits)
+    # Pixels at or above each PxAP threshold, per image: the sums of a resample are linear in these, so the
+    # reverse cumulative sum is taken once per image instead of once per resample.
+    pxap = None if s.pxap is None else f64(np.cumsum(s.pxap[..., ::-1], -1)[..., ::-1])
     box_pairs = None if s.box_pairs is None else s.box_pairs.astype(np.float64)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(weights), _CHUNK):
@@ -261,8 +296,8 @@ def resampled_metrics(s: ImageStats, weights: np.ndarray, miou_at: int | None = 
             best = np.nan_to_num(curve, nan=-np.inf).max(1)
             out["sweep_best_miou"] = np.where(np.isfinite(best), best, np.nan)
         if s.pxap is not None:
-            hist = torch.from_numpy(w @ pxap).view(len(w), 2, -1)
-            out["pxap"] = pixel_ap(hist[:, 1], hist[:, 0])[0].numpy()
+            above = (w @ pxap).reshape(len(w), 2, -1)  # (B, [negative, positive], n+1)
+            out["pxap"] = _pixel_ap_cumulative(above[:, 1], above[:, 0])
         if s.box_hits is not None:
             pairs = w @ box_pairs  # (B,)
             hits = (w @ box_hits).reshape(len(w), -1, 4)  # (B, T, 4)

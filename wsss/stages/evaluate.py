@@ -209,6 +209,7 @@ def _intervals(stats: ImageStats, ev: DictConfig, miou_at: int | None) -> dict[s
     t0 = time.perf_counter()
     values = resampled_metrics(stats, resample_weights(stats.num_images, ev.bootstrap, ev.bootstrap_seed), miou_at)
     seconds = time.perf_counter() - t0
+    stats.store_resampled(values, ev.bootstrap_seed, miou_at)  # python -m wsss.report reads them back
     log.info("evaluate: %d bootstrap resamples of %d images in %.1f s", ev.bootstrap, stats.num_images, seconds)
     return {
         "method": "percentile bootstrap over images (ratio of resampled sums)",
@@ -331,6 +332,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return {}
     records = {k: v for part in parts for k, v in part.items()}
     stats = _image_stats(records, source.ids, len(names), thresholds)
+    intervals = _intervals(stats, ev, thresholds.index(headline_t) if chosen_on else None)
     stats.save(ctx.out_dir / "per_image.npz")
     result.update(
         miou=round(headline["miou"], 4),
@@ -339,7 +341,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         threshold_chosen_on=chosen_on,
         scores=_summary(headline, names),
         boxes=_box_report(stats, no_box) if boxes is not None else None,
-        intervals=_intervals(stats, ev, thresholds.index(headline_t) if chosen_on else None),
+        intervals=intervals,
         per_image_bytes=round((ctx.out_dir / "per_image.npz").stat().st_size / len(source.ids)),
         per_image_miou={i: round(records[i]["miou"], 3) for i in source.ids},
     )
