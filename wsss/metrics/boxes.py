@@ -170,22 +170,34 @@ class BoxAccuracy:
             keys: (K,) class index of each map.
             gt_boxes: class index -> (M, 4) inclusive ground-truth boxes of that class in the image.
         """
+        hits, pairs, without_box = self.score_image(maps, keys, gt_boxes)
+        self.add(hits, pairs, without_box)
+        self.last_pairs = pairs
+        return hits
+
+    def score_image(
+        self, maps: np.ndarray, keys: Sequence[int], gt_boxes: Mapping[int, np.ndarray]
+    ) -> tuple[np.ndarray, int, int]:
+        """(T, 4) hits, scored pairs and pairs without a box of one image, totals untouched (thread-safe)."""
         hits = np.zeros_like(self.hits)
-        pairs = 0
+        pairs = without_box = 0
         for k, c in enumerate(keys):
             gt = np.asarray(gt_boxes.get(int(c), np.zeros((0, 4))), np.int64).reshape(-1, 4)
             if not len(gt):
-                self.pairs_without_box += 1
+                without_box += 1
                 continue
             iou = pair_ious(np.asarray(maps[k]), self.thresholds, gt)  # (T, 2)
             hits[:, 0] += iou[:, 0] >= 0.5
             for d, delta in enumerate(BOX_DELTAS):
                 hits[:, 1 + d] += iou[:, 1] >= delta
             pairs += 1
+        return hits, pairs, without_box
+
+    def add(self, hits: np.ndarray, pairs: int, without_box: int = 0) -> None:
+        """Add one image's `score_image` to the totals."""
         self.hits += hits
         self.pairs += pairs
-        self.last_pairs = pairs
-        return hits
+        self.pairs_without_box += without_box
 
     def compute(self) -> dict:
         """Accuracies in percent: see `box_scores`."""

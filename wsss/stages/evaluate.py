@@ -8,9 +8,11 @@ it, so the headline number uses no label of the split it describes.
 
 from __future__ import annotations
 
+import collections
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,18 +126,42 @@ class _Seeds:
 
 
 class _ImageBoxes:
-    """The box metrics' pass: each image's maps against its ground-truth boxes (None where there are none)."""
+    """The box metrics' pass: each image's maps against its ground-truth boxes, in a worker thread.
+
+    OpenCV's contour tracing releases the GIL, so the boxes of one image are scored while the main loop reads
+    and sweeps the next ones. The boxes are read (and checked) in the caller's thread, so a bad XML stops the
+    run where it is met; at most `PENDING` images wait, so the queued maps stay few.
+    """
+
+    PENDING = 8
 
     def __init__(self, source: SegmentationSource, thresholds: list[float]) -> None:
         self.source = source
         self.acc = BoxAccuracy(thresholds)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxes")
+        self.pending: collections.deque = collections.deque()  # (record, future)
 
-    def update(self, image_id: str, maps: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, int]:
-        """(T, 4) hits and the scored pair count of one image."""
+    def submit(self, image_id: str, maps: np.ndarray, keys: np.ndarray, record: dict[str, Any]) -> None:
+        """Score one image's maps; its hits land in `record` (an `image_record`) when `drain` collects them."""
         boxes = self.source.load_boxes(image_id)
         by_class = {int(c): boxes.of_class(int(c)) for c in keys}
-        hits = self.acc.image_hits(maps, keys, by_class)
-        return hits, self.acc.last_pairs
+        self.pending.append((record, self.pool.submit(self.acc.score_image, maps, keys, by_class)))
+        if len(self.pending) > self.PENDING:
+            self._collect()
+
+    def _collect(self) -> None:
+        record, future = self.pending.popleft()
+        hits, pairs, without_box = future.result()
+        self.acc.add(hits, pairs, without_box)
+        record.update(image_record(box_hits=hits, box_pairs=pairs))
+
+    def drain(self) -> None:
+        """Wait for every submitted image and stop the worker."""
+        try:
+            while self.pending:
+                self._collect()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _score_pass(
@@ -155,22 +181,28 @@ def _score_pass(
         ThresholdSweep(num_labels, thresholds, pxap_bins=PXAP_BINS, device=device, keep_last=True) if maps_dir else None
     )
     records: dict[str, dict[str, Any]] = {}
-    for image_id in progress(dist.shard(source.ids), desc="evaluate", unit="img"):
-        gt = torch.from_numpy(source.load_mask(image_id)).to(device)
-        pred = _read_prediction(masks_dir, image_id, gt, source.split)
-        cm_image = confusion_matrix(gt, pred, num_labels)
-        cm.update(gt, pred)
-        parts: dict[str, Any] = {"masks_cm": cm_image}
-        if sweep is not None:
-            cams = read_cams(maps_dir / f"{image_id}.npz")
-            maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)  # (K, H, W)
-            sweep.update(maps, torch.from_numpy(cams["keys"]).to(device).long(), gt)
-            parts.update(sweep_hist=sweep.last_hist, pxap_hist=sweep.last_pxap_hist)
-            if boxes is not None:
-                parts["box_hits"], parts["box_pairs"] = boxes.update(image_id, cams["maps"], cams["keys"])
-        if seeds is not None:
-            seeds.update(image_id, gt)
-        records[image_id] = {"miou": scores(cm_image)["miou"], "stats": image_record(**parts)}
+    try:
+        for image_id in progress(dist.shard(source.ids), desc="evaluate", unit="img"):
+            gt = torch.from_numpy(source.load_mask(image_id)).to(device)
+            pred = _read_prediction(masks_dir, image_id, gt, source.split)
+            cm_image = confusion_matrix(gt, pred, num_labels)
+            cm.update(gt, pred)
+            parts: dict[str, Any] = {"masks_cm": cm_image}
+            if sweep is not None:
+                cams = read_cams(maps_dir / f"{image_id}.npz")
+                maps = torch.from_numpy(cams["maps"]).to(device, torch.float32)  # (K, H, W)
+                sweep.update(maps, torch.from_numpy(cams["keys"]).to(device).long(), gt)
+                parts.update(sweep_hist=sweep.last_hist, pxap_hist=sweep.last_pxap_hist)
+            if seeds is not None:
+                seeds.update(image_id, gt)
+            records[image_id] = {"miou": scores(cm_image)["miou"], "stats": image_record(**parts)}
+            if boxes is not None and sweep is not None:
+                boxes.submit(image_id, cams["maps"], cams["keys"], records[image_id]["stats"])
+        if boxes is not None:
+            boxes.drain()
+    finally:
+        if boxes is not None:  # an error in the loop: stop the worker, drop what it has not started
+            boxes.pool.shutdown(wait=True, cancel_futures=True)
     return cm, sweep, records
 
 
