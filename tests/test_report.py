@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO
@@ -189,3 +190,22 @@ def test_evaluates_resamples_are_stored_and_reused_only_when_they_match(two_runs
     assert stats.cached_resampled(1000, 1, None) is None  # another seed
     assert stats.cached_resampled(999, 0, None) is None  # another number of resamples
     assert stats.cached_resampled(1000, 0, 3) is None  # mIoU at a chosen threshold, not at the masks
+
+
+def test_runs_of_two_checkpoints_are_not_paired(two_runs, tmp_path):
+    """Given checkpoints are told apart by the train key (which covers their bytes), so never paired."""
+    a, _ = two_runs
+    cache = a.parents[1] / "cache" / "train"
+    (model,) = cache.glob("*/model.pt")
+    other = tmp_path / "other.pt"
+    state = torch.load(model, weights_only=True)
+    state["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, other)
+    tmp = a.parents[1]
+    runs = [_run(tmp, f"ckpt{i}", ["cam=cam", f"model.checkpoint={p}"]) for i, p in enumerate((model, other))]
+    m0, m1 = (json.loads((r / "metrics.json").read_text())["model"] for r in runs)
+    assert m0["checkpoint"] == str(model.resolve())
+    assert m0["key"] != m1["key"]
+    board = build(runs, resamples=50, base=tmp_path)
+    assert board["rows"][1]["reference"] is None  # no reference row of its own model, and never row 0
+    assert "diff" not in board["rows"][1]["metrics"]["miou"]

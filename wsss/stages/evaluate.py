@@ -289,9 +289,25 @@ def _sweep_report(sweep: ThresholdSweep, thresholds: list[float], source: Segmen
     }
 
 
+def _cams_input(ctx: StageContext) -> Artifact | None:
+    """The cams artifact the scored maps (or the refined maps' seeds) come from; None for a masks folder."""
+    return next((ctx.inputs[k] for k in ("maps", "seeds") if k in ctx.inputs and ctx.inputs[k].stage == "cams"), None)
+
+
+def _model_provenance(ctx: StageContext) -> dict[str, Any] | None:
+    """Which model made the maps: the maps' record, with the train artifact's key also for a given checkpoint
+    (that key covers the checkpoint's bytes), so runs of one model can be told from runs of another."""
+    cams = _cams_input(ctx)
+    if cams is None:
+        return None
+    model = dict(ctx.inputs["maps"].manifest.get("model") or {})
+    model.setdefault("key", cams.manifest["inputs"]["train"]["key"])
+    return model
+
+
 def _cam_provenance(ctx: StageContext) -> dict[str, Any] | None:
     """The CAM method and its cost (from the cams artifact the scored maps or seeds come from)."""
-    cams = next((ctx.inputs[k] for k in ("maps", "seeds") if k in ctx.inputs and ctx.inputs[k].stage == "cams"), None)
+    cams = _cams_input(ctx)
     if cams is None:
         return None
     return {"method": cams.manifest["config"]["cam"]["method"], "key": cams.key, "cost": cams.manifest.get("cost")}
@@ -336,7 +352,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "masks_dir": str(masks_dir),
         "masks_rule": rule,
         "refine": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("method"),
-        "model": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("model"),
+        "model": _model_provenance(ctx),
         "cam": _cam_provenance(ctx),
         "environment": environment(ctx.device),
         "num_images": len(source.ids),
