@@ -172,6 +172,11 @@ IRN = {
     "dataset.eval_split": "train",  # --chainer_eval_set train
     "model.backbone": "resnet50",  # --cam_network net.resnet50_cam
     "model.output_stride": 16,  # net/resnet50_cam.py: strides=(2, 2, 2, 1)
+    "model.stride_mode": "irn",  # net/resnet50.py: the stride is set, no dilation anywhere
+    "model.frozen_bn": True,  # net/resnet50.py: FixedBatchNorm
+    "model.weights": "IMAGENET1K_V1",  # resnet50(pretrained=True)
+    "train.freeze": "layer2",  # net/resnet50_cam.py: self.stage2(x).detach()
+    "train.ema_decay": None,  # step/train_cam.py saves the last weights
     "train.epochs": 5,  # --cam_num_epoches
     "train.batch_size": 16,  # --cam_batch_size
     "train.lr": 0.1,  # --cam_learning_rate

@@ -85,6 +85,8 @@ class ModelConfig:
     output_stride: int = 16  # 32, 16 or 8 (stride replaced by dilation)
     weights: str | None = None  # torchvision weights name, e.g. IMAGENET1K_V1 (needs them in TORCH_HOME)
     checkpoint: str | None = None  # a wsss checkpoint file: skips training
+    stride_mode: str = "dilate"  # dilate: a-trous (any stride) | irn: layer4 stride 1, no dilation (stride 16)
+    frozen_bn: bool = False  # trunk BatchNorms fixed in eval mode, statistics and affine (IRN's FixedBatchNorm)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class TrainConfig:
     amp_dtype: TrainAmpDtype | None = TrainAmpDtype["auto"]
     sync_bn: bool = False  # under several ranks: BatchNorm statistics over the global batch
     channels_last: bool = True  # channels-last memory: convolutions faster on the CPU (1.4x here) and CUDA
+    freeze: str | None = None  # no gradient for the trunk through this stage (stem, layer1..layer4); IRN: layer2
 
 
 @dataclass
@@ -276,7 +279,19 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     if d.num_workers is not None:
         out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0 or null")
     out.need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
-    from wsss.models.classifier import NATIVE_STRIDE
+    from wsss.models.classifier import NATIVE_STRIDE, STRIDE_MODES
+
+    out.need(m.stride_mode in STRIDE_MODES, "model.stride_mode", m.stride_mode, f"must be one of {STRIDE_MODES}")
+    if m.stride_mode == "irn":
+        irn = "with model.stride_mode=irn (layer4's stride 1, nothing dilated)"
+        out.need(m.output_stride in (16, 32), "model.output_stride", m.output_stride, f"must be 16 or 32 {irn}")
+        c = cfg.cam.output_stride
+        out.need(c is None or c == m.output_stride, "cam.output_stride", c, f"must be null or {m.output_stride} {irn}")
+    freeze = cfg.train.freeze
+    stages = ("stem", "layer1", "layer2", "layer3", "layer4")
+    if freeze is not None:
+        ok = freeze in stages and str(m.backbone) not in NATIVE_STRIDE
+        out.need(ok, "train.freeze", freeze, f"must be null or one of {stages} (ResNet backbones)")
 
     native = NATIVE_STRIDE.get(str(m.backbone))
     if native is not None:

@@ -60,6 +60,7 @@ BACKBONES: dict[str, tuple[Any, int]] = {
     "swin_t": (torchvision.models.swin_t, 768),
     "vit_b_16": (torchvision.models.vit_b_16, 768),
 }
+STRIDE_MODES = ("dilate", "irn")
 # The output stride of backbones that cannot be dilated (ResNets can: 32, 16 or 8).
 NATIVE_STRIDE = {"convnext_tiny": 32, "swin_t": 32, "vit_b_16": 16}
 
@@ -158,6 +159,11 @@ class Classifier(nn.Module):
         backbone: One of `BACKBONES`.
         output_stride: 32, 16 or 8; strides of the last stages are replaced by dilation.
         weights: torchvision weights name (e.g. "IMAGENET1K_V1") or None for random init.
+        stride_mode: "dilate" (stride 2 -> 1 with the later convs dilated, DeepLab's a-trous; any of 32, 16, 8)
+            or "irn" (IRN's `resnet50(strides=(2, 2, 2, 1))`: layer4's stride set to 1 and nothing dilated;
+            output stride 16 or 32 only).
+        frozen_bn: Every BatchNorm of the trunk stays in eval mode with its statistics and affine parameters
+            fixed, in training too (IRN's `FixedBatchNorm`).
     """
 
     def __init__(
@@ -166,13 +172,21 @@ class Classifier(nn.Module):
         backbone: str = "resnet_tiny",
         output_stride: int = 16,
         weights: str | None = None,
+        stride_mode: str = "dilate",
+        frozen_bn: bool = False,
     ) -> None:
         super().__init__()
+        if stride_mode not in STRIDE_MODES:
+            raise ValueError(f"stride_mode must be one of {STRIDE_MODES}, got {stride_mode!r}")
+        self.stride_mode = stride_mode
+        self.frozen_bn = frozen_bn
         self.kwargs = {
             "num_classes": num_classes,
             "backbone": backbone,
             "output_stride": output_stride,
             "weights": None,  # a checkpoint carries the trained weights; never re-download on rebuild
+            "stride_mode": stride_mode,
+            "frozen_bn": frozen_bn,
         }
         trunk = _load_trunk(backbone, weights)
         if backbone in NATIVE_STRIDE:
@@ -200,6 +214,35 @@ class Classifier(nn.Module):
         channels = BACKBONES[backbone][1]
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.head.weight)
+        if frozen_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.requires_grad_(False)
+            self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Set train / eval mode; with `frozen_bn` the trunk's BatchNorms stay in eval mode."""
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def freeze_through(self, stage: str) -> list[str]:
+        """No gradient for the trunk up to and including `stage` (IRN's `stage2(x).detach()` is "layer2").
+
+        Returns the names of the frozen parameters.
+        """
+        names = list(self.backbone._modules) if isinstance(self.backbone, nn.Sequential) else []
+        if stage not in names:
+            raise ValueError(f"train.freeze={stage!r}: not a stage of {self.kwargs['backbone']} (stages: {names})")
+        frozen = []
+        for name in names[: names.index(stage) + 1]:
+            for p_name, p in self.backbone._modules[name].named_parameters():
+                p.requires_grad_(False)
+                frozen.append(f"backbone.{name}.{p_name}")
+        return frozen
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.backbone(x)  # (B, C, h, w)
@@ -222,6 +265,17 @@ class Classifier(nn.Module):
         if output_stride > self.output_stride:
             raise ValueError(f"cannot coarsen output stride {self.output_stride} to {output_stride}")
         b = self.backbone
+        if self.stride_mode == "irn" and output_stride < self.output_stride:
+            if output_stride < 16 or self.output_stride != 32:
+                raise ValueError(
+                    f"stride_mode=irn gives output stride 16 or 32 (layer4's stride set to 1, nothing dilated), "
+                    f"not {output_stride}"
+                )
+            for m in b.layer4[0].modules():  # the first block's strided conv(s) and its downsample
+                if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                    m.stride = (1, 1)
+            self.output_stride = 16
+            return self
         while self.output_stride > output_stride:
             stages = [b.layer4] if self.output_stride == 32 else [b.layer3, b.layer4]
             halve_output_stride(stages)
@@ -229,8 +283,11 @@ class Classifier(nn.Module):
         return self
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Backbone and head parameters, so a recipe can give the new head a larger learning rate."""
-        return [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}]
+        """Trainable backbone and head parameters, so a recipe can give the new head a larger learning rate."""
+        return [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad]},
+            {"params": [p for p in self.head.parameters() if p.requires_grad]},
+        ]
 
 
 def save_checkpoint(path: str | Path, model: Classifier, class_names: list[str], **extra: Any) -> None:

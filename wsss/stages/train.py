@@ -99,7 +99,11 @@ def _model(cfg: DictConfig, num_classes: int, device: torch.device) -> tuple[Cla
     """The classifier and what the loop calls: itself, or its DDP wrapper (SyncBatchNorm if asked)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     m = cfg.model
-    model = Classifier(num_classes, str(m.backbone), m.output_stride, m.weights).to(device)
+    model = Classifier(num_classes, str(m.backbone), m.output_stride, m.weights, m.stride_mode, m.frozen_bn)
+    if cfg.train.freeze:  # IRN: `self.stage2(x).detach()`, conv1 .. layer2 get no gradient
+        frozen = model.freeze_through(str(cfg.train.freeze))
+        log.info("train: %d parameter tensors frozen through %s", len(frozen), cfg.train.freeze)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return wrap(model, device, cfg.train.sync_bn)

@@ -1,0 +1,144 @@
+"""IRN's classifier options: frozen stages, fixed BatchNorm, layer4 at stride 1 without dilation.
+
+References are built independently of `Classifier`'s code paths: a forward that detaches after layer2 (IRN's
+`self.stage2(x).detach()`), and a plain torchvision ResNet whose layer4 strides are set to 1 by hand (IRN's
+`resnet50(strides=(2, 2, 2, 1))`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tests.tiny import error_line, run_cli
+from wsss.models import Classifier, load_checkpoint, save_checkpoint
+
+
+def _bns(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_frozen_stages_get_no_gradient_and_the_rest_gets_irns():
+    torch.manual_seed(0)
+    model = Classifier(3, "resnet_tiny", 16)
+    ref = Classifier(3, "resnet_tiny", 16)
+    ref.load_state_dict(model.state_dict())
+    frozen = model.freeze_through("layer2")
+    assert frozen
+    assert all(n.split(".")[1] in ("stem", "layer1", "layer2") for n in frozen)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    loss = nn.functional.multilabel_soft_margin_loss(model(x), y)
+    loss.backward()
+    b = ref.backbone  # IRN's forward: stage 2's output detached
+    feats = b.layer4(b.layer3(b.layer2(b.layer1(b.stem(x))).detach()))
+    nn.functional.multilabel_soft_margin_loss(ref.head(feats.mean((2, 3), keepdim=True)).flatten(1), y).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        if name.split(".")[1] in ("stem", "layer1", "layer2"):
+            assert p.grad is None, name
+            assert not p.requires_grad, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    assert all(p.requires_grad for g in model.param_groups() for p in g["params"])  # the optimizer sees the rest
+
+
+def test_frozen_bn_keeps_statistics_and_affine_through_training_steps():
+    torch.manual_seed(0)
+    model = Classifier(3, "resnet_tiny", 16, frozen_bn=True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "bn" in k or "downsample.1" in k}
+    assert before
+    assert all(not m.training for m in _bns(model))
+    assert all(not p.requires_grad for m in _bns(model) for p in m.parameters())
+    opt = torch.optim.SGD([p for g in model.param_groups() for p in g["params"]], lr=0.5, weight_decay=0.1)
+    for _ in range(3):
+        loss = model(torch.randn(4, 3, 64, 64) * 3 + 1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)
+    assert model.head.weight.grad is not None
+    model.eval().train()  # switching modes keeps the BatchNorms in eval mode
+    assert all(not m.training for m in _bns(model))
+    plain = Classifier(3, "resnet_tiny", 16).train()
+    assert all(m.training for m in _bns(plain))
+
+
+def test_irn_stride_is_layer4_at_stride_1_without_dilation():
+    torch.manual_seed(0)
+    model = Classifier(2, "resnet18", 16, stride_mode="irn").eval()
+    ref = torchvision.models.resnet18(weights=None)  # the same weights, IRN's strides set by hand
+    ref.conv1.load_state_dict(model.backbone.stem[0].state_dict())
+    ref.bn1.load_state_dict(model.backbone.stem[1].state_dict())
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        getattr(ref, name).load_state_dict(getattr(model.backbone, name).state_dict())
+    ref.layer4[0].conv1.stride = (1, 1)  # BasicBlock: the 3x3 conv1 strides; IRN's Bottleneck strides conv2
+    ref.layer4[0].downsample[0].stride = (1, 1)
+    ref.eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        r = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+        got = model.backbone(x)
+    assert got.shape[-2:] == (6, 8)  # stride 16
+    torch.testing.assert_close(got, r, rtol=0, atol=0)
+    assert all(m.dilation == (1, 1) for m in model.backbone.layer4.modules() if isinstance(m, nn.Conv2d))
+    dilated = Classifier(2, "resnet18", 16).eval()
+    dilated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(dilated.backbone(x), got)  # torchvision's dilation gives another map
+    with pytest.raises(ValueError, match="stride_mode=irn"):
+        model.set_output_stride(8)
+
+
+def test_checkpoint_keeps_the_options(tmp_path):
+    model = Classifier(2, "resnet_tiny", 16, stride_mode="irn", frozen_bn=True)
+    save_checkpoint(tmp_path / "m.pt", model, ["a", "b"])
+    back, _ = load_checkpoint(tmp_path / "m.pt", ["a", "b"])
+    assert back.stride_mode == "irn"
+    assert back.frozen_bn
+    back.train()
+    assert all(not m.training for m in _bns(back))
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (["model.stride_mode=irn"], "cam.output_stride=8: must be null or 16 with model.stride_mode=irn"),
+        (["model.stride_mode=irn", "model.output_stride=8", "cam.output_stride=null"], "model.output_stride=8"),
+        (["train.freeze=layer9"], "train.freeze=layer9: must be null or one of"),
+        (["model.stride_mode=atrous"], "model.stride_mode=atrous: must be one of"),
+    ],
+)
+def test_bad_irn_options_are_one_error_line(tmp_path, override, needle):
+    proc = run_cli(tmp_path, override, timeout=120)
+    assert proc.returncode == 2
+    assert needle in error_line(proc.stderr)
+
+
+def test_irn_options_run_end_to_end_and_leave_the_frozen_weights_as_initialised(tmp_path):
+    from tests.tiny import tiny_cfg
+    from wsss.pipeline import Pipeline
+
+    overrides = [
+        "stage=evaluate",
+        "model.stride_mode=irn",
+        "model.frozen_bn=true",
+        "train.freeze=layer2",
+        "train.ema_decay=null",
+        "cam.output_stride=16",
+    ]
+    cfg = tiny_cfg(tmp_path, overrides)
+    pipe = Pipeline(cfg)
+    assert pipe.run("evaluate")["miou"] >= 0
+    trained, _ = load_checkpoint(pipe.artifact_dir("train") / "model.pt")
+    torch.manual_seed(cfg.seed)  # the train stage's initial weights
+    initial = Classifier(trained.kwargs["num_classes"], "resnet_tiny", 16, None, "irn", True)
+    got, start = trained.state_dict(), initial.state_dict()
+    for k, v in start.items():
+        frozen = k.split(".")[1] in ("stem", "layer1", "layer2") or "bn" in k or "downsample.1" in k
+        if frozen:
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(got["head.weight"], start["head.weight"])
+    assert not torch.equal(got["backbone.layer3.0.conv1.weight"], start["backbone.layer3.0.conv1.weight"])
