@@ -170,6 +170,7 @@ def test_out_of_range_values_name_key_value_and_what_is_allowed(overrides, needl
 IRN = {
     "dataset.train_split": "train_aug",  # --train_list voc12/train_aug.txt
     "dataset.eval_split": "train",  # --chainer_eval_set train
+    "dataset.labels_from": "xml",  # voc12/make_cls_labels.py: cls_labels.npy from the XMLs
     "model.backbone": "resnet50",  # --cam_network net.resnet50_cam
     "model.output_stride": 16,  # net/resnet50_cam.py: strides=(2, 2, 2, 1)
     "model.stride_mode": "irn",  # net/resnet50.py: the stride is set, no dilation anywhere

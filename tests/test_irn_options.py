@@ -7,6 +7,8 @@ References are built independently of `Classifier`'s code paths: a forward that 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -109,6 +111,8 @@ def test_checkpoint_keeps_the_options(tmp_path):
         (["model.stride_mode=irn", "model.output_stride=8", "cam.output_stride=null"], "model.output_stride=8"),
         (["train.freeze=layer9"], "train.freeze=layer9: must be null or one of"),
         (["model.stride_mode=atrous"], "model.stride_mode=atrous: must be one of"),
+        (["dataset.labels_from=boxes"], "dataset.labels_from=boxes: must be masks or xml"),
+        (["dataset=coco", "dataset.labels_from=xml", "dataset.root=."], "dataset.labels_from=xml: COCO's labels"),
     ],
 )
 def test_bad_irn_options_are_one_error_line(tmp_path, override, needle):
@@ -142,3 +146,51 @@ def test_irn_options_run_end_to_end_and_leave_the_frozen_weights_as_initialised(
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
     assert not torch.equal(got["head.weight"], start["head.weight"])
     assert not torch.equal(got["backbone.layer3.0.conv1.weight"], start["backbone.layer3.0.conv1.weight"])
+
+
+NAMES = ["disc", "triangle", "square", "star", "ring", "cross"]
+
+
+def _irn_cls_labels(xml_path, class_names) -> list[int]:
+    """IRN's `load_image_label_from_xml`: every <name> element of the file that is a class (minidom)."""
+    from xml.dom import minidom
+
+    names = [e.firstChild.data for e in minidom.parse(str(xml_path)).getElementsByTagName("name")]
+    return sorted({class_names.index(n) for n in names if n in class_names})
+
+
+def test_labels_from_xml_are_irns_cls_labels(synthetic_root, tmp_path):
+    import shutil
+
+    from wsss.data.voc import VOCSource
+
+    root = tmp_path / "voc"
+    shutil.copytree(synthetic_root, root)
+    (root / "generator.json").unlink()
+    # An extra difficult object of a class the mask lacks: the XML has it, the mask does not.
+    xml = root / "Annotations" / "train_00000.xml"
+    src_masks = VOCSource(root, "train", NAMES)
+    absent = next(c for c in range(len(NAMES)) if c not in src_masks.labels("train_00000"))
+    text = xml.read_text()
+    extra = (
+        f"<object><name>{NAMES[absent]}</name><difficult>1</difficult>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>4</xmax><ymax>4</ymax></bndbox></object>"
+    )
+    xml.write_text(text.replace("</annotation>", extra + "</annotation>"))
+    src_xml = VOCSource(root, "train", NAMES, labels_from="xml")
+    for image_id in src_xml.ids:
+        expected = _irn_cls_labels(root / "Annotations" / f"{image_id}.xml", NAMES)
+        src_xml.load_mask(image_id)  # reading the mask first never puts the mask's classes in the label cache
+        assert src_xml.labels(image_id).tolist() == expected, image_id
+    assert absent in src_xml.labels("train_00000")
+    assert absent not in VOCSource(root, "train", NAMES).labels("train_00000")
+
+
+def test_labels_from_is_in_the_dataset_identity():
+    from tests.tiny import tiny_cfg
+    from wsss.data import dataset_identity
+
+    a = dataset_identity(tiny_cfg(Path("/tmp/x")).dataset, "train")
+    b = dataset_identity(tiny_cfg(Path("/tmp/x"), ["dataset.labels_from=xml"]).dataset, "train")
+    assert a != b
+    assert b["labels_from"] == "xml"

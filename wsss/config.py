@@ -69,6 +69,7 @@ class DatasetConfig:
     eval_split: str = "train"  # CAMs, pseudo masks and scores are made on this split
     mask_dir: str = "SegmentationClass"  # VOC layout: where ground-truth PNGs live
     aug_mask_dir: str | None = "SegmentationClassAug"  # VOC layout: fallback masks (SBD) for train_aug ids
+    labels_from: str = "masks"  # VOC layout: image labels from the masks (XML without one) | xml (IRN's cls_labels)
     year: int = 2017  # coco: 2014 or 2017
     on_error: OnError = OnError["raise"]  # raise | skip: what a bad sample does (skips are counted and logged)
     max_pixels: int = 50_000_000  # images above this are refused (decompression bombs); real ones are < 0.5 M
@@ -275,6 +276,9 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     out.need(cfg.stage.name in STAGES, "stage.name", cfg.stage.name, f"must be one of {sorted(STAGES)}")
     out.need(d.name in DATASETS, "dataset.name", d.name, f"must be one of {sorted(DATASETS)}")
     out.need(d.year in (2014, 2017), "dataset.year", d.year, "must be 2014 or 2017")
+    out.need(d.labels_from in ("masks", "xml"), "dataset.labels_from", d.labels_from, "must be masks or xml")
+    if d.name == "coco":
+        out.need(d.labels_from == "masks", "dataset.labels_from", d.labels_from, "COCO's labels come from its json")
     out.need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
     if d.num_workers is not None:
         out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0 or null")

@@ -40,8 +40,8 @@ class DatasetEntry:
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "synthetic": DatasetEntry("wsss.data.synthetic", ("synthetic", "mask_dir", "aug_mask_dir")),
-    "voc12": DatasetEntry("wsss.data.voc", ("mask_dir", "aug_mask_dir")),
+    "synthetic": DatasetEntry("wsss.data.synthetic", ("synthetic", "mask_dir", "aug_mask_dir", "labels_from")),
+    "voc12": DatasetEntry("wsss.data.voc", ("mask_dir", "aug_mask_dir", "labels_from")),
     "coco": DatasetEntry("wsss.data.coco", ("year",)),
 }
 

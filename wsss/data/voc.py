@@ -49,6 +49,7 @@ from wsss.fingerprint import FileGroup, hash_files, scan_dir
 
 log = logging.getLogger(__name__)
 
+LABEL_SOURCES = ("masks", "xml")
 VOC_CLASSES = [
     "aeroplane",
     "bicycle",
@@ -110,6 +111,9 @@ class VOCSource(SegmentationSource):
         image_ext: Image file extension.
         annotation_dir: Folder of the VOC XML annotations: labels for images without a mask, and boxes.
         max_pixels: Images above this many pixels are refused (a decompression-bomb guard).
+        labels_from: "masks": the classes present in the mask (the XML where an image has no mask); "xml": the
+            `<object><name>`s of the XML for every image, difficult objects included, as IRN's `cls_labels.npy`
+            (`voc12/make_cls_labels.py`).
     """
 
     def __init__(
@@ -127,8 +131,12 @@ class VOCSource(SegmentationSource):
         image_ext: str = ".jpg",
         annotation_dir: str = "Annotations",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        labels_from: str = "masks",
     ) -> None:
         super().__init__(root, name, split, on_error, max_pixels)
+        if labels_from not in LABEL_SOURCES:
+            raise ValueError(f"labels_from must be one of {LABEL_SOURCES}, got {labels_from!r}")
+        self.labels_from = labels_from
         self.class_names = check_class_names(VOC_CLASSES if class_names is None else class_names)
         self._class_index = {n: i for i, n in enumerate(self.class_names)}
         dirs = [mask_dir] if isinstance(mask_dir, (str, Path)) else list(mask_dir)
@@ -168,10 +176,11 @@ class VOCSource(SegmentationSource):
     # -- loaders ---------------------------------------------------------------------------------------------
 
     def labels(self, image_id: str) -> np.ndarray:
-        """Classes present in the mask, or in the XML annotation for an image without mask; cached."""
+        """Classes present in the mask, or in the XML annotation for an image without mask (every image's XML
+        with `labels_from="xml"`); cached."""
         cached = self._labels.get(image_id)
         if cached is None:
-            path = self.mask_path(image_id)
+            path = None if self.labels_from == "xml" else self.mask_path(image_id)
             if path is not None:
                 cached = labels_from_mask(read_label_mask(path, self.num_classes))
             else:
@@ -233,13 +242,18 @@ class VOCSource(SegmentationSource):
             looked = ", ".join(str(d / f"{image_id}.png") for d in self.mask_dirs)
             raise MissingFileError(f"mask not found for {image_id!r}: looked for {looked}", "missing_mask")
         mask = read_label_mask(path, self.num_classes, size)
-        self._labels.setdefault(image_id, labels_from_mask(mask))
+        if self.labels_from == "masks":
+            self._labels.setdefault(image_id, labels_from_mask(mask))
         return mask
 
     def _labels_from_xml(self, image_id: str) -> np.ndarray:
         """Labels from the `<object><name>` entries of the VOC XML annotation."""
         path = self.annotation_path(image_id)
         if not path.is_file():
+            if self.labels_from == "xml":
+                raise MissingFileError(
+                    f"no labels for {image_id!r}: no annotation {path} (labels_from=xml)", "missing_labels"
+                )
             looked = ", ".join(str(d / f"{image_id}.png") for d in self.mask_dirs)
             raise MissingFileError(
                 f"no labels for {image_id!r}: no mask ({looked}) and no annotation {path}", "missing_labels"
@@ -287,7 +301,7 @@ class VOCSource(SegmentationSource):
         size = self.image_size(image_id)
         if self.mask_path(image_id) is not None or self.require_masks:
             self._mask(image_id, size)
-        else:
+        if self.labels_from == "xml" or self.mask_path(image_id) is None:
             self.labels(image_id)
 
 
@@ -342,6 +356,7 @@ def from_config(cfg: Any, split: str, name: str = "voc12", class_names: list[str
         on_error=str(cfg.on_error),
         require_masks=split == cfg.eval_split,  # a scored split needs every mask; training can use XML labels
         max_pixels=cfg.max_pixels,
+        labels_from=str(cfg.labels_from),
     )
 
 
