@@ -60,8 +60,8 @@ def _collect(images: list[dict]) -> ImageStats:
         cm = ConfusionMatrix(C + 1)
         cm.update(gt, threshold_mask(maps, keys, 0.5))
         sweep.update(maps, keys, gt)
-        hits = box.image_hits(im["maps"], im["keys"], im["boxes"])
-        b.add(im["id"], cm.compute(), sweep.last_hist, sweep.last_pxap_hist, hits, box.last_pairs)
+        hits, pairs, _ = box.score_image(im["maps"], im["keys"], im["boxes"])
+        b.add(im["id"], cm.compute(), sweep.last_hist, sweep.last_pxap_hist, hits, pairs)
     return b.build()
 
 

@@ -95,7 +95,7 @@ def test_a_source_without_boxes_says_so(voc: Path) -> None:
 
     src = NoBoxes(voc, "train")
     assert not src.has_boxes()
-    with pytest.raises(NotImplementedError, match=r"voc12/train: NoBoxes has no ground-truth boxes"):
+    with pytest.raises(ValueError, match=r"voc12/train: NoBoxes has no ground-truth boxes"):
         src.load_boxes(A)
 
 

@@ -283,9 +283,9 @@ class SegmentationSource(ABC):
         """The ground-truth boxes of an image, in the convention of the module docstring.
 
         Raises:
-            NotImplementedError: the source has no boxes (see `has_boxes`).
+            ValueError: the source has no boxes (see `has_boxes`); sources with boxes override this.
         """
-        raise NotImplementedError(
+        raise ValueError(
             f"{self.name}/{self.split}: {type(self).__name__} has no ground-truth boxes (has_boxes() is False); "
             f"cannot load boxes for {image_id!r}"
         )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsss.artifacts import atomic_open
 from wsss.metrics.boxes import BOX_DELTAS
 
 # The metrics the bootstrap resamples, in table order.
@@ -74,8 +75,6 @@ class ImageStats:
 
     def save(self, path: str | Path) -> None:
         """Write a compressed npz (via a temp file, so a killed write leaves nothing a rerun trusts)."""
-        from wsss.artifacts import atomic_open
-
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         arrays["ids"] = np.array(self.ids)
         for k in ("num_labels", "resampled_seed", "resampled_miou_at"):
@@ -124,10 +123,7 @@ class ImageStatsBuilder:
         """One image's `image_record`."""
         self.ids.append(image_id)
         for name, value in record.items():
-            self._put(name, value)
-
-    def _put(self, name: str, value) -> None:
-        self._parts.setdefault(name, []).append(value)
+            self._parts.setdefault(name, []).append(value)
 
     def build(self) -> ImageStats:
         """The collected statistics (a part given for no image is None)."""

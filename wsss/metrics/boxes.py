@@ -163,7 +163,7 @@ class BoxAccuracy:
         self.pairs_without_box = 0
 
     def image_hits(self, maps: np.ndarray, keys: Sequence[int], gt_boxes: Mapping[int, np.ndarray]) -> np.ndarray:
-        """The (T, 4) hit counts of one image (also added to the totals) and its scored pair count in `last_pairs`.
+        """The (T, 4) hit counts of one image, also added to the totals (`score_image` leaves them alone).
 
         Args:
             maps: (K, H, W) maps of the image's classes.
@@ -172,7 +172,6 @@ class BoxAccuracy:
         """
         hits, pairs, without_box = self.score_image(maps, keys, gt_boxes)
         self.add(hits, pairs, without_box)
-        self.last_pairs = pairs
         return hits
 
     def score_image(
