@@ -164,7 +164,7 @@ def _rgb_to_index(rgb: np.ndarray, path: Path) -> np.ndarray:
     return out[inverse].reshape(pix.shape)
 
 
-CAM_STORES = ("float16", "uint8", "quarter")
+CAM_STORES = ("float32", "float16", "uint8", "quarter")
 
 
 def write_cams(
@@ -178,6 +178,8 @@ def write_cams(
     """Write one image's CAMs as npz (no pickles): `keys` (K,) int16 class indices, `size` (H, W), `store`.
 
     `store` picks how the maps in [0, 1] are kept (bytes per image for K maps of H x W):
+    - "float32": `maps`, `strided` (and `background`) float32, as computed (4 K H W bytes and 1/16 of it: for
+      comparisons with other code at full precision, e.g. IRN's `make_cam.py`);
     - "float16": `maps` (K, H, W) float16 and `strided` (K, H/4, W/4) float16 (2 K H W bytes and 1/16 of it);
     - "uint8": `maps` quantised to round(255 x) (half of that; `read_cams` gives q / 255), `strided` float16;
     - "quarter": `strided` only (1/16 of float16); `read_cams` upsamples it bilinearly to (H, W).
@@ -186,15 +188,18 @@ def write_cams(
     compare each pixel's best map with it instead of with the constant threshold.
     """
     keys = np.asarray(keys, dtype=np.int16)
-    maps, strided = np.asarray(maps, dtype=np.float32), np.asarray(strided, dtype=np.float16)
+    small = np.float32 if store == "float32" else np.float16
+    maps, strided = np.asarray(maps, dtype=np.float32), np.asarray(strided, dtype=small)
     if maps.ndim != 3 or maps.shape[0] != keys.shape[0] or strided.shape[0] != keys.shape[0]:
         raise ValueError(f"{path}: maps {maps.shape} / strided {strided.shape} do not match keys {keys.shape}")
     if store not in CAM_STORES:
         raise ValueError(f"{path}: store must be one of {CAM_STORES}, got {store!r}")
     arrays = {"keys": keys, "size": np.array(maps.shape[1:], np.int32), "store": np.array(store), "strided": strided}
     if background is not None:
-        arrays["background"] = np.asarray(background, dtype=np.float16)
-    if store == "float16":
+        arrays["background"] = np.asarray(background, dtype=small)
+    if store == "float32":
+        arrays["maps"] = maps
+    elif store == "float16":
         arrays["maps"] = maps.astype(np.float16)
     elif store == "uint8":
         arrays["maps"] = np.rint(np.clip(maps, 0, 1) * 255).astype(np.uint8)

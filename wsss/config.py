@@ -43,8 +43,9 @@ Optimizer = _choice("Optimizer", ("adamw", "sgd"))
 AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
 TrainAmpDtype = _choice("TrainAmpDtype", ("auto", "bfloat16", "float16"))
 OnError = _choice("OnError", ("raise", "skip"))
-CamStore = _choice("CamStore", ("float16", "uint8", "quarter"))
-RefineMethod = _choice("RefineMethod", ("none", "crf", "par", "superpixel", "rw"))
+CamStore = _choice("CamStore", ("float32", "float16", "uint8", "quarter"))
+RefineMethod = _choice("RefineMethod", ("none", "crf", "par", "superpixel", "rw", "irn"))
+IrnTrunk = _choice("IrnTrunk", ("classifier", "weights"))
 SuperpixelMethod = _choice("SuperpixelMethod", ("slic", "felzenszwalb"))
 
 
@@ -102,7 +103,12 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-2
     crop_size: int | None = None  # null: the first image's longer side, rounded up to 32, at most 512
-    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # resize=scale: log-uniform factor
+    # scale: the normalised image bilinearly by a factor from scale_range | long_side: the uint8 image with PIL
+    # bicubic to a longer side drawn from long_side (IRN's train_cam.py resize_long)
+    resize: str = "scale"
+    long_side: list[int] = field(default_factory=lambda: [320, 640])  # resize=long_side: pixels, both included
+    nesterov: bool = True  # sgd with momentum > 0: Nesterov's (IRN: plain SGD)
     warmup_epochs: float = 1.0  # linear warm-up from lr / 100 over this many epochs (at most all), then poly
     ema_decay: float | None = 0.99  # exponential moving average of the weights (per step), saved; null: off
     # auto: bfloat16 autocast where the device computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or
@@ -125,8 +131,11 @@ class CamConfig:
     flip: bool = True
     amp_dtype: AmpDtype | None = None  # bfloat16 | float16: autocast, maps accumulated in float32
     norm_eps: float = 0.0  # each map / (its max + norm_eps); IRN's make_cam.py uses 1e-5
+    # bilinear: each scale resized on the device, batched | pil_bicubic: the uint8 image by PIL bicubic before
+    # normalising, per image on the CPU (IRN's make_cam.py: pil_rescale order 3)
+    resize: str = "bilinear"
     canvas_stride: int | None = None  # null: scales resized straight to (H, W); 16: IRN's padded canvas, cropped
-    store: CamStore = CamStore["float16"]  # float16 | uint8 | quarter: how maps are kept on disk (README)
+    store: CamStore = CamStore["float16"]  # float32 | float16 | uint8 | quarter: how maps are kept on disk (README)
     memory_mb: int = 2048  # device memory for a batch's maps: more images x classes go in chunks
     channels_last: bool = True  # channels-last weights: convolutions 1.3-1.6x faster on this CPU and on CUDA
 
@@ -164,6 +173,12 @@ class RefineConfig:
     rw_beta: float = 16.0  # PSA: 8, IRN: 10; 16 scored best of 8, 16, 32 here (BENCHMARKS.md)
     rw_steps: int = 256  # PSA's 2^logt with logt = 8
     rw_alpha: float | None = None  # background (1 - max)^alpha; null: the alpha at which unwalked maps are the seeds
+    # irn: IRN's random walk on the irn stage's boundaries (make_sem_seg_labels.py; run_sample.py's defaults)
+    irn_radius: int = 5  # indexing.propagate_to_edge(radius=5)
+    irn_beta: float = 10.0  # --beta
+    irn_steps: int = 256  # 2 ** --exp_times (8)
+    irn_bg_threshold: float = 0.25  # --sem_seg_bg_thres: the constant background score after the walk
+    irn_pad: int | None = 512  # EdgeDisplacement(crop_size=512): images zero-padded to this for the boundaries
 
 
 @dataclass
@@ -184,6 +199,26 @@ class AffinityConfig:
     crop_size: int | None = None  # null: as train
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])
     amp_dtype: AmpDtype | None = None
+
+
+@dataclass
+class IrnConfig:
+    """The irn stage: IRN's relation labels and IRNet's boundary branch (for pseudo.refine=irn).
+
+    IRN's values (experiment=irn_voc12): conf_fg 0.30, conf_bg 0.05, trunk weights (ImageNet ResNet-50)."""
+
+    conf_fg: float = 0.70  # confident foreground above this (broad from-scratch CAMs: as affinity.conf_fg)
+    conf_bg: float = 0.30  # confident background at or below this, after the CRF
+    crf: bool = True  # IRN's dense CRF on both labellings (cam_to_ir_label.py; needs pydensecrf2)
+    trunk: IrnTrunk = IrnTrunk["classifier"]  # classifier: the trained classifier's trunk | weights: model.weights
+    radius: int = 10  # train_irn.py: PathIndex(radius=10)
+    epochs: int = 3  # --irn_num_epoches
+    batch_size: int = 32  # --irn_batch_size
+    lr: float = 0.1  # --irn_learning_rate
+    momentum: float = 1.0e-4  # PolyOptimizer passes weight_decay as SGD's third positional argument: momentum
+    weight_decay: float = 1.0e-4  # --irn_weight_decay
+    crop_size: int | None = None  # null: as train (IRN: --irn_crop_size 512); also the inference padding
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # uniform, Pillow bicubic (rescale=)
 
 
 @dataclass
@@ -226,6 +261,7 @@ class Config:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    irn: IrnConfig = field(default_factory=IrnConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
@@ -325,6 +361,9 @@ def _training(t: DictConfig, out: _Problems) -> None:
         out.need(t.crop_size >= 8, "train.crop_size", t.crop_size, "must be >= 8 or null")
     sr = list(t.scale_range)
     out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "train.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+    out.need(t.resize in ("scale", "long_side"), "train.resize", t.resize, "must be scale or long_side")
+    ls = list(t.long_side)
+    out.need(len(ls) == 2 and 1 <= ls[0] <= ls[-1], "train.long_side", ls, "must be [lo, hi] with 1 <= lo <= hi")
 
 
 def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
@@ -335,6 +374,7 @@ def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
     out.need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
     out.need(c.memory_mb >= 16, "cam.memory_mb", c.memory_mb, "must be >= 16")
     out.need(c.norm_eps >= 0, "cam.norm_eps", c.norm_eps, "must be >= 0")
+    out.need(c.resize in ("bilinear", "pil_bicubic"), "cam.resize", c.resize, "must be bilinear or pil_bicubic")
     if c.canvas_stride is not None:
         out.need(c.canvas_stride >= 1, "cam.canvas_stride", c.canvas_stride, "must be >= 1 or null")
     scales = list(c.scales)
@@ -391,6 +431,12 @@ def _refinement(p: DictConfig, r: DictConfig, a: DictConfig, out: _Problems) -> 
     out.need(r.rw_alpha is None or r.rw_alpha > 0, "refine.rw_alpha", r.rw_alpha, "must be > 0 (or null)")
     if p.refine == "rw" and r.rw_alpha is None:
         out.need(0 < p.threshold < 1, "pseudo.threshold", p.threshold, "must be in (0, 1) to derive refine.rw_alpha")
+    out.need(r.irn_radius >= 2, "refine.irn_radius", r.irn_radius, "must be >= 2")
+    out.need(r.irn_beta > 0, "refine.irn_beta", r.irn_beta, "must be > 0")
+    out.need(r.irn_steps >= 1, "refine.irn_steps", r.irn_steps, "must be >= 1")
+    out.unit("refine.irn_bg_threshold", r.irn_bg_threshold)
+    if r.irn_pad is not None:
+        out.need(r.irn_pad >= 1, "refine.irn_pad", r.irn_pad, "must be >= 1 or null (no padding)")
     out.unit("affinity.conf_fg", a.conf_fg)
     out.unit("affinity.conf_bg", a.conf_bg)
     out.need(a.conf_bg <= a.conf_fg, "affinity.conf_bg", a.conf_bg, f"must be <= affinity.conf_fg={a.conf_fg}")
@@ -398,6 +444,68 @@ def _refinement(p: DictConfig, r: DictConfig, a: DictConfig, out: _Problems) -> 
     out.need(a.epochs >= 1, "affinity.epochs", a.epochs, "must be >= 1")
     out.need(a.batch_size >= 1, "affinity.batch_size", a.batch_size, "must be >= 1")
     out.need(a.lr > 0, "affinity.lr", a.lr, "must be > 0")
+
+
+def _irn(cfg: DictConfig, out: _Problems) -> None:
+    import importlib.util
+
+    i, m = cfg.irn, cfg.model
+    out.unit("irn.conf_fg", i.conf_fg)
+    out.unit("irn.conf_bg", i.conf_bg)
+    out.need(i.conf_bg <= i.conf_fg, "irn.conf_bg", i.conf_bg, f"must be <= irn.conf_fg={i.conf_fg}")
+    out.need(i.radius >= 2, "irn.radius", i.radius, "must be >= 2")
+    out.need(i.epochs >= 1, "irn.epochs", i.epochs, "must be >= 1")
+    out.need(i.batch_size >= 1, "irn.batch_size", i.batch_size, "must be >= 1")
+    out.need(i.lr > 0, "irn.lr", i.lr, "must be > 0")
+    out.need(0 <= i.momentum < 1, "irn.momentum", i.momentum, "must be in [0, 1)")
+    out.need(i.weight_decay >= 0, "irn.weight_decay", i.weight_decay, "must be >= 0")
+    if i.crop_size is not None:
+        need = 4 * (2 * (i.radius - 1) + 1)  # wsss.stages.irn.min_crop: IRN's source window at 1/4
+        out.need(i.crop_size >= need, "irn.crop_size", i.crop_size, f"must be >= {need} at irn.radius={i.radius}")
+    sr = list(i.scale_range)
+    out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "irn.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+    uses_irn = cfg.pseudo.refine == "irn" or cfg.stage.name == "irn"
+    uses_rw = cfg.pseudo.refine == "rw" or cfg.stage.name == "affinity"
+    if uses_irn:
+        from wsss.models.irn import STAGE_CHANNELS
+
+        what = "pseudo.refine=irn" if cfg.pseudo.refine == "irn" else "stage=irn"
+        out.need(
+            str(m.backbone) in STAGE_CHANNELS,
+            "model.backbone",
+            m.backbone,
+            f"{what} needs one of {sorted(STAGE_CHANNELS)}",
+        )
+        if i.crf:
+            out.need(
+                importlib.util.find_spec("pydensecrf") is not None,
+                "irn.crf",
+                i.crf,
+                "needs pydensecrf2: pip install -e '.[crf]' (or irn.crf=false)",
+            )
+        if i.trunk == "weights":
+            out.need(
+                m.weights is not None,
+                "irn.trunk",
+                i.trunk,
+                "needs model.weights (a random frozen trunk learns nothing)",
+            )
+            out.need(
+                m.output_stride in (16, 32),
+                "model.output_stride",
+                m.output_stride,
+                "must be 16 or 32 for IRNet's trunk",
+            )
+    if uses_rw:
+        from wsss.models.affinity import STAGE_CHANNELS as AFFINITY_CHANNELS
+
+        what = "pseudo.refine=rw" if cfg.pseudo.refine == "rw" else "stage=affinity"
+        out.need(
+            str(m.backbone) in AFFINITY_CHANNELS,
+            "model.backbone",
+            m.backbone,
+            f"{what} needs one of {sorted(AFFINITY_CHANNELS)}",
+        )
 
 
 def _problems(cfg: DictConfig) -> list[str]:
@@ -408,6 +516,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     _cams(cfg.cam, cfg.model, out)
     _masks_and_scores(cfg.pseudo, cfg.evaluate, out)
     _refinement(cfg.pseudo, cfg.refine, cfg.affinity, out)
+    _irn(cfg, out)
     return list(out)
 
 

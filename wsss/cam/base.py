@@ -215,6 +215,7 @@ class BaseCAM(ABC):
         *,
         stride: int = 4,
         canvas_stride: int | None = None,
+        scaled: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Multi-scale, flip-augmented maps as IRN computes them for pseudo-labels (Ahn et al. 2019).
 
@@ -231,6 +232,9 @@ class BaseCAM(ABC):
             canvas_stride: None resizes each scale's maps straight to (H, W). An integer s resizes them to the
                 canvas (ceil(H/s) s, ceil(W/s) s) and crops its top-left (H, W), as IRN's ``make_cam.py``
                 does with s = 16 (``get_strided_up_size``).
+            scaled: the batch already at each scale, one (B, 3, h_s, w_s) tensor per entry of ``scales`` (e.g.
+                resized from the uint8 images with PIL bicubic, as IRN's ``make_cam.py``); None resizes
+                ``images`` bilinearly on the device. ``images`` still gives the output size.
 
         Returns:
             ``(highres, strided)``: (B, K, H, W) and (B, K, ceil(H/stride), ceil(W/stride)) maps in [0, 1].
@@ -250,15 +254,23 @@ class BaseCAM(ABC):
                 math.ceil(width / canvas_stride) * canvas_stride,
             )
         )
+        if scaled is not None and (
+            len(scaled) != len(scales) or any(t.dim() != 4 or t.shape[:2] != images.shape[:2] for t in scaled)
+        ):
+            shapes = [tuple(t.shape) for t in scaled]
+            raise ValueError(f"scaled must hold one (B, 3, h, w) batch per scale {tuple(scales)}, got {shapes}")
         pair_classes = torch.cat([classes, classes]) if flip else classes  # (2B, K) or (B, K)
         highres: Tensor | None = None
         strided: Tensor | None = None
-        for scale in scales:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            scaled = resize_maps(images, size)  # (B, 3, h_s, w_s)
+        for i, scale in enumerate(scales):
+            if scaled is None:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                x = resize_maps(images, size)  # (B, 3, h_s, w_s)
+            else:
+                x = scaled[i].to(images.device, images.dtype)
             if flip:
-                scaled = torch.cat([scaled, scaled.flip(-1)])  # (2B, 3, h_s, w_s): one forward for both
-            maps = self._native_maps(scaled, pair_classes, relu=True)  # (2B, K, h, w)
+                x = torch.cat([x, x.flip(-1)])  # (2B, 3, h_s, w_s): one forward for both
+            maps = self._native_maps(x, pair_classes, relu=True)  # (2B, K, h, w)
             if flip:
                 maps = maps[:batch] + maps[batch:].flip(-1)  # (B, K, h, w)
             up = resize_maps(maps, canvas)[..., :height, :width]  # (B, K, H, W)

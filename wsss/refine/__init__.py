@@ -17,6 +17,6 @@ from wsss.refine.par import par_refine
 from wsss.refine.random_walk import random_walk
 from wsss.refine.superpixel import superpixel_vote
 
-REFINERS = ("none", "crf", "par", "superpixel", "rw")
+REFINERS = ("none", "crf", "par", "superpixel", "rw", "irn")
 
 __all__ = ["REFINERS", "dense_crf", "par_refine", "random_walk", "superpixel_vote"]

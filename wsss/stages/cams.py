@@ -14,7 +14,7 @@ from wsss.artifacts import write_cams
 from wsss.cam import build_cam
 from wsss.cam.ops import resize_maps
 from wsss.data import InferenceDataset, collate_list, dataset_identity
-from wsss.data.transforms import normalize
+from wsss.data.transforms import normalize, pil_resize
 from wsss.dist import progress
 from wsss.models import load_checkpoint
 from wsss.stages.base import Need, Stage, StageContext, check_classes, model_provenance, plain
@@ -43,11 +43,25 @@ def _class_table(group: list[dict[str, Any]]) -> torch.Tensor:
     return classes
 
 
-def _multiscale(cam: Any, images: torch.Tensor, classes: torch.Tensor, cc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _pil_scaled(raw: torch.Tensor, scales: tuple[float, ...], device: torch.device) -> list[torch.Tensor]:
+    """IRN's `pil_rescale(img, s, order=3)` of uint8 (B, 3, H, W) images at every scale, then normalised: one
+    (B, 3, round(H s), round(W s)) batch per scale on `device` (scale 1 is the image itself, as in IRN)."""
+    h, w = raw.shape[-2:]
+    out = []
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        out.append(normalize(torch.stack([pil_resize(im, size) for im in raw]).to(device)))
+    return out
+
+
+def _multiscale(
+    cam: Any, images: torch.Tensor, classes: torch.Tensor, cc: Any, raw: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IRN's multi-scale maps of a batch, in chunks of images and classes that fit `cam.memory_mb`; on the CPU.
 
     Maps are normalised per (image, class), so chunks give the maps of one call; each chunk's maps leave the
-    device before the next is computed.
+    device before the next is computed. With `cam.resize=pil_bicubic`, `raw` (the uint8 images, on the CPU)
+    is rescaled with PIL per chunk of rows.
     """
     b, _, h, w = images.shape
     k = classes.shape[1]
@@ -58,10 +72,14 @@ def _multiscale(cam: Any, images: torch.Tensor, classes: torch.Tensor, cc: Any) 
     high, low = [], []
     for r in range(0, b, rows):
         row_high, row_low = [], []
+        pil = getattr(cc, "resize", "bilinear") == "pil_bicubic"
+        scaled = _pil_scaled(raw[r : r + rows], tuple(cc.scales), images.device) if pil and raw is not None else None
         for c in range(0, k, cols):
             chunk = classes[r : r + rows, c : c + cols]
             canvas = getattr(cc, "canvas_stride", None)
-            hi, lo = cam.multiscale(images[r : r + rows], chunk, tuple(cc.scales), cc.flip, canvas_stride=canvas)
+            hi, lo = cam.multiscale(
+                images[r : r + rows], chunk, tuple(cc.scales), cc.flip, canvas_stride=canvas, scaled=scaled
+            )
             row_high.append(hi.cpu())
             row_low.append(lo.cpu())
         high.append(torch.cat(row_high, 1))
@@ -126,10 +144,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp, norm_eps=cc.norm_eps) as cam:
         for batch in loader:
             for group in _by_size(batch):
-                images = normalize(torch.stack([it["image"] for it in group]).to(ctx.device))  # (B, 3, H, W)
+                raw = torch.stack([it["image"] for it in group])  # (B, 3, H, W) uint8
+                images = normalize(raw.to(ctx.device))
                 classes = _class_table(group).to(ctx.device)
                 t0 = _clock(ctx.device)
-                highres, strided = _multiscale(cam, images, classes, cc)  # (B, K, H, W), (B, K, H/4, W/4)
+                highres, strided = _multiscale(cam, images, classes, cc, raw)  # (B, K, H, W), (B, K, H/4, W/4)
                 t1 = _clock(ctx.device)
                 cost["cam_s"] += t1 - t0
                 if cost["probe_images"] < PROBE_IMAGES:  # the same inputs through a plain forward

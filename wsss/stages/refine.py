@@ -186,6 +186,42 @@ def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo:
     bar.close()
 
 
+def _run_irn(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
+    """IRN's random walk over `todo` (`make_sem_seg_labels.py`): boundaries of each image and its flip
+    from the irn stage's network (zero-padded to `refine.irn_pad`, as IRN's `EdgeDisplacement`), the strided
+    maps times (1 - boundary) walked on path affinities, upsampled x4 (by factor, cropped), divided by the
+    image's largest value; the background is the constant `refine.irn_bg_threshold`. Images of one size are
+    batched on the device."""
+    from wsss.refine.irn import boundary_walk
+    from wsss.stages.irn import load_irn
+
+    rc = ctx.cfg.refine
+    store = "float32" if ctx.cfg.cam.store == "float32" else "float16"
+    net = load_irn(ctx.inputs["irn"].path("checkpoint"), ctx.device)
+    bar = progress(total=len(todo), desc="refine irn", unit="img")
+    for chunk in _size_batches(source, todo, rc.batch_size):
+        cams = [read_cams(maps_dir / f"{j}.npz") for j in chunk]
+        low = _stack_maps([c["strided"] for c in cams], 1).to(ctx.device)  # (B, K, h/4, w/4); padding 0
+        images = torch.stack([normalize(source.load_image(j)) for j in chunk]).to(ctx.device)
+        with torch.no_grad():
+            boundary = net.boundary(images, rc.irn_pad)  # (B, h/4, w/4)
+        walked = boundary_walk(low, boundary, radius=rc.irn_radius, beta=rc.irn_beta, steps=rc.irn_steps)
+        h, w = images.shape[-2:]
+        up = F.interpolate(walked, scale_factor=4.0, mode="bilinear", align_corners=False)[..., :h, :w]
+        for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
+            n = len(c["keys"])
+            out = ctx.out_dir / "maps" / f"{image_id}.npz"
+            if n == 0:  # no class: the CAMs as they are (all background)
+                write_cams(out, c["keys"], c["maps"], c["strided"], store)
+                continue
+            peak = up[row, :n].amax().clamp(min=1e-12)  # IRN: rw_up / torch.max(rw_up)
+            full, small = (up[row, :n] / peak).cpu(), (walked[row, :n] / peak).cpu()
+            background = torch.full(full.shape[1:], float(rc.irn_bg_threshold))
+            write_cams(out, c["keys"], full, small, store, background=background)
+        bar.update(len(chunk))
+    bar.close()
+
+
 def _peak(maps: torch.Tensor) -> torch.Tensor:
     """The largest class score of an image, at least 1e-4: one factor for background and classes keeps their
     argmax, and the background (at most 1 before) stays within float16 where the classes barely respond."""
@@ -207,7 +243,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     method = str(ctx.cfg.pseudo.refine)
     todo = [i for i in dist.shard(cams.manifest["ids"]) if not (ctx.out_dir / "maps" / f"{i}.npz").is_file()]
     log.info("refine: %s, %d of %d images to do", method, len(todo), len(cams.manifest["ids"]))
-    {"crf": _run_cpu, "superpixel": _run_cpu, "par": _run_par, "rw": _run_rw}[method](ctx, source, maps_dir, todo)
+    runners = {"crf": _run_cpu, "superpixel": _run_cpu, "par": _run_par, "rw": _run_rw, "irn": _run_irn}
+    runners[method](ctx, source, maps_dir, todo)
     return {
         "class_names": cams.manifest["class_names"],
         "dataset": cams.manifest["dataset"],
@@ -224,6 +261,7 @@ _METHOD_KEYS = {
     "par": ("par_dilations", "par_iterations"),
     "superpixel": ("superpixel_method", "superpixel_segments", "superpixel_compactness", "superpixel_scale"),
     "rw": ("rw_radius", "rw_beta", "rw_steps"),
+    "irn": ("irn_radius", "irn_beta", "irn_steps", "irn_bg_threshold", "irn_pad"),
 }
 
 
@@ -236,6 +274,8 @@ def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
         params["threshold"] = cfg.pseudo.threshold  # the CRF's background unary
     if method == "rw":
         params["rw_alpha"] = rw_alpha(cfg)  # the background map's exponent (from the threshold when null)
+    if method == "irn":
+        params["store"] = "float32" if cfg.cam.store == "float32" else "float16"
     return params
 
 
@@ -243,13 +283,15 @@ def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
     needs = {"cams": Need("cams")}
     if str(cfg.pseudo.refine) == "rw":
         needs["affinity"] = Need("affinity", str(cfg.dataset.train_split))
+    if str(cfg.pseudo.refine) == "irn":
+        needs["irn"] = Need("irn", str(cfg.dataset.train_split))
     return needs
 
 
 STAGE = Stage(
     name="refine",
     run=run,
-    config=("dataset", "pseudo", "refine"),
+    config=("dataset", "pseudo", "refine", "cam"),
     params=_params,
     needs=_needs,
     files=lambda cfg, split, fp: fp.dataset(split),  # reads the images (crf, par, superpixel, rw)

@@ -56,7 +56,11 @@ def build_optimizer(model: Classifier, tc: DictConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     if tc.optimizer == "sgd":
         return torch.optim.SGD(
-            groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=tc.momentum > 0
+            groups,
+            lr=tc.lr,
+            momentum=tc.momentum,
+            weight_decay=tc.weight_decay,
+            nesterov=tc.nesterov and tc.momentum > 0,
         )
     raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {tc.optimizer!r}")
 
@@ -78,7 +82,8 @@ def _loader(source: SegmentationSource, cfg: DictConfig, device: torch.device) -
     """This rank's shuffled, augmented batches (a split smaller than a batch gives one batch)."""
     tc = cfg.train
     crop = tc.crop_size or default_crop_size(source)
-    dataset = ClassificationDataset(source, TrainTransform(crop, tuple(tc.scale_range)))
+    transform = TrainTransform(crop, tuple(tc.scale_range), resize=tc.resize, long_side=tuple(tc.long_side))
+    dataset = ClassificationDataset(source, transform)
     batch_size = min(tc.batch_size, len(dataset))
     if batch_size < tc.batch_size:
         log.warning(
