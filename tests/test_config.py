@@ -46,9 +46,7 @@ def test_every_option_of_every_group_composes_and_validates(group):
     for option in GROUPS[group]:
         cfg = _compose([f"{group}={option}"])
         OmegaConf.to_container(cfg, resolve=True)
-        if group == "experiment":
-            cfg.model.weights = None  # the recipe's ImageNet weights are checked against torchvision's list below
-        validate(cfg)
+        validate(cfg)  # an experiment's weights name too (checked against torchvision's list, nothing loaded)
 
 
 # Every option of every group appears at least once; datasets and stages (the pairs that interact) in full.
@@ -185,7 +183,30 @@ IRN = {
     "train.crop_size": 512,  # --cam_crop_size
     "train.head_lr_mult": 10.0,  # step/train_cam.py: param_groups[1] at 10 * lr
     "train.warmup_epochs": 0.0,  # misc/torchutils.py: PolyOptimizer decays from step 0, no warm-up
-    "train.momentum": 0.0,  # misc/torchutils.py: PolyOptimizer(torch.optim.SGD) without momentum
+    "train.momentum": 1e-4,  # misc/torchutils.py: SGD(params, lr, weight_decay): the 3rd argument is momentum
+    "train.nesterov": False,  # plain SGD
+    "train.resize": "long_side",  # step/train_cam.py: resize_long=(320, 640)
+    "train.long_side": [320, 640],
+    "cam.resize": "pil_bicubic",  # voc12/dataloader.py: pil_rescale(img, s, order=3)
+    "cam.store": "float32",  # step/make_cam.py saves float32 maps
+    "pseudo.refine": "irn",  # step/make_sem_seg_labels.py
+    "refine.irn_radius": 5,  # indexing.propagate_to_edge(radius=5)
+    "refine.irn_beta": 10.0,  # --beta
+    "refine.irn_steps": 256,  # 2 ** --exp_times
+    "refine.irn_bg_threshold": 0.25,  # --sem_seg_bg_thres
+    "refine.irn_pad": 512,  # EdgeDisplacement(crop_size=512)
+    "irn.conf_fg": 0.30,  # --conf_fg_thres
+    "irn.conf_bg": 0.05,  # --conf_bg_thres
+    "irn.crf": True,  # imutils.crf_inference_label
+    "irn.trunk": "weights",  # net/resnet50_irn.py: resnet50(pretrained=True, strides=[2, 2, 2, 1])
+    "irn.radius": 10,  # PathIndex(radius=10)
+    "irn.epochs": 3,  # --irn_num_epoches
+    "irn.batch_size": 32,  # --irn_batch_size
+    "irn.lr": 0.1,  # --irn_learning_rate
+    "irn.momentum": 1e-4,  # PolyOptimizer's positional momentum
+    "irn.weight_decay": 1e-4,  # --irn_weight_decay
+    "irn.crop_size": 512,  # --irn_crop_size
+    "irn.scale_range": [0.5, 1.5],  # VOC12AffinityDataset rescale=(0.5, 1.5)
     "cam.scales": [1.0, 0.5, 1.5, 2.0],  # --cam_scales
     "cam.flip": True,  # voc12/dataloader.py: VOC12ClassificationDatasetMSF stacks each scale with its flip
     "cam.output_stride": 16,  # step/make_cam.py reads the CAM net as trained

@@ -88,7 +88,7 @@ class ModelConfig:
     weights: str | None = None  # torchvision weights name, e.g. IMAGENET1K_V1 (needs them in TORCH_HOME)
     checkpoint: str | None = None  # a wsss checkpoint file: skips training
     stride_mode: str = "dilate"  # dilate: a-trous (any stride) | irn: layer4 stride 1, no dilation (stride 16)
-    frozen_bn: bool = False  # trunk BatchNorms fixed in eval mode, statistics and affine (IRN's FixedBatchNorm)
+    frozen_bn: bool = False  # trunk BatchNorms in eval mode: statistics fixed, affine learns (IRN's FixedBatchNorm)
 
 
 @dataclass

@@ -162,8 +162,9 @@ class Classifier(nn.Module):
         stride_mode: "dilate" (stride 2 -> 1 with the later convs dilated, DeepLab's a-trous; any of 32, 16, 8)
             or "irn" (IRN's `resnet50(strides=(2, 2, 2, 1))`: layer4's stride set to 1 and nothing dilated;
             output stride 16 or 32 only).
-        frozen_bn: Every BatchNorm of the trunk stays in eval mode with its statistics and affine parameters
-            fixed, in training too (IRN's `FixedBatchNorm`).
+        frozen_bn: Every BatchNorm of the trunk stays in eval mode, in training too: its running statistics
+            are never updated and normalise every batch (IRN's `FixedBatchNorm`, which calls batch_norm with
+            training=False); its affine weight and bias still learn wherever the trunk learns, as in IRN.
     """
 
     def __init__(
@@ -215,9 +216,6 @@ class Classifier(nn.Module):
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.head.weight)
         if frozen_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.requires_grad_(False)
             self.train(self.training)
 
     def train(self, mode: bool = True) -> Classifier:
