@@ -296,3 +296,38 @@ def test_ir_label_combines_the_two_labellings_as_irn(monkeypatch):
     monkeypatch.setattr(irn, "crf_label", lambda image, index, n: np.zeros_like(index))
     got = irn.ir_label(np.zeros((2, 10, 3), np.uint8), np.zeros((2, 2, 10), np.float32), np.array([3, 8]), 0.3, 0.05)
     assert (got == 0).all()  # both background: background
+
+
+def test_refine_irn_runs_on_the_shared_voc_sample(shared_data, tmp_path):
+    """The irn stage and walk on real VOC images (the val list, resnet_tiny from scratch: a run, not a score)."""
+    from tests.tiny import run_cli
+
+    root = shared_data / "voc2012_sample" / "VOCdevkit" / "VOC2012"
+    proc = run_cli(
+        tmp_path,
+        [
+            "dataset=voc12",
+            f"dataset.root={root}",
+            "dataset.train_split=val",
+            "dataset.eval_split=val",
+            "train.crop_size=128",
+            "pseudo.refine=irn",
+            "pseudo.threshold=0.3",
+            "irn.crop_size=128",
+            "irn.radius=5",
+            "irn.epochs=1",
+            "irn.batch_size=8",
+            "refine.irn_steps=16",
+            "evaluate.bootstrap=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["refine"] == "irn"
+    assert metrics["num_images"] == 27
+    assert 0 <= metrics["pseudo_masks"]["miou"] <= 100
+    assert "seeds" in metrics

@@ -1,4 +1,4 @@
-"""Refinement of CAMs into better score maps: dense CRF, PAR, superpixel voting, AffinityNet random walk.
+"""Refinement of CAMs into better score maps: dense CRF, PAR, superpixel voting, AffinityNet's and IRN's walks.
 
 Each method takes one image's normalised maps (K, H, W) in [0, 1] and returns refined maps of the same shape
 (and, for the CRF and the random walk, which score the background too, a background map), so that IRN's
@@ -10,6 +10,7 @@ threshold rule, the one-pass threshold sweep and PxAP apply to the refined maps 
 | `par` | pixel-adaptive refinement, Ru et al. 2022 (AFA), also ToCo | torch, batched on the device |
 | `superpixel` | Felzenszwalb or SLIC (scikit-image); each superpixel takes its pixels' mean | CPU, a process pool |
 | `rw` | AffinityNet random walk, Ahn and Kwak 2018 (PSA), the background walking too | torch, batched |
+| `irn` | IRN's random walk on IRNet's class boundaries, Ahn, Cho and Kwak 2019 (`wsss.refine.irn`) | torch, batched |
 """
 
 from wsss.refine.crf import dense_crf
