@@ -199,3 +199,23 @@ def test_submitit_local_sweep_finishes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         assert json.loads((sweep / job / "metrics.json").read_text())["masks_rule"]["threshold"] in (0.2, 0.3)
+
+
+def test_frozen_bn_under_two_ranks_keeps_the_initial_statistics(tmp_path):
+    """model.frozen_bn under DDP (gloo): the BatchNorms stay in eval mode on every rank, so the saved running
+    statistics are the initial ones (DDP's buffer broadcast carries nothing new), while the affine weights learn."""
+    from wsss.models import Classifier
+
+    run_dir = tmp_path / "run"
+    args = ["stage=train", "train.epochs=1", "model.frozen_bn=true", "train.ema_decay=null", f"hydra.run.dir={run_dir}"]
+    proc = torchrun(tmp_path, 2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _final_weights(tmp_path / "cache")
+    torch.manual_seed(0)  # the train stage seeds its initial weights with cfg.seed
+    start = Classifier(6, "resnet_tiny", 16, None, "dilate", True).state_dict()
+    stats = [k for k in start if "running_" in k]
+    assert stats
+    for k in stats:
+        torch.testing.assert_close(got[k], start[k], rtol=0, atol=0, msg=k)
+    affine = [k for k in start if k.endswith("bn1.weight")]
+    assert any(not torch.equal(got[k], start[k]) for k in affine)

@@ -147,7 +147,7 @@ class PseudoConfig:
     threshold: float = 0.5  # from-scratch CAMs are broad; IRN's 0.15-0.16 suits ImageNet-pretrained ResNet-50
     conf_fg: float | None = None  # with conf_bg: pixels between the two thresholds become 255 (ignore)
     conf_bg: float | None = None
-    refine: RefineMethod = RefineMethod["none"]  # none | crf | par | superpixel | rw (wsss.refine; README)
+    refine: RefineMethod = RefineMethod["none"]  # none | crf | par | superpixel | rw | irn (wsss.refine; README)
     rle_json: bool = False  # also write masks.rle.json: COCO-style results with pycocotools RLE
 
 

@@ -1,10 +1,11 @@
-"""Stage `refine`: CAMs -> refined maps by `pseudo.refine` (crf, par, superpixel, rw); see `wsss.refine`.
+"""Stage `refine`: CAMs -> refined maps by `pseudo.refine` (crf, par, superpixel, rw, irn); see `wsss.refine`.
 
 Writes `maps/<id>.npz` in the CAM format (the CRF and the random walk add a `background` map), so
 `pseudo_masks` and the threshold sweep of `evaluate` read refined maps as they read CAMs. CRF and superpixels run
 on the CPU in a process pool (`refine.workers`); PAR runs batched on the device; the random walk runs batched
 on the device with the `affinity` stage's network, at the 1/4 resolution of the stored strided maps, with
-PSA's background map beside the classes, then upsamples bilinearly. Per image, resumable.
+PSA's background map beside the classes, then upsamples bilinearly; IRN's walk (`irn`) runs batched with the
+`irn` stage's boundary network and writes IRN's constant background. Per image, resumable.
 """
 
 from __future__ import annotations
