@@ -45,18 +45,35 @@ def dense_crf(
         (K, H, W) float32 class marginals and (H, W) float32 background marginal; their argmax (background
         first, ties to it) is the CRF's labelling.
     """
-    dcrf, unary_from_softmax = _densecrf()
+    _, unary_from_softmax = _densecrf()
     k, h, w = maps.shape
     scores = np.concatenate([np.full((1, h, w), background, np.float32), maps.astype(np.float32)])
     probs = scores / np.maximum(scores.sum(0, keepdims=True), 1e-12)  # (K+1, H, W), sums to 1
-    d = dcrf.DenseCRF2D(w, h, k + 1)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0))))
-    d.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    d.addPairwiseBilateral(
-        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat
-    )
-    q = np.array(d.inference(iterations), dtype=np.float32).reshape(k + 1, h, w)
+    unary = np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0)))
+    kernels = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
+    q = _mean_field(image, unary, k + 1, iterations, *kernels)
     return q[1:], q[0]
+
+
+def _mean_field(
+    image: np.ndarray,
+    unary: np.ndarray,
+    n_labels: int,
+    iterations: int,
+    g_sxy: float,
+    g_compat: float,
+    b_sxy: float,
+    b_srgb: float,
+    b_compat: float,
+) -> np.ndarray:
+    """(n_labels, H, W) float32 marginals of a DenseCRF2D with one Gaussian and one bilateral kernel."""
+    dcrf, _ = _densecrf()
+    h, w = image.shape[:2]
+    d = dcrf.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=g_sxy, compat=g_compat)
+    d.addPairwiseBilateral(sxy=b_sxy, srgb=b_srgb, rgbim=np.ascontiguousarray(image), compat=b_compat)
+    return np.array(d.inference(iterations), dtype=np.float32).reshape(n_labels, h, w)
 
 
 def crf_label(
@@ -83,15 +100,9 @@ def crf_label(
     Returns:
         (H, W) int64: the argmax of the marginals after `iterations` mean-field steps.
     """
-    dcrf, _ = _densecrf()
+    _densecrf()  # the install hint when pydensecrf2 is missing
     from pydensecrf.utils import unary_from_labels
 
-    h, w = labels.shape
-    d = dcrf.DenseCRF2D(w, h, n_labels)
-    d.setUnaryEnergy(unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False))
-    d.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    d.addPairwiseBilateral(
-        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat
-    )
-    q = np.array(d.inference(iterations), dtype=np.float32).reshape(n_labels, h, w)
-    return q.argmax(0)
+    unary = unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
+    kernels = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
+    return _mean_field(image, unary, n_labels, iterations, *kernels).argmax(0)

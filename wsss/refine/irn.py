@@ -23,7 +23,6 @@ random walk whose transitions come from that map.
 from __future__ import annotations
 
 import math
-import warnings
 from functools import cache
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from wsss.refine.crf import crf_label
+from wsss.refine.random_walk import pair_transition, walk
 
 
 @cache
@@ -203,22 +203,7 @@ def boundary_walk(maps: Tensor, boundary: Tensor, *, radius: int = 5, beta: floa
     b, k, h, w = maps.shape
     n = b * h * w
     boundary = boundary.float()
-    src, dst, aff = pair_graph(boundary, radius)
-    diag = torch.arange(n, device=boundary.device)
-    rows, cols = torch.cat([src, diag]), torch.cat([dst, diag])
-    values = torch.cat([aff.pow(beta), torch.ones(n, device=boundary.device)])
-    column_sum = torch.zeros(n, device=boundary.device).index_add_(0, cols, values)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        # v <- v T with T = A D^-1 (columns sum to 1): v^T <- T^T v^T, T^T's rows are the columns of T
-        t_transposed = (
-            torch.sparse_coo_tensor(
-                torch.stack([cols, rows]), values / column_sum[cols], (n, n), check_invariants=False
-            )
-            .coalesce()
-            .to_sparse_csr()
-        )
+    t = pair_transition(*pair_graph(boundary, radius), n, beta)
     v = (maps.to(boundary.device, torch.float32) * (1 - boundary[:, None])).permute(0, 2, 3, 1).reshape(n, k)
-    for _ in range(steps):
-        v = t_transposed @ v
+    v = walk(t, v, steps)
     return v.reshape(b, h, w, k).permute(0, 3, 1, 2).contiguous()

@@ -52,18 +52,33 @@ def affinity_pairs(features: Tensor, radius: int) -> tuple[Tensor, Tensor, Tenso
     return torch.cat(src), torch.cat(dst), torch.cat(aff)
 
 
-def transition(features: Tensor, radius: int, beta: float) -> Tensor:
-    """The sparse transition T = A D^-1 (columns sum to 1) of (B, D, h, w) features, (B h w, B h w) and
-    block-diagonal over the images (or (h w, h w) for one (D, h, w) map)."""
-    n = features.numel() // features.shape[-3]  # pixels over all images
-    src, dst, aff = affinity_pairs(features, radius)
-    diag = torch.arange(n, device=features.device)
+def pair_transition(src: Tensor, dst: Tensor, aff: Tensor, n: int, beta: float) -> Tensor:
+    """The sparse transition T = A D^-1 (columns sum to 1) over n pixels: A = aff^beta on the ordered pairs
+    (src, dst), 1 on the diagonal."""
+    diag = torch.arange(n, device=aff.device)
     rows = torch.cat([src, diag])
     cols = torch.cat([dst, diag])
-    values = torch.cat([aff.pow(beta), torch.ones(n, device=features.device, dtype=aff.dtype)])
-    column_sum = torch.zeros(n, device=features.device, dtype=aff.dtype).index_add_(0, cols, values)
+    values = torch.cat([aff.pow(beta), torch.ones(n, device=aff.device, dtype=aff.dtype)])
+    column_sum = torch.zeros(n, device=aff.device, dtype=aff.dtype).index_add_(0, cols, values)
     indices = torch.stack([rows, cols])  # in range by construction
     return torch.sparse_coo_tensor(indices, values / column_sum[cols], (n, n), check_invariants=False).coalesce()
+
+
+def transition(features: Tensor, radius: int, beta: float) -> Tensor:
+    """The sparse transition of (B, D, h, w) features, (B h w, B h w) and block-diagonal over the images (or
+    (h w, h w) for one (D, h, w) map)."""
+    n = features.numel() // features.shape[-3]  # pixels over all images
+    return pair_transition(*affinity_pairs(features, radius), n, beta)
+
+
+def walk(t: Tensor, v: Tensor, steps: int) -> Tensor:
+    """v <- v T, `steps` times, for (n, K) v: with T^T in CSR (~20x COO's products on the CPU)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        t_transposed = t.t().to_sparse_csr()  # (v T)^T = T^T v^T
+    for _ in range(steps):
+        v = t_transposed @ v
+    return v
 
 
 def random_walk(maps: Tensor, features: Tensor, *, radius: int = 5, beta: float = 8.0, steps: int = 256) -> Tensor:
@@ -83,12 +98,8 @@ def random_walk(maps: Tensor, features: Tensor, *, radius: int = 5, beta: float 
     shape = maps.shape
     m = maps if maps.dim() == 4 else maps[None]
     b, k, h, w = m.shape
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are ~20x COO's on the CPU
-        warnings.simplefilter("ignore", UserWarning)
-        t_transposed = transition(features.float(), radius, beta).t().to_sparse_csr()  # (v T)^T = T^T v^T
     v = m.to(features.device, torch.float32).permute(0, 2, 3, 1).reshape(b * h * w, k)  # (B h w, K)
-    for _ in range(steps):
-        v = t_transposed @ v
+    v = walk(transition(features.float(), radius, beta), v, steps)
     return v.reshape(b, h, w, k).permute(0, 3, 1, 2).reshape(shape).contiguous()
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from wsss.training import Loop, distributed_loader, wrap
 log = logging.getLogger(__name__)
 
 STATE = "affinity_state.pt"
+T = TypeVar("T", bound=torch.nn.Module)
 
 
 class AffinityDataset(Dataset):
@@ -62,21 +63,26 @@ class AffinityDataset(Dataset):
         return image, quarter
 
 
-def save_affinity(path: Path, model: AffinityNet) -> None:
-    """What rebuilds the network: state_dict and constructor kwargs (atomic)."""
+def save_network(path: Path, model: torch.nn.Module) -> None:
+    """What rebuilds a network whose constructor kwargs it keeps in `.kwargs`: state_dict and kwargs (atomic)."""
     with atomic_open(path, "wb") as f:
         torch.save({"state_dict": model.state_dict(), "model_kwargs": dict(model.kwargs)}, f)
 
 
-def load_affinity(path: Path, device: torch.device) -> AffinityNet:
-    """The trained AffinityNet of an affinity artifact, in eval mode on `device`."""
+def load_network(path: Path, cls: type[T], device: torch.device) -> T:
+    """The network `save_network` wrote, rebuilt as `cls`, in eval mode on `device`."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = AffinityNet(**payload["model_kwargs"])
+    model = cls(**payload["model_kwargs"])
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval()
 
 
-def _summarise(sums: Tensor) -> dict[str, float]:
+def load_affinity(path: Path, device: torch.device) -> AffinityNet:
+    """The trained AffinityNet of an affinity artifact, in eval mode on `device`."""
+    return load_network(path, AffinityNet, device)
+
+
+def summarise_pairs(sums: Tensor) -> dict[str, float]:
     """[loss * n, n, bg-pos, fg-pos, neg pairs] -> mean loss and the mean pair counts per image."""
     n = max(sums[1].item(), 1)
     return {
@@ -121,12 +127,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return loss, images.shape[0], counts.double()
 
     start = time.perf_counter()
-    done = loop.fit(loader, batch_loss, _summarise, ctx.out_dir, STATE)
+    done = loop.fit(loader, batch_loss, summarise_pairs, ctx.out_dir, STATE)
     if dist.is_main():
         from wsss import viz
 
         viz.plot_training_curves(loop.history, ctx.out_dir / "curves.png")
-        save_affinity(ctx.out_dir / "affinity.pt", model.cpu())
+        save_network(ctx.out_dir / "affinity.pt", model.cpu())
         (ctx.out_dir / STATE).unlink()
     return {
         "checkpoint": "affinity.pt",

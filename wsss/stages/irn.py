@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +28,26 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from wsss import dist
-from wsss.artifacts import atomic_open, read_cams, read_mask, write_mask
+from wsss.artifacts import read_cams, read_mask, write_mask
 from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import TrainTransform, pil_resize
-from wsss.dist import progress
 from wsss.models import load_checkpoint
 from wsss.models.irn import BoundaryNet
 from wsss.refine.irn import boundary_loss, ir_label
+from wsss.stages.affinity import load_network, save_network, summarise_pairs
 from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
+from wsss.stages.refine import WORKER, pool_map
 from wsss.stages.train import default_crop_size
 from wsss.training import Loop, distributed_loader, wrap
 
 log = logging.getLogger(__name__)
 
 STATE = "irn_state.pt"
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(state: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    _WORKER.update(state)
 
 
 def _label_one(image_id: str) -> str:
     """The relation labels of one image, written atomically (runs in a pool worker or in-process)."""
-    w = _WORKER
+    w = WORKER
     cams = read_cams(w["maps_dir"] / f"{image_id}.npz")
     image = w["source"].load_image(image_id).permute(1, 2, 0).numpy()
     label = ir_label(image, cams["maps"], cams["keys"], w["conf_fg"], w["conf_bg"], crf=w["crf"])
@@ -70,19 +63,7 @@ def make_ir_labels(ctx: StageContext, source: SegmentationSource, maps_dir: Path
     ic = ctx.cfg.irn
     state = {"source": source, "maps_dir": maps_dir, "out": out, "conf_fg": ic.conf_fg, "conf_bg": ic.conf_bg}
     state["crf"] = ic.crf
-    bar = progress(total=len(todo), desc="irn labels", unit="img")
-    if ctx.cfg.refine.workers <= 1 or len(todo) <= 1:
-        _WORKER.update(state)
-        for image_id in todo:
-            _label_one(image_id)
-            bar.update()
-    else:
-        context = multiprocessing.get_context("forkserver")
-        workers = ctx.cfg.refine.workers
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(state,)) as pool:
-            for _ in pool.map(_label_one, todo, chunksize=4):
-                bar.update()
-    bar.close()
+    pool_map(_label_one, todo, state, ctx.cfg.refine.workers, "irn labels")
     dist.barrier()
 
 
@@ -115,29 +96,9 @@ def build_boundary_net(cfg: DictConfig, train: Any, class_names: list[str]) -> B
     return net
 
 
-def save_irn(path: Path, model: BoundaryNet) -> None:
-    """What rebuilds the network: state_dict and constructor kwargs (atomic)."""
-    with atomic_open(path, "wb") as f:
-        torch.save({"state_dict": model.state_dict(), "model_kwargs": dict(model.kwargs)}, f)
-
-
 def load_irn(path: Path, device: torch.device) -> BoundaryNet:
     """The trained boundary network of an irn artifact, in eval mode on `device`."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = BoundaryNet(**payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval()
-
-
-def _summarise(sums: Tensor) -> dict[str, float]:
-    """[loss * n, n, bg-pos, fg-pos, neg pairs] -> mean loss and the mean pair counts per image."""
-    n = max(sums[1].item(), 1)
-    return {
-        "loss": round(sums[0].item() / n, 6),
-        "bg_pairs": round(sums[2].item() / n, 1),
-        "fg_pairs": round(sums[3].item() / n, 1),
-        "neg_pairs": round(sums[4].item() / n, 1),
-    }
+    return load_network(path, BoundaryNet, device)
 
 
 def build_run(
@@ -194,12 +155,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loader, loop, batch_loss = build_run(cfg, source, ctx.out_dir / "ir_labels", ctx.device, ctx.inputs.get("train"))
     model = loop.model
     start = time.perf_counter()
-    done = loop.fit(loader, batch_loss, _summarise, ctx.out_dir, STATE)
+    done = loop.fit(loader, batch_loss, summarise_pairs, ctx.out_dir, STATE)
     if dist.is_main():
         from wsss import viz
 
         viz.plot_training_curves(loop.history, ctx.out_dir / "curves.png")
-        save_irn(ctx.out_dir / "irn.pt", model.cpu())
+        save_network(ctx.out_dir / "irn.pt", model.cpu())
         (ctx.out_dir / STATE).unlink()
     shares = _label_shares(ctx.out_dir / "ir_labels", source.ids[: min(len(source.ids), 200)])
     return {

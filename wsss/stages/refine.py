@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,18 +36,18 @@ from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
 log = logging.getLogger(__name__)
 
 # What a pool worker needs, set once per worker by `_init_worker` (a COCO source is too large to send per image).
-_WORKER: dict[str, Any] = {}
+WORKER: dict[str, Any] = {}
 
 
 def _init_worker(state: dict[str, Any]) -> None:
     """Pool worker start: keep the shared state, one torch thread (the pool is the parallelism)."""
     torch.set_num_threads(1)
-    _WORKER.update(state)
+    WORKER.update(state)
 
 
 def _cpu_one(image_id: str) -> str:
     """Refine one image on the CPU (crf or superpixel) and write its npz; runs in a pool worker."""
-    w = _WORKER
+    w = WORKER
     cams = read_cams(w["maps_dir"] / f"{image_id}.npz")
     image = w["source"].load_image(image_id).permute(1, 2, 0).numpy()  # (H, W, 3) uint8
     rc, background = w["rc"], None
@@ -101,17 +101,22 @@ def _run_cpu(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo
         "threshold": ctx.cfg.pseudo.threshold,
         "rc": SimpleNamespace(**plain(ctx.cfg.refine)),
     }
-    workers = ctx.cfg.refine.workers
-    bar = progress(total=len(todo), desc=f"refine {ctx.cfg.pseudo.refine}", unit="img")
-    if workers <= 1:
-        _WORKER.update(state)
+    pool_map(_cpu_one, todo, state, ctx.cfg.refine.workers, f"refine {ctx.cfg.pseudo.refine}")
+
+
+def pool_map(fn: Callable[[str], str], todo: list[str], state: dict[str, Any], workers: int, desc: str) -> None:
+    """`fn(image_id)` for every id of `todo`, `fn` reading its shared state from `WORKER` (set to `state`): in
+    `workers` processes started from a fork server, or in this process with one worker."""
+    bar = progress(total=len(todo), desc=desc, unit="img")
+    if workers <= 1 or len(todo) <= 1:
+        WORKER.update(state)
         for image_id in todo:
-            _cpu_one(image_id)
+            fn(image_id)
             bar.update()
     else:
         context = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(state,)) as pool:
-            for _ in pool.map(_cpu_one, todo, chunksize=8):
+            for _ in pool.map(fn, todo, chunksize=8):
                 bar.update()
     bar.close()
 
