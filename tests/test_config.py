@@ -152,6 +152,9 @@ def test_choices_read_as_their_strings():
         (["model.weights=IMAGENET1K_V1"], "resnet_tiny has no weights"),
         (["train.scale_range=[1.3,0.7]"], "train.scale_range=[1.3, 0.7]"),
         (["dataset.max_pixels=0"], "dataset.max_pixels=0: must be >= 1"),
+        (["model=vit_b_16", "model.stride_mode=irn", "cam.output_stride=null"], "model.stride_mode=irn: ResNet"),
+        (["model=swin_t", "model.frozen_bn=true"], "model.frozen_bn=True: ResNet backbones only"),
+        (["model=convnext_tiny", "train.freeze=layer2"], "train.freeze=layer2: must be null or one of"),
     ],
 )
 def test_out_of_range_values_name_key_value_and_what_is_allowed(overrides, needle):

@@ -336,6 +336,10 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     native = NATIVE_STRIDE.get(str(m.backbone))
     if native is not None:
         out.need(m.output_stride == native, "model.output_stride", m.output_stride, f"{m.backbone} has stride {native}")
+        # both would build and silently change nothing: these trunks have no layer4 stride and no BatchNorm
+        resnet = f"ResNet backbones only ({m.backbone} has neither a layer4 stride nor BatchNorm)"
+        out.need(m.stride_mode == "dilate", "model.stride_mode", m.stride_mode, resnet)
+        out.need(not m.frozen_bn, "model.frozen_bn", m.frozen_bn, resnet)
     if m.weights is not None and m.backbone == "resnet_tiny":
         out.need(False, "model.weights", m.weights, "resnet_tiny has no weights; use null")
     elif m.weights is not None:
