@@ -138,9 +138,9 @@ def test_code_digest_covers_what_a_stage_imports(tmp_path, monkeypatch):
     """A stage's code digest follows its imports: editing refinement code leaves the classifier's key alone."""
     import shutil
 
-    from wsss import pipeline
+    from wsss import provenance
 
-    graph = pipeline._import_graph()
+    graph = provenance.import_graph()
 
     def closure(module: str) -> set[str]:
         seen, stack = set(), [module]
@@ -155,19 +155,19 @@ def test_code_digest_covers_what_a_stage_imports(tmp_path, monkeypatch):
     assert {"wsss.training", "wsss.models.classifier", "wsss.data.voc", "wsss.data.synthetic"} <= train
     assert not {"wsss.refine.crf", "wsss.stages.evaluate", "wsss.metrics.sweep"} & train
     assert "wsss.refine.crf" in closure("wsss.stages.refine")
-    before = {m: pipeline.code_digest(m) for m in ("wsss.stages.train", "wsss.stages.refine")}
+    before = {m: provenance.code_digest(m) for m in ("wsss.stages.train", "wsss.stages.refine")}
     edited = tmp_path / "crf.py"
     shutil.copy(graph["wsss.refine.crf"][0], edited)
     edited.write_text(edited.read_text() + "\n# an edit\n")
     monkeypatch.setattr(
-        pipeline, "_import_graph", lambda: {**graph, "wsss.refine.crf": (edited, graph["wsss.refine.crf"][1])}
+        provenance, "import_graph", lambda: {**graph, "wsss.refine.crf": (edited, graph["wsss.refine.crf"][1])}
     )
-    pipeline.code_digest.cache_clear()
+    provenance.code_digest.cache_clear()
     try:
-        assert pipeline.code_digest("wsss.stages.train") == before["wsss.stages.train"]
-        assert pipeline.code_digest("wsss.stages.refine") != before["wsss.stages.refine"]
+        assert provenance.code_digest("wsss.stages.train") == before["wsss.stages.train"]
+        assert provenance.code_digest("wsss.stages.refine") != before["wsss.stages.refine"]
     finally:
-        pipeline.code_digest.cache_clear()
+        provenance.code_digest.cache_clear()
 
 
 def test_pipeline_names_no_stage():
