@@ -6,6 +6,12 @@ scheduler, AMP scaler, RNG states, history) is written atomically, so a rerun af
 last finished epoch and, on the CPU, ends with exactly the weights of an uninterrupted run. Under several
 ranks the model is wrapped in DistributedDataParallel, a DistributedSampler splits every epoch, the global
 batch is split across ranks, and BatchNorm statistics are taken from rank 0 at each epoch's end.
+
+A state file is the `torch.save` payload followed by its sha256 digest, and the state it replaces is kept
+beside it as `<name>.prev` until the loop ends. A state that cannot be trusted (truncated or altered on disk,
+unreadable, or not a state of this run: other weights, optimizer or schedule) is never loaded in part: one
+warning names the file and the problem, and the loop resumes from the previous state if that one is sound,
+else starts afresh. Rank 0 makes that decision and every rank follows it, or all start afresh.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import importlib.util
 import io
 import logging
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -33,6 +40,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from wsss import dist
 from wsss.artifacts import atomic_open
 from wsss.dist import progress
+from wsss.state import (
+    StateError,
+    misfit,
+    one_line,
+    previous_state,
+    seal,
+    unseal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +228,7 @@ class Loop:
         self.amp_dtype = None if amp_dtype is None else AMP_DTYPES[str(amp_dtype)]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.history: list[dict[str, float]] = []
+        self._sound_state: Path | None = None  # a state file this loop wrote or checked: may become `.prev`
         self.ema = (
             None
             if ema_decay is None
@@ -256,7 +272,8 @@ class Loop:
         return sums.cpu()
 
     def save(self, path: Path, epochs_done: int) -> None:
-        """The state after `epochs_done` epochs (rank 0 writes; atomic)."""
+        """The state after `epochs_done` epochs (rank 0 writes; atomic, sealed with its digest); the sound state
+        it replaces becomes `<name>.prev`."""
         if not dist.is_main():
             return
         state = {
@@ -272,14 +289,99 @@ class Loop:
             state["ema"] = self.ema.state_dict()
         buf = io.BytesIO()
         torch.save(state, buf)
+        if self._sound_state == path and path.is_file():
+            # Only a state known sound becomes the fallback (a damaged one is simply replaced). A kill between
+            # this rename and the write leaves `.prev` alone, which `resume` then takes.
+            os.replace(path, previous_state(path))
         with atomic_open(path, "wb") as f:
-            f.write(buf.getvalue())
+            f.write(buf.getbuffer())
+            f.write(seal(buf.getbuffer()))
+        self._sound_state = path
 
     def resume(self, path: Path) -> int:
-        """Load the saved state if there is one; the number of epochs it holds (0 for a fresh start)."""
-        if not path.is_file():
+        """Load the last sound state, `path` or else its `.prev`; the number of epochs it holds (0: fresh start).
+
+        A file that is damaged or belongs to another run is named in one warning and skipped, never loaded in
+        part. Under several ranks, rank 0 chooses the file and every rank loads that one (checked against rank
+        0's digest); should any rank fail to, every rank starts afresh.
+        """
+        candidates = [path, previous_state(path)]
+        problems: list[str] = []
+        choice: tuple[int, str] | None = None  # (index into candidates, sha256 of its payload)
+        state: dict[str, Any] | None = None
+        if dist.is_main():
+            for i, candidate in enumerate(candidates):
+                try:
+                    state, digest = self._read_state(candidate)
+                except FileNotFoundError:
+                    continue
+                except StateError as e:
+                    problems.append(str(e))
+                    continue
+                choice = (i, digest)
+                break
+        choice = dist.broadcast(choice)
+        if choice is not None and not dist.is_main():
+            try:
+                state, digest = self._read_state(candidates[choice[0]])
+                if digest != choice[1]:
+                    raise StateError(candidates[choice[0]], "differs from the file rank 0 read")
+            except (FileNotFoundError, StateError) as e:
+                state = None
+                problems.append(f"{e} on rank {dist.rank()}")
+        if dist.is_dist() and choice is not None and dist.sum_int(state is None) > 0:
+            if state is not None:  # this rank read it, another did not (and says why in its own log)
+                problems.append(f"{candidates[choice[0]]} cannot be read on another rank")
+            choice, state = None, None
+        if choice is None:
+            if problems:  # one line: every file tried and what was wrong with it
+                log.warning("%s: %s; starting afresh", self.name, "; ".join(problems))
             return 0
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        assert state is not None
+        self._load(state)
+        self._sound_state = path if choice[0] == 0 else None
+        done, chosen = int(state["epoch"]), candidates[choice[0]]
+        if problems:
+            log.warning(
+                "%s: %s; resuming after epoch %d of %d from %s",
+                self.name,
+                "; ".join(problems),
+                done,
+                self.epochs,
+                chosen,
+            )
+        else:
+            log.info("%s: resuming after epoch %d of %d (%s)", self.name, done, self.epochs, chosen)
+        return done
+
+    def _read_state(self, path: Path) -> tuple[dict[str, Any], str]:
+        """The state in `path` and its payload's sha256, checked whole before anything is loaded.
+
+        Raises:
+            FileNotFoundError: No such file.
+            StateError: It is damaged, unreadable, or a state of another run.
+        """
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StateError(path, f"cannot be read ({e.strerror or e})") from e
+        payload, digest = unseal(path, data)
+        try:
+            state = torch.load(io.BytesIO(payload), map_location=self.device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
+            raise StateError(path, f"cannot be unpickled ({type(e).__name__}: {one_line(e)})") from e
+        try:
+            problem = misfit(state, self.epochs, self.model, self.ema, self.optimizer, self.scheduler, self.scaler)
+        except (TypeError, AttributeError, KeyError, ValueError) as e:  # parts of an unexpected type
+            problem = f"its parts are malformed ({type(e).__name__}: {one_line(e)})"
+        if problem is not None:
+            raise StateError(path, f"is not a state of this run: {problem}")
+        return state, digest
+
+    def _load(self, state: dict[str, Any]) -> None:
+        """Put a state `_read_state` checked into the model, optimizer, scheduler, scaler, history and RNGs."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -288,8 +390,6 @@ class Loop:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
-        log.info("%s: resuming after epoch %d of %d (%s)", self.name, state["epoch"], self.epochs, path)
-        return int(state["epoch"])
 
     def fit(
         self,
@@ -313,6 +413,8 @@ class Loop:
             _write_history(out_dir, self.history, writer, self.name)
         if writer is not None:
             writer.close()
+        if dist.is_main():  # the last state is written (the stage removes it once its model is final)
+            previous_state(out_dir / state_name).unlink(missing_ok=True)
         # Every rank logs a digest of its final weights: under DDP they must agree.
         log.info("%s: final weights sha256 %s (rank %d)", self.name, weights_digest(self.final_model()), dist.rank())
         return done
