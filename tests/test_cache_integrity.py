@@ -157,26 +157,34 @@ def _kill_when(cmd_args: list[str], tmp_path: Path, ready) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["train", "cams"])
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, where):
+    """kill -9 once an epoch's training state (train) or ten CAM files (cams) are on disk: the rerun resumes
+    from them (after epoch k > 0 of training) and ends with the metrics of an uninterrupted run."""
+    from wsss.stages.train import STATE
+
     slow = ["train.epochs=3", "dataset.synthetic.num_train=48", "cam.scales=[1.0,0.5,1.5]"]
     clean = run_cli(tmp_path / "clean", [*slow, f"hydra.run.dir={tmp_path / 'clean_run'}"])
     assert clean.returncode == 0, clean.stderr[-2000:]
     cache = tmp_path / "killed" / "cache"
 
-    seen: list[float] = []
-
     def ready() -> bool:
         if where == "cams":
             return len(list(cache.glob("cams/*/maps/*.npz"))) >= 10
-        if not seen and any(cache.glob("train/*/")):
-            seen.append(time.time())  # the build has started; let it train a little
-        return bool(seen) and time.time() - seen[0] > 1.0
+        return any(cache.glob(f"train/*/{STATE}"))  # written atomically after each finished epoch
 
     _kill_when([*slow, f"hydra.run.dir={tmp_path / 'killed_run0'}"], tmp_path / "killed", ready)
+    assert ready()
     assert not any(cache.glob(f"{where}/*/manifest.json"))  # killed before the stage finished
     again = run_cli(tmp_path / "killed", [*slow, f"hydra.run.dir={tmp_path / 'killed_run'}"])
     assert again.returncode == 0, again.stderr[-2000:]
+    log = again.stdout + again.stderr
     if where == "cams":
-        assert "resuming an unfinished build" in again.stdout + again.stderr
+        assert "resuming an unfinished build" in log
+    else:
+        resumed = re.findall(r"train: [^\n]*?resuming after epoch (\d+) of 3", log)  # or from the .prev state
+        assert len(resumed) == 1, log[-3000:]
+        assert 0 < int(resumed[0]) <= 3
+        manifest = json.loads(next(cache.glob("train/*/manifest.json")).read_text())
+        assert manifest["resumed_after_epoch"] == int(resumed[0])
     a = json.loads((tmp_path / "clean_run" / "metrics.json").read_text())
     b = json.loads((tmp_path / "killed_run" / "metrics.json").read_text())
     assert a["miou"] == b["miou"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage.segmentation import felzenszwalb, slic
 
 try:
     import tests.cam_models as cm
@@ -20,6 +21,7 @@ from wsss.cam import CAM
 from wsss.models.affinity import affinity_loss, half_disk
 from wsss.pseudo import pseudo_mask
 from wsss.refine import dense_crf, par_refine, random_walk, superpixel_vote
+from wsss.refine.superpixel import segments
 
 
 def _irn_make_cam(model, image: torch.Tensor, classes: list[int], scales) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +185,112 @@ def test_superpixel_vote_equals_a_loop_over_segments():
             np.testing.assert_allclose(got[k][where], maps[k][where].mean(), rtol=1e-6)
 
 
+def _blocky_image(seed: int) -> np.ndarray:
+    """(48, 56, 3) uint8: flat colour blocks plus noise, so both algorithms find several segments."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (4, 4, 3)).repeat(12, 0).repeat(14, 1)
+    return np.clip(blocks + rng.normal(0, 12, blocks.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("method", "direct"),
+    [
+        ("felzenszwalb", lambda image: felzenszwalb(image, scale=37.0)),
+        ("slic", lambda image: slic(image, n_segments=23, compactness=4.0, start_label=0)),
+    ],
+    ids=["felzenszwalb", "slic"],
+)
+def test_segments_equal_a_direct_scikit_image_call(method, direct):
+    """`segments` is scikit-image's algorithm with the settings the config documents (Felzenszwalb's scale;
+    SLIC's n_segments and compactness, labels from 0) and scikit-image's defaults for everything else."""
+    image = _blocky_image(7)
+    got = segments(image, method, n_segments=23, compactness=4.0, scale=37.0)
+    expected = direct(image)
+    assert got.shape == image.shape[:2]
+    np.testing.assert_array_equal(got, expected)
+    assert got.min() == 0
+    assert len(np.unique(got)) > 4
+    # The settings reach the algorithm: other values give other segments (so the test can tell them apart).
+    assert not np.array_equal(got, segments(image, method, n_segments=60, compactness=30.0, scale=300.0))
+    with pytest.raises(ValueError, match="'watershed'"):
+        segments(image, "watershed")
+
+
+def test_superpixel_run_maps_are_the_vote_over_felzenszwalb_segments(tmp_path):
+    """pseudo.refine=superpixel end to end (default settings: Felzenszwalb, 2 workers): each refined npz is the
+    seeds' mean over the segments of felzenszwalb(image, scale=superpixel_scale), recomputed here with a loop
+    over segments in float64; the masks are the threshold rule applied to the refined maps."""
+    from PIL import Image
+
+    from tests.tiny import irn_mask, tiny_cfg
+    from wsss.artifacts import read_cams
+    from wsss.data import build_source
+    from wsss.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_cfg(tmp_path, ["pseudo.refine=superpixel", "refine.superpixel_scale=50"]))
+    pipe.run("pseudo_masks")
+    assert pipe.report["refine"] == "ran"
+    source = build_source(pipe.cfg.dataset, "train")
+    changed = 0
+    for path in sorted((pipe.artifact_dir("cams") / "maps").glob("*.npz")):
+        seeds = read_cams(path)
+        refined = read_cams(pipe.artifact_dir("refine") / "maps" / path.name)
+        np.testing.assert_array_equal(refined["keys"], seeds["keys"])
+        labels = felzenszwalb(source.load_image(path.stem).permute(1, 2, 0).numpy(), scale=50.0)
+        expected = np.zeros(seeds["maps"].shape)
+        for s in np.unique(labels):
+            where = labels == s
+            expected[:, where] = seeds["maps"][:, where].astype(np.float64).mean(1, keepdims=True)
+        np.testing.assert_allclose(refined["maps"], expected, rtol=0, atol=2**-11, err_msg=path.stem)  # float16
+        mask = np.array(Image.open(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png"))
+        np.testing.assert_array_equal(mask, irn_mask(refined["maps"], refined["keys"], 0.5), err_msg=path.stem)
+        changed += bool(len(seeds["keys"])) and np.abs(refined["maps"] - seeds["maps"]).max() > 0.01
+    assert changed > 0  # the vote moved some maps (a trained tiny model leaves some images all zero)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(
+            "crf",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("pydensecrf") is None, reason="needs pip install -e '.[crf]'"
+            ),
+        ),
+        "superpixel",
+    ],
+)
+def test_two_refine_workers_write_the_bytes_of_one(tmp_path, monkeypatch, method):
+    """refine.workers=2 goes through the process pool (counted here) and writes every refined npz byte for byte
+    as refine.workers=1 does in this process."""
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tests.tiny import tiny_cfg
+    from wsss.pipeline import Pipeline
+    from wsss.stages import refine as refine_stage
+
+    pools: list[int] = []
+
+    class CountedPool(ProcessPoolExecutor):
+        def __init__(self, max_workers, *args, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers, *args, **kwargs)
+
+    monkeypatch.setattr(refine_stage, "ProcessPoolExecutor", CountedPool)
+    written = {}
+    for workers in (1, 2):
+        pipe = Pipeline(tiny_cfg(tmp_path, [f"pseudo.refine={method}", "stage=refine", f"refine.workers={workers}"]))
+        pipe.run("refine")
+        assert pipe.report["refine"] == "ran"
+        written[workers] = {p.name: p.read_bytes() for p in (pipe.artifact_dir("refine") / "maps").glob("*.npz")}
+        shutil.rmtree(pipe.artifact_dir("refine"))  # workers is not in the key: the second run builds anew
+    assert pools == [2]  # one pool, for the two-worker run only
+    assert len(written[1]) == 24
+    assert sorted(written[2]) == sorted(written[1])
+    assert [name for name in written[1] if written[2][name] != written[1][name]] == []
+
+
 def test_affinity_labels_and_loss_by_hand():
     """Band labels (IRN's rule) and the three pair losses on a 1 x 4 strip, computed by hand."""
     maps = torch.tensor([[[0.9, 0.8, 0.2, 0.02]]])  # one class: fg above 0.5, bg at or below 0.1, else 255
@@ -202,16 +310,16 @@ def test_affinity_labels_and_loss_by_hand():
 
 
 def test_refined_run_reports_seeds_and_masks_side_by_side(tmp_path):
-    """pseudo.refine=par: metrics.json and summary.md name the seeds and the masks, on the same split; the
-    overlay grid has a seed panel; the masks are the rule applied to the refined maps."""
+    """pseudo.refine=par: the `seeds` block of metrics.json scores the threshold rule on the stored CAMs, the
+    `masks` block the rule on the refined maps, both recomputed here pixel by pixel against the ground truth;
+    summary.md names both, the overlay grid has a seed panel, the masks are the rule applied to the refined maps."""
     import json
 
     from PIL import Image
 
-    from tests.tiny import tiny_cfg
-    from wsss.artifacts import read_cams, read_mask
+    from tests.tiny import assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
+    from wsss.artifacts import read_cams
     from wsss.pipeline import Pipeline
-    from wsss.pseudo import threshold_mask
 
     pipe = Pipeline(tiny_cfg(tmp_path, ["pseudo.refine=par", "refine.par_dilations=[1,2]"]))
     pipe.run("evaluate")
@@ -220,18 +328,29 @@ def test_refined_run_reports_seeds_and_masks_side_by_side(tmp_path):
     assert metrics["seeds"]["split"] == metrics["masks"]["split"] == "train"
     assert metrics["seeds"]["name"] == "seeds"
     assert metrics["masks"]["name"] == "masks (par)"
-    assert metrics["masks"]["miou"] == metrics["miou"]
     assert metrics["refine"] == "par"
+    assert metrics["masks_rule"] == {"threshold": 0.5}
+    names = ["background", *metrics["class_names"]]
+    ids = list(metrics["per_image_miou"])
+    assert len(ids) == 24
+    for block, stage in (("seeds", "cams"), ("masks", "refine")):
+        pairs = []
+        for image_id in ids:
+            z = read_cams(pipe.artifact_dir(stage) / "maps" / f"{image_id}.npz")
+            pairs.append((ground_truth(tmp_path, image_id), irn_mask(z["maps"], z["keys"], 0.5)))
+        iou, miou = loop_iou(pairs, len(names))
+        assert_reported_iou(metrics[block], iou, miou, names)
+        if block == "masks":
+            assert_reported_iou(metrics, iou, miou, names)  # the headline is the refined masks'
+    assert metrics["seeds"]["miou"] != metrics["masks"]["miou"]  # PAR moved pixels: the blocks can be told apart
     summary = (out / "summary.md").read_text()
-    assert "| seeds |" in summary
-    assert "| masks (par) |" in summary
+    assert f"| seeds | {metrics['seeds']['miou']:.2f} |" in summary
+    assert f"| masks (par) | {metrics['masks']['miou']:.2f} |" in summary
     assert Image.open(out / "overlays.png").size[0] == 5 * 240  # image, CAM, seed, refined, ground truth
-    refined = pipe.artifact_dir("refine") / "maps"
-    for path in sorted(refined.glob("*.npz"))[:5]:
+    for path in sorted((pipe.artifact_dir("refine") / "maps").glob("*.npz"))[:5]:
         z = read_cams(path)
-        expected = threshold_mask(torch.from_numpy(z["maps"]), torch.from_numpy(z["keys"]), 0.5)
-        got = read_mask(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png")
-        np.testing.assert_array_equal(got, expected.numpy())
+        got = np.array(Image.open(pipe.artifact_dir("pseudo_masks") / "masks" / f"{path.stem}.png"))
+        np.testing.assert_array_equal(got, irn_mask(z["maps"], z["keys"], 0.5))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="needs pip install -e '.[crf]'")

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from tests.conftest import CONF_DIR, REPO
 from wsss.config import register_configs
@@ -46,3 +49,48 @@ def error_line(stderr: str) -> str:
     lines = [ln for ln in stderr.splitlines() if ln.startswith("wsss: error: ")]
     assert len(lines) == 1, stderr[-2000:]
     return lines[0]
+
+
+def ground_truth(tmp_path: Path, image_id: str) -> np.ndarray:
+    """The tiny set's ground-truth mask of `image_id`, read with PIL alone (palette indices, 255 void)."""
+    return np.array(Image.open(tmp_path / "data" / "synthetic" / "SegmentationClass" / f"{image_id}.png"))
+
+
+def irn_mask(maps: np.ndarray, keys: np.ndarray, t: float) -> np.ndarray:
+    """IRN's rule in float64: argmax over [t, maps_0, ...], first entry on ties, label keys[k] + 1."""
+    stack = np.concatenate([np.full((1, *maps.shape[1:]), t), maps.astype(np.float64)])
+    labels = np.concatenate([[0], keys.astype(np.int64) + 1])
+    return labels[np.argmax(stack, 0)].astype(np.uint8)
+
+
+def loop_iou(pairs: list[tuple[np.ndarray, np.ndarray]], num_labels: int) -> tuple[list[float | None], float]:
+    """Per-label IoU in percent and their mean, from (ground truth, prediction) pairs, counted pixel by pixel.
+
+    A pixel with 255 on either side is skipped; IoU = TP / (TP + FP + FN); a label in neither ground truth nor
+    prediction has None and stays out of the mean (background counts as a label).
+    """
+    cm = [[0] * num_labels for _ in range(num_labels)]  # rows ground truth, columns prediction
+    for gt, pred in pairs:
+        assert gt.shape == pred.shape
+        for g, p in zip(gt.ravel().tolist(), pred.ravel().tolist(), strict=True):
+            if g != 255 and p != 255:
+                cm[g][p] += 1
+    iou: list[float | None] = []
+    for c in range(num_labels):
+        tp = cm[c][c]
+        fp = sum(cm[r][c] for r in range(num_labels)) - tp
+        fn = sum(cm[c]) - tp
+        iou.append(100.0 * tp / (tp + fp + fn) if tp + fp + fn else None)
+    present = [v for v in iou if v is not None]
+    return iou, sum(present) / len(present)
+
+
+def assert_reported_iou(block: dict, iou: list[float | None], miou: float, names: list[str]) -> None:
+    """A metrics.json block's `miou` and per-label `iou` (rounded to 4 places) equal the recomputed ones."""
+    # Messages spelled out: pytest rewrites the asserts of test modules only.
+    assert block["miou"] == pytest.approx(miou, abs=1e-4), f"mIoU reported {block['miou']}, counted {miou}"
+    assert list(block["iou"]) == names, f"labels reported {list(block['iou'])}, expected {names}"
+    for name, value in zip(names, iou, strict=True):
+        got = block["iou"][name]
+        same = got is None if value is None else got is not None and got == pytest.approx(value, abs=1e-4)
+        assert same, f"IoU of {name} reported {got}, counted {value}"
