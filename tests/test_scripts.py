@@ -1,12 +1,20 @@
-"""The benchmark and study scripts run (at tiny sizes) and report what they say they report."""
+"""The benchmark and study scripts run (at tiny sizes) and report numbers that agree with an independent
+computation: the runs' own metrics, the files' sizes on disk, the counts they were asked for. No assertion is
+on a duration itself, only on how the reported numbers relate to each other."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+from collections import defaultdict
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -22,39 +30,107 @@ def _script(name: str, *args: str, env: dict | None = None, timeout: float = 600
     )
 
 
-def test_bench_gpu_smoke_on_the_cpu(tmp_path):
+def _module(name: str):
+    """scripts/<name>.py imported as a module (its `main` is not run)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_smoke_counts_the_images_and_divides_them_by_its_seconds(tmp_path):
     proc = _script("bench_gpu.py", "--smoke", "--device", "cpu", "--out", str(tmp_path / "gpu.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["device"] == "cpu"
-    for key in ("cams", "train_fp32", "train_bf16"):
-        assert result[key]["images"] > 0
-        assert result[key]["images_per_s"] > 0
+    assert (result["device"], result["ranks"]) == ("cpu", 1)
+    assert json.loads(proc.stdout) == result
+    # --smoke: 4 CAM images; 2 training steps of 2 images
+    for key, images in {"cams": 4, "train_fp32": 2 * 2, "train_bf16": 2 * 2}.items():
+        r = result[key]
+        assert r["images"] == images, key
+        assert r["peak_mb"] is None  # no CUDA memory counter on the CPU
+        # images_per_s is images / seconds to 2 places, `seconds` itself is rounded to 3: the bounds of that
+        s = r["seconds"]
+        low = images / (s + 5e-4) - 5e-3
+        high = images / (s - 5e-4) + 5e-3 if s > 5e-4 else math.inf
+        assert low <= r["images_per_s"] <= high, (key, r)
 
 
-def test_bench_storage_bytes_on_the_coco_sample(shared_data):
-    proc = _script("bench_storage.py", "--coco", str(shared_data / "coco2017_sample"), "--split", "val")
+def test_bench_storage_bytes_are_the_npz_sizes_on_disk(shared_data, tmp_path):
+    """Every image of the COCO sample's json, at its size and with its non-crowd classes, written in each store:
+    the mean file size is the reported bytes per image."""
+    from wsss.artifacts import write_cams
+
+    root = shared_data / "coco2017_sample"
+    proc = _script("bench_storage.py", "--coco", str(root), "--split", "val")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)["coco_bytes"]
-    assert out["float16"]["bytes_per_image"] > out["uint8"]["bytes_per_image"] > out["quarter"]["bytes_per_image"]
-    # float16 full resolution: 2 bytes per value per class, plus the 1/16-size strided maps
-    assert out["float16"]["bytes_per_image"] > 2 * 480 * 300 * out["mean_classes"]
+
+    coco = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    classes = defaultdict(set)
+    for a in coco["annotations"]:
+        if not a.get("iscrowd", 0):
+            classes[a["image_id"]].add(a["category_id"])
+    images = [im for im in coco["images"] if classes[im["id"]]]  # no non-crowd object: no label, skipped
+    counts = [len(classes[im["id"]]) for im in images]
+    assert out["images"] == len(images)
+    assert out["mean_classes"] == round(sum(counts) / len(counts), 2)
+    for store in ("float32", "float16", "uint8", "quarter"):
+        sizes = []
+        for im, k in zip(images, counts, strict=True):
+            h, w = im["height"], im["width"]
+            path = tmp_path / f"{store}.npz"
+            maps, strided = np.zeros((k, h, w), np.float32), np.zeros((k, -(-h // 4), -(-w // 4)), np.float32)
+            write_cams(path, np.arange(k), maps, strided, store)
+            sizes.append(path.stat().st_size)
+        mean = sum(sizes) / len(sizes)
+        assert out[store]["bytes_per_image"] == round(mean), store
+        assert out[store]["coco_train2014_gb"] == round(mean * 82081 / 1e9, 1), store
 
 
-def test_seed_spread_reports_mean_and_std(tmp_path):
+def _train_seeds(artifact: Path) -> set[int]:
+    """The seeds of the train artifacts upstream of `artifact`, followed through the manifests' inputs."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    if manifest["stage"] == "train":
+        return {manifest["config"]["seed"]}
+    return set().union(*(_train_seeds(Path(i["dir"])) for i in manifest["inputs"].values()))
+
+
+def test_seed_spread_reports_each_runs_metrics_and_their_spread(tmp_path):
     env = {"WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "spread.json"
     proc = _script("seed_spread.py", "--seeds", "2", "--out", str(out), *TINY, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    mious = [r["miou"] for r in result["rows"]]
-    assert [r["seed"] for r in result["rows"]] == [0, 1]
-    assert result["summary"]["miou"]["mean"] == pytest.approx(sum(mious) / 2, abs=1e-9)
-    assert result["summary"]["miou"]["std"] == pytest.approx(abs(mious[0] - mious[1]) / 2**0.5, abs=1e-9)
-    # cached like any run: the same seed again reuses everything
-    again = _script("seed_spread.py", "--seeds", "1", *TINY, env=env)
-    assert again.returncode == 0
-    assert "evaluate: reusing" in again.stdout + again.stderr
+    rows = result["rows"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    runs = {}  # seed -> the metrics.json of the evaluate artifact built on that seed's model
+    for manifest in (tmp_path / "cache" / "evaluate").glob("*/manifest.json"):
+        evaluate = manifest.parent
+        (seed,) = _train_seeds(evaluate)
+        runs[seed] = json.loads((evaluate / "metrics.json").read_text())
+    assert sorted(runs) == [0, 1]
+    for r in rows:  # each row is what its run's evaluate stage wrote
+        metrics = runs[r["seed"]]
+        assert r["miou"] == metrics["miou"]
+        assert r["sweep_best"] == metrics["sweep"]["best"]["miou"]
+        assert r["best_threshold"] == metrics["sweep"]["best_threshold"]
+        assert r["pxap"] == metrics["pxap"]["pxap"]
+    assert rows[0]["miou"] != rows[1]["miou"]  # two models: a spread that is not trivially 0
+    for field in ("miou", "sweep_best", "pxap"):
+        a, b = (r[field] for r in rows)
+        s = result["summary"][field]
+        assert s["mean"] == pytest.approx((a + b) / 2, abs=1e-9)
+        assert s["std"] == pytest.approx(abs(a - b) / 2**0.5, abs=1e-9)  # the sample std (ddof 1) of two
+        assert (s["min"], s["max"]) == (min(a, b), max(a, b))
+    # cached like any run: the same seed again reuses everything, and reports the same numbers
+    again = _script("seed_spread.py", "--seeds", "1", "--out", str(tmp_path / "again.json"), *TINY, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "evaluate: reusing" in again.stderr, [ln for ln in again.stderr.splitlines() if "pipeline]" in ln]
+    row = json.loads((tmp_path / "again.json").read_text())["rows"][0]
+    assert {k: row[k] for k in ("miou", "sweep_best", "pxap")} == {
+        k: rows[0][k] for k in ("miou", "sweep_best", "pxap")
+    }
 
 
 def test_bench_train_projects_both_recipes(tmp_path):
@@ -62,22 +138,45 @@ def test_bench_train_projects_both_recipes(tmp_path):
     tiny = " ".join(TINY)
     a, b = f"{tiny} train.amp_dtype=null train.epochs=3", f"{tiny} train.amp_dtype=bfloat16 train.epochs=5"
     out = tmp_path / "train.json"
-    args = ["--a", a, "--b", b, "--epochs", "2", "--out", str(out)]
+    args = ["--a", a, "--b", b, "--epochs", "3", "--out", str(out)]
     proc = _script("bench_train.py", *args, env={"WSSS_DATA": str(tmp_path / "data")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     ra, rb = result["recipes"]["A"], result["recipes"]["B"]
     assert (ra["precision"], rb["precision"]) == ("float32", "bfloat16")
     assert (ra["epochs"], rb["epochs"]) == (3, 5)
-    for r in (ra, rb):
+    lines = proc.stdout.strip().splitlines()
+    for name, r in (("A", ra), ("B", rb)):
         times = sorted(r["seconds_per_epoch"])
-        assert len(times) == 2
-        assert r["projected_seconds"] == pytest.approx((times[0] + times[1]) / 2 * r["epochs"], rel=1e-12)
+        assert len(times) == 3  # the warm-up epoch is not counted
+        # the median of three is the middle one (their mean would be another number)
+        assert r["projected_seconds"] == pytest.approx(times[1] * r["epochs"], rel=1e-12)
+        (line,) = [ln for ln in lines if ln.startswith(f"{name} [")]
+        assert f"{r['precision']}, 3 batches/epoch" in line  # 24 images in batches of 8
+        assert line.endswith(f"x {r['epochs']} epochs = {r['projected_seconds']:.0f} s")
     assert result["ratio"] == pytest.approx(rb["projected_seconds"] / ra["projected_seconds"], rel=1e-12)
-    assert proc.stdout.strip().splitlines()[-1].endswith(f"{result['ratio']:.3f}")
+    assert lines[-1].endswith(f"{result['ratio']:.3f}")
 
 
-def test_bench_keys_small_tree():
-    proc = _script("bench_keys.py", "--ids", "300", "--repeats", "2")
+def test_bench_keys_writes_the_tree_it_counts(tmp_path):
+    root = _module("bench_keys").make_tree(tmp_path / "voc", 5)
+    ids = [f"{i:07d}" for i in range(5)]
+    per_id = [
+        f"{folder}/{i}{ext}"
+        for folder, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png"), ("pred", ".png"))
+        for i in ids
+    ]
+    split = "ImageSets/Segmentation/train.txt"
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted([*per_id, split])
+    assert {(root / f).stat().st_size for f in per_id} == {64}
+    assert (root / split).read_text().split() == ids
+
+    proc = _script("bench_keys.py", "--ids", "300", "--repeats", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "evaluate with masks_dir (900 files)" in proc.stdout
+    first, *cases = proc.stdout.strip().splitlines()
+    assert first.startswith("tree: 900 files written in ")
+    parsed = [re.fullmatch(r"(.+): first ([\d.]+) s, warm median ([\d.]+) s, min ([\d.]+) s", ln) for ln in cases]
+    assert all(parsed), cases
+    assert [m[1] for m in parsed] == ["evaluate with masks_dir (900 files)", "default graph, 4 nodes (600 files)"]
+    for m in parsed:
+        assert float(m[4]) <= float(m[3])  # the warm min is at most their median

@@ -1,4 +1,4 @@
-"""The training loop's schedule and weight average, against formulas written out here."""
+"""The training loop's schedule, weight average and precision, against formulas and dtypes written out here."""
 
 from __future__ import annotations
 
@@ -171,3 +171,27 @@ def test_auto_precision_keys_the_model_by_what_it_resolves_to(tmp_path, monkeypa
         monkeypatch.setattr(training, "native_bfloat16", lambda device, native=native: native)
         assert key("auto") == key(same)
         assert key("auto") != key(other)
+
+
+@pytest.mark.parametrize(
+    ("amp", "expected"), [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("null", torch.float32)]
+)
+def test_the_train_step_computes_in_the_requested_precision(tmp_path, amp, expected):
+    """The train stage's own run: in every training step's forward, the first and the last conv output the
+    dtype `train.amp_dtype` names (float32 for null: no autocast where none is asked)."""
+    from tests.tiny import tiny_cfg
+    from wsss.data import build_source
+    from wsss.stages.train import build_run
+
+    cfg = tiny_cfg(tmp_path, [f"train.amp_dtype={amp}"])
+    source = build_source(cfg.dataset, str(cfg.dataset.train_split))
+    loader, loop, batch_loss = build_run(cfg, source, torch.device("cpu"))
+    convs = {"stem": loop.model.backbone.stem[0], "head": loop.model.head}
+    assert all(isinstance(m, nn.Conv2d) for m in convs.values())
+    seen = {name: [] for name in convs}
+    for name, module in convs.items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(out.dtype))
+    loop.epoch(loader, 0, batch_loss)
+    assert seen == {name: [expected] * len(loader) for name in convs}
+    assert len(loader) == 3  # 24 images in batches of 8: three steps seen
+    assert loop.model.head.weight.dtype == torch.float32  # autocast computes in low precision, keeps float32 weights

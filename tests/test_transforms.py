@@ -1,4 +1,4 @@
-"""Training augmentation (transforms.v2, image and mask together) and the poly learning-rate schedule."""
+"""Training augmentation (transforms.v2, image and mask together)."""
 
 from __future__ import annotations
 
@@ -83,16 +83,3 @@ def test_scale_factors_are_log_uniform_over_the_range():
 def test_bad_scale_range_is_refused():
     with pytest.raises(ValueError, match="scale_range"):
         TrainTransform(32, (1.3, 0.7))
-
-
-def test_poly_schedule_is_irns_formula():
-    """torch's PolynomialLR, as the train stage sets it, gives lr * (1 - step / total) ** 0.9 at every step."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}])
-    total = 57
-    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9)
-    for step in range(total):
-        for g, base in zip(opt.param_groups, (0.1, 1.0), strict=True):
-            assert g["lr"] == pytest.approx(base * (1 - step / total) ** 0.9, rel=1e-9, abs=1e-15)
-        opt.step()
-        sched.step()

@@ -56,6 +56,13 @@ def plot_threshold_curve(
     Returns:
         `path`.
     """
+    return _save(threshold_curve_figure(thresholds, curves, best_t), path)
+
+
+def threshold_curve_figure(
+    thresholds: Sequence[float], curves: Mapping[str, Sequence[float | None]], best_t: float | None
+) -> Figure:
+    """The figure `plot_threshold_curve` saves: one line per curve, in order, then the `best_t` line."""
     x = np.asarray(thresholds, np.float64)
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -71,7 +78,7 @@ def plot_threshold_curve(
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
 def plot_class_iou(class_names: Sequence[str], iou: Sequence[float | None], path: str | Path) -> Path:
@@ -85,6 +92,11 @@ def plot_class_iou(class_names: Sequence[str], iou: Sequence[float | None], path
     Returns:
         `path`.
     """
+    return _save(class_iou_figure(class_names, iou), path)
+
+
+def class_iou_figure(class_names: Sequence[str], iou: Sequence[float | None]) -> Figure:
+    """The figure `plot_class_iou` saves: one bar per class (0 for NaN), the mean as a horizontal line."""
     values = _floats(iou)
     if len(values) != len(class_names):
         raise ValueError(f"{len(values)} IoU values for {len(class_names)} class names")
@@ -105,7 +117,7 @@ def plot_class_iou(class_names: Sequence[str], iou: Sequence[float | None], path
     ax.set_ylim(0, 100)
     ax.set_xlim(-0.6, n - 0.4)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> Path:
@@ -140,6 +152,13 @@ def overlay_grid(
     Returns:
         `path`.
     """
+    return _save(overlay_grid_figure(rows), path)
+
+
+def overlay_grid_figure(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[tuple[str, np.ndarray]]]],
+) -> Figure:
+    """The figure `overlay_grid` saves: `fig.axes[r * cols + c]` shows row r's panel c, an image each."""
     if not rows:
         raise ValueError("overlay_grid needs at least one row")
     cols = 2 + len(rows[0][3])
@@ -164,7 +183,7 @@ def overlay_grid(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{title}" if c == 0 else name, fontsize="small", loc="left" if c == 0 else "center")
-    return _save(fig, path)
+    return fig
 
 
 def _per_label(scores: Mapping[str, Any], key: str, names: Sequence[str]) -> list[float | None]:
