@@ -266,6 +266,8 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: tqdm bars when stderr is a terminal, else a log line every 10 % and 30 s (Slurm, CI, `> run.out`)
+    progress: str = "auto"  # auto | bar | log | off
 
 
 def run_stamp() -> str:
@@ -348,6 +350,7 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
         names = [w.name for w in torchvision.models.get_model_weights(BACKBONES[str(m.backbone)][0])]
         out.need(m.weights in names, "model.weights", m.weights, f"must be one of {names} for {m.backbone}")
     out.need(bool(_DEVICE.fullmatch(str(cfg.device))), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
+    out.need(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto, bar, log or off")
 
 
 def _training(t: DictConfig, out: _Problems) -> None:

@@ -181,10 +181,14 @@ def sum_int(value: int) -> int:
     return int(all_reduce_sum(t).item())
 
 
-def progress(*args: Any, **kwargs: Any) -> tqdm:
-    """A tqdm progress bar, shown by rank 0 only."""
-    kwargs["disable"] = kwargs.get("disable", False) or not is_main()
-    return tqdm(*args, **kwargs)
+def progress(*args: Any, **kwargs: Any) -> Any:
+    """Progress of a loop as the run's `progress=` says (wsss.progress: a tqdm bar on a terminal, log lines
+    elsewhere), shown by rank 0 only. Takes tqdm's arguments."""
+    from wsss import progress as p
+
+    mode = p.resolved_mode()
+    kwargs["disable"] = kwargs.get("disable", False) or not is_main() or mode == "off"
+    return p.LogProgress(*args, **kwargs) if mode == "log" else tqdm(*args, **kwargs)
 
 
 def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> None:

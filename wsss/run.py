@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from wsss import dist
+from wsss import dist, progress
 from wsss.config import register_configs
 from wsss.errors import WsssError
 from wsss.pipeline import Pipeline
@@ -91,6 +91,8 @@ def main(cfg: DictConfig) -> float | None:
     """Run the requested stage and what it needs; return the headline metric (mIoU) when there is one."""
     started = False
     try:
+        if cfg.progress in progress.MODES:  # a bad value is refused by validation, with the others
+            progress.set_mode(cfg.progress)
         started = dist.setup(dist.local_device(str(cfg.device)))
         per_rank_logging(dist.rank())
         seed_everything(cfg.seed)
