@@ -163,14 +163,14 @@ class RefineConfig:
     crf_bilateral_srgb: float = 13.0
     par_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])  # AFA's VOC setting
     par_iterations: int = 10
-    # Felzenszwalb follows colour edges: on the embedded set it scored 57.56 against seeds of 52.16, where SLIC's
-    # regular segments straddle the small objects (48.97 at 100 segments; BENCHMARKS.md).
+    # Chosen on val (scripts/figures.py select, BENCHMARKS.md): Felzenszwalb follows colour edges, where SLIC's
+    # regular segments straddle the small objects (67.93 against 56.67 at 100 segments, seeds 61.74).
     superpixel_method: SuperpixelMethod = SuperpixelMethod["felzenszwalb"]
     superpixel_scale: float = 100.0  # Felzenszwalb's scale (larger: larger segments)
     superpixel_segments: int = 100  # SLIC's target number of segments
     superpixel_compactness: float = 10.0  # SLIC's colour / space balance
     rw_radius: int = 5  # pairs closer than this at 1/4 resolution (PSA: 5 at 1/8)
-    rw_beta: float = 16.0  # PSA: 8, IRN: 10; 16 scored best of 8, 16, 32 here (BENCHMARKS.md)
+    rw_beta: float = 32.0  # PSA: 8, IRN: 10; chosen on val from 8, 16, 32 (with alpha and the affinity band)
     rw_steps: int = 256  # PSA's 2^logt with logt = 8
     rw_alpha: float | None = None  # background (1 - max)^alpha; null: the alpha at which unwalked maps are the seeds
     # irn: IRN's random walk on the irn stage's boundaries (make_sem_seg_labels.py; run_sample.py's defaults)
@@ -186,8 +186,9 @@ class AffinityConfig:
     """The affinity stage: AffinityNet trained on the CAMs' confident labels (for pseudo.refine=rw)."""
 
     # Labelled foreground above conf_fg, background at or below conf_bg. IRN's 0.30 / 0.05 (experiment=irn_voc12)
-    # suit peaky ImageNet-pretrained CAMs; on this recipe's broad CAMs only 38 % of the pixels above 0.30 carry
-    # the right class, 74 % above 0.70 (bg precision 98.9 % at 0.30; scripts/affinity_labels.py, BENCHMARKS.md).
+    # suit peaky ImageNet-pretrained CAMs; on this recipe's broad CAMs only 46 % of the pixels above 0.30 carry
+    # the right class, 83 % above 0.70 (bg precision 99.4 % at 0.30; scripts/affinity_labels.py, BENCHMARKS.md);
+    # the band was chosen on val with refine.rw_beta and rw_alpha.
     conf_fg: float = 0.70
     conf_bg: float = 0.30
     radius: int = 5  # pairs closer than this (pixels at 1/4 resolution)
