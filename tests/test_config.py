@@ -12,6 +12,7 @@ from omegaconf.errors import ValidationError
 
 from tests.conftest import CONF_DIR
 from wsss.config import register_configs
+from wsss.errors import ConfigError
 
 register_configs()
 
@@ -44,9 +45,16 @@ def test_every_option_of_every_group_composes_and_validates(group):
     from wsss.config import validate
 
     for option in GROUPS[group]:
-        cfg = _compose([f"{group}={option}"])
+        needs = REQUIRED.get(f"{group}={option}", [])
+        if needs:  # without its required value the option is refused, by name
+            with pytest.raises(ConfigError, match=f"{needs[0].split('=')[0]}: required, not set"):
+                validate(_compose([f"{group}={option}"]))
+        cfg = _compose([f"{group}={option}", *needs])
         OmegaConf.to_container(cfg, resolve=True)
         validate(cfg)  # an experiment's weights name too (checked against torchvision's list, nothing loaded)
+
+
+REQUIRED = {"dataset=folder": ["dataset.root=/data/mine"]}  # options with a value the user must give
 
 
 # Every option of every group appears at least once; datasets and stages (the pairs that interact) in full.

@@ -63,7 +63,7 @@ class SyntheticConfig:
 class DatasetConfig:
     """Which data, where, and which splits. Background is implicit: class_names lists foreground classes."""
 
-    name: str = MISSING  # a key of wsss.data.DATASETS: synthetic | voc12 | coco
+    name: str = MISSING  # a key of wsss.data.DATASETS: synthetic | voc12 | coco | folder
     root: str = MISSING
     class_names: list[str] | None = None  # null: the dataset's own list
     train_split: str = "train"  # the classifier trains on this split
@@ -72,6 +72,8 @@ class DatasetConfig:
     aug_mask_dir: str | None = "SegmentationClassAug"  # VOC layout: fallback masks (SBD) for train_aug ids
     labels_from: str = "masks"  # VOC layout: image labels from the masks (XML without one) | xml (IRN's cls_labels)
     year: int = 2017  # coco: 2014 or 2017
+    val_fraction: float = 0.0  # folder without splits/: this share of the images held out as `val`, seeded
+    split_seed: int = 0  # folder: the seed of that draw
     on_error: OnError = OnError["raise"]  # raise | skip: what a bad sample does (skips are counted and logged)
     max_pixels: int = 50_000_000  # images above this are refused (decompression bombs); real ones are < 0.5 M
     num_workers: int | None = None  # DataLoader workers; null: cores / 2 - 1, at most 8 (0 on 2 cores; no result
@@ -138,6 +140,8 @@ class CamConfig:
     store: CamStore = CamStore["float16"]  # float32 | float16 | uint8 | quarter: how maps are kept on disk (README)
     memory_mb: int = 2048  # device memory for a batch's maps: more images x classes go in chunks
     channels_last: bool = True  # channels-last weights: convolutions 1.3-1.6x faster on this CPU and on CUDA
+    labels: str = "given"  # given: each image's labels | predicted: the classes the classifier scores above
+    score_threshold: float = 0.5  # (sigmoid) this, for images without labels (dataset=folder without a labels file)
 
 
 @dataclass
@@ -229,7 +233,8 @@ class EvaluateConfig:
     masks_dir: str | None = None  # score this folder of PNGs (named by image id) instead of the pipeline's
     thresholds: Any = "0.00:0.95:0.01"  # a list [0.1, 0.2] or a range "start:stop:step" (stop included)
     select_on: str | None = None  # pick the threshold on this split and report eval_split at it
-    overlays: int = 6  # best and worst images drawn in the overlay grid
+    overlays: Any = 6  # N: overlays.png of the best and worst N images, and overlays/<id>.jpg of each; all: every
+    # image in overlays/ (the grid keeps 6). Without ground truth: the first N images of the split
     boxes: bool = True  # MaxBoxAcc / MaxBoxAccV2 where the dataset has boxes (and the run has maps)
     bootstrap: int = 1000  # resamples of the images for 95 % intervals; 0 turns the intervals off
     bootstrap_seed: int = 0  # fixed, so runs on the same images share their resamples (paired comparisons)
@@ -319,6 +324,7 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     if d.name == "coco":
         out.need(d.labels_from == "masks", "dataset.labels_from", d.labels_from, "COCO's labels come from its json")
     out.need(d.max_pixels >= 1, "dataset.max_pixels", d.max_pixels, "must be >= 1")
+    out.need(0 <= d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be in [0, 1)")
     if d.num_workers is not None:
         out.need(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0 or null")
     out.need(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "must be 8, 16 or 32")
@@ -381,6 +387,8 @@ def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
         out.need(c.output_stride <= m.output_stride, "cam.output_stride", c.output_stride, finer)
     out.need(c.batch_size >= 1, "cam.batch_size", c.batch_size, "must be >= 1")
     out.need(c.memory_mb >= 16, "cam.memory_mb", c.memory_mb, "must be >= 16")
+    out.need(c.labels in ("given", "predicted"), "cam.labels", c.labels, "must be given or predicted")
+    out.unit("cam.score_threshold", c.score_threshold)
     out.need(c.norm_eps >= 0, "cam.norm_eps", c.norm_eps, "must be >= 0")
     out.need(c.resize in ("bilinear", "pil_bicubic"), "cam.resize", c.resize, "must be bilinear or pil_bicubic")
     if c.canvas_stride is not None:
@@ -409,7 +417,8 @@ def _masks_and_scores(p: DictConfig, e: DictConfig, out: _Problems) -> None:
         check_thresholds(parse_thresholds(e.thresholds))
     except ValueError as err:
         out.append(f"evaluate.thresholds={e.thresholds}: {err}")
-    out.need(e.overlays >= 0, "evaluate.overlays", e.overlays, "must be >= 0")
+    ok = e.overlays == "all" or (isinstance(e.overlays, int) and not isinstance(e.overlays, bool) and e.overlays >= 0)
+    out.need(ok, "evaluate.overlays", e.overlays, "must be an int >= 0 or all")
     out.need(e.bootstrap >= 0, "evaluate.bootstrap", e.bootstrap, "must be >= 0 (0 turns the intervals off)")
     if e.select_on is not None and e.masks_dir is not None:
         out.append(f"evaluate.select_on={e.select_on}: needs CAMs, so it cannot be used with evaluate.masks_dir")
@@ -519,6 +528,10 @@ def _irn(cfg: DictConfig, out: _Problems) -> None:
 def _problems(cfg: DictConfig) -> list[str]:
     """Every out-of-range value or contradiction, each as `key=value: what is allowed`."""
     out = _Problems()
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        out.append(f"{key}: required, not set (e.g. {key}=...)")
+    if out:
+        return list(out)
     _data_and_model(cfg, out)
     _training(cfg.train, out)
     _cams(cfg.cam, cfg.model, out)

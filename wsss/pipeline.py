@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsss import dist
 from wsss.artifacts import read_json, write_json
 from wsss.config import validate
+from wsss.data import resolve_class_names
 from wsss.errors import CacheError, DamagedFileError
 from wsss.fingerprint import FileGroup, describe_changes, sha256_file
 from wsss.provenance import code_digest, code_version, digest
@@ -101,6 +102,10 @@ class Pipeline:
         cfg = cfg.copy()
         OmegaConf.resolve(cfg)  # a stage sees only its own sections, so interpolations across sections go now
         validate(cfg)
+        names = resolve_class_names(cfg)
+        if names is not None:  # a folder's labels file names them: from now on they are the config's
+            cfg.dataset.class_names = names
+            log.info("dataset: %d classes from %s: %s", len(names), cfg.dataset.root, ", ".join(names))
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.cache_dir = Path(cfg.paths.cache_dir)

@@ -21,7 +21,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from wsss import dist, progress
 from wsss.config import register_configs
@@ -86,6 +86,16 @@ def report_user_error(e: BaseException) -> None:
     sys.stderr.write(f"wsss: error: {_message(e)}\nwsss: {where}\n")
 
 
+def record_class_names(run_dir: Path, names: list[str]) -> None:
+    """Write class names the data named (a folder's labels file) into the run's saved config, so the run
+    directory's `.hydra/config.yaml` says which classes mask value c + 1 means."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if path.is_file():
+        saved = OmegaConf.load(path)
+        saved.dataset.class_names = names
+        OmegaConf.save(saved, path)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the requested stage and what it needs; return the headline metric (mIoU) when there is one."""
@@ -97,7 +107,10 @@ def main(cfg: DictConfig) -> float | None:
         per_rank_logging(dist.rank())
         seed_everything(cfg.seed)
         run_dir = HydraConfig.get().runtime.output_dir
-        manifest = Pipeline(cfg, run_dir=run_dir).run(cfg.stage.name)
+        pipeline = Pipeline(cfg, run_dir=run_dir)
+        if cfg.dataset.class_names is None and pipeline.cfg.dataset.class_names is not None and dist.is_main():
+            record_class_names(Path(run_dir), list(pipeline.cfg.dataset.class_names))
+        manifest = pipeline.run(cfg.stage.name)
     except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -25,6 +25,7 @@ __all__ = [
     "collate_list",
     "dataset_fingerprint",
     "dataset_identity",
+    "resolve_class_names",
 ]
 
 
@@ -43,6 +44,7 @@ DATASETS: dict[str, DatasetEntry] = {
     "synthetic": DatasetEntry("wsss.data.synthetic", ("synthetic", "mask_dir", "aug_mask_dir", "labels_from")),
     "voc12": DatasetEntry("wsss.data.voc", ("mask_dir", "aug_mask_dir", "labels_from")),
     "coco": DatasetEntry("wsss.data.coco", ("year",)),
+    "folder": DatasetEntry("wsss.data.folder", ("val_fraction", "split_seed")),
 }
 
 
@@ -51,6 +53,13 @@ def _entry(cfg: Any) -> DatasetEntry:
     if name not in DATASETS:
         raise ValueError(f"dataset.name={name!r}: unknown dataset; choose one of {sorted(DATASETS)}")
     return DATASETS[name]
+
+
+def resolve_class_names(cfg: Any) -> list[str] | None:
+    """The class names a composed config's dataset will use when `dataset.class_names` is unset and the reader
+    derives them from the data (a folder's labels file); None when the dataset has its own fixed list."""
+    resolve = getattr(_entry(cfg.dataset).load(), "resolve_class_names", None)
+    return resolve(cfg) if resolve is not None and cfg.dataset.class_names is None else None
 
 
 def build_source(cfg: Any, split: str) -> SegmentationSource:

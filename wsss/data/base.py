@@ -15,6 +15,7 @@ Errors name the file and the problem. A reader's errors carry a short `reason` t
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from abc import ABC, abstractmethod
@@ -263,6 +264,21 @@ class SegmentationSource(ABC):
     def _mask(self, image_id: str, size: tuple[int, int]) -> np.ndarray:
         """The checked ground-truth mask of an image whose (H, W) is `size`."""
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether `labels` can answer (a folder of new images without a labels file cannot)."""
+        return True
+
+    def has_mask(self, image_id: str) -> bool:
+        """Whether the image has a ground-truth mask (every image of a scored split does, but in a folder)."""
+        return True
+
+    def subset(self, ids: list[str]) -> SegmentationSource:
+        """The same source restricted to `ids` (in that order), e.g. the images that have ground truth."""
+        out = copy.copy(self)
+        out.ids = list(ids)
+        return out
+
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) of the image, from its header (checked against the pixel cap and for a cut-off end)."""
         return image_size(self.image_path(image_id), max_pixels=self.max_pixels)
@@ -357,9 +373,10 @@ class ClassificationDataset(Dataset):
 class InferenceDataset(Dataset):
     """Images at original resolution with their labels, one per item (sizes differ, so batch_size=1 or a list)."""
 
-    def __init__(self, source: SegmentationSource, ids: list[str] | None = None) -> None:
+    def __init__(self, source: SegmentationSource, ids: list[str] | None = None, with_labels: bool = True) -> None:
         self.source = source
         self.ids = list(source.ids if ids is None else ids)
+        self.with_labels = with_labels  # False: images only (their labels come from the model's predictions)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -369,7 +386,7 @@ class InferenceDataset(Dataset):
         return {
             "id": image_id,
             "image": self.source.load_image(image_id),
-            "labels": torch.as_tensor(self.source.labels(image_id), dtype=torch.long),
+            "labels": torch.as_tensor(self.source.labels(image_id) if self.with_labels else [], dtype=torch.long),
         }
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsss import dist
-from wsss.artifacts import write_cams
+from wsss.artifacts import read_cams, write_cams, write_json
 from wsss.cam import build_cam
 from wsss.cam.ops import resize_maps
 from wsss.data import InferenceDataset, collate_list, dataset_identity
@@ -87,6 +87,14 @@ def _multiscale(
     return torch.cat(high), torch.cat(low)
 
 
+def _predict(model: torch.nn.Module, images: torch.Tensor, threshold: float, amp: torch.dtype | None) -> list:
+    """`cam.labels=predicted`: each image's classes whose sigmoid score on the whole image (scale 1, no flip)
+    exceeds `threshold`, as (sorted class indices, their scores)."""
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        scores = torch.sigmoid(model(images).float()).cpu()
+    return [(torch.nonzero(row > threshold).flatten(), row) for row in scores]
+
+
 def _clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done."""
     if device.type == "cuda":
@@ -131,13 +139,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
         len(todo),
         len(source.ids),
     )
+    predicted = cc.labels == "predicted"
+    if not predicted and not source.has_labels:
+        raise ValueError(f"{source.root}: the images have no labels file; label them with cam.labels=predicted")
     loader = DataLoader(
-        InferenceDataset(source, todo),
+        InferenceDataset(source, todo, with_labels=not predicted),
         batch_size=cc.batch_size,
         num_workers=loader_workers(cfg.dataset.num_workers),
         collate_fn=collate_list,
     )
     empty = 0
+    scores: dict[str, dict[str, float]] = {}  # cam.labels=predicted: each image's predicted classes and scores
     cost = {"cam_s": 0.0, "probe_cam_s": 0.0, "probe_forward_s": 0.0, "probe_images": 0}
     bar = progress(total=len(todo), desc=f"cams {cc.method}", unit="img")
     amp = AMP_DTYPES[None if cc.amp_dtype is None else str(cc.amp_dtype)]
@@ -146,6 +158,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             for group in _by_size(batch):
                 raw = torch.stack([it["image"] for it in group])  # (B, 3, H, W) uint8
                 images = normalize(raw.to(ctx.device))
+                if predicted:
+                    for it, (labels, row) in zip(group, _predict(model, images, cc.score_threshold, amp), strict=True):
+                        it["labels"] = labels
+                        scores[it["id"]] = {source.class_names[c]: round(float(row[c]), 4) for c in labels.tolist()}
                 classes = _class_table(group).to(ctx.device)
                 t0 = _clock(ctx.device)
                 highres, strided = _multiscale(cam, images, classes, cc, raw)  # (B, K, H, W), (B, K, H/4, W/4)
@@ -164,10 +180,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     )
                 bar.update(len(group))
     bar.close()
+    if predicted:
+        _write_predictions(ctx.out_dir / "predicted_labels.json", scores, source)
     return {
         "class_names": source.class_names,
         "dataset": source.identity(),
         "maps_dir": "maps",
+        "labels": "predicted" if predicted else "given",
+        "predicted_labels": "predicted_labels.json" if predicted else None,
         "ids": list(source.ids),
         "model": model_provenance(ctx.inputs["train"]),
         "cost": _cost(cost, len(todo)),
@@ -178,6 +198,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "skipped": dict(source.skipped),
         },
     }
+
+
+def _write_predictions(path, scores: dict[str, dict[str, float]], source) -> None:
+    """Every rank's predicted classes with their scores, in one JSON on rank 0, in split order. Images a killed
+    run had finished keep their classes (read back from their maps' keys) with the score null."""
+    parts = dist.gather(scores)
+    if not dist.is_main():
+        return
+    merged = {k: v for part in parts for k, v in part.items()}
+    out = {}
+    for image_id in source.ids:
+        if image_id not in merged:
+            keys = read_cams(path.parent / "maps" / f"{image_id}.npz")["keys"]
+            merged[image_id] = {source.class_names[int(c)]: None for c in keys}
+        out[image_id] = merged[image_id]
+    write_json(path, out)
 
 
 def _cost(cost: dict[str, Any], computed: int) -> dict[str, Any] | None:

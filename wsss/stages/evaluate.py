@@ -54,6 +54,7 @@ from wsss.stages.base import (
     environment,
     plain,
 )
+from wsss.stages.figures import METRIC_NAMES, write_figures, write_overlays
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = ctx.source()
     names = ["background", *source.class_names]
     masks_dir, maps_dir, rule, seeds_dir = _inputs(ctx)
+    scored = [i for i in source.ids if source.has_mask(i)]
+    if not scored:
+        return _nothing_to_score(ctx, source, masks_dir, maps_dir)
+    no_gt = len(source.ids) - len(scored)
+    if no_gt:
+        log.info(
+            "evaluate: %d of %d images of %s/%s have no ground-truth mask: scoring the other %d",
+            no_gt,
+            len(source.ids),
+            source.name,
+            source.split,
+            len(scored),
+        )
+        source = source.subset(scored)
     thresholds = parse_thresholds(ev.thresholds)
     seeds = _Seeds(seeds_dir, rule, len(names), thresholds, ctx.device) if seeds_dir else None
     boxes = _box_pass(source, ev, maps_dir, thresholds)
@@ -358,6 +373,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "cam": _cam_provenance(ctx),
         "environment": environment(ctx.device),
         "num_images": len(source.ids),
+        "no_ground_truth": no_gt,  # images of the split without a mask, not scored
         "skipped": dict(source.skipped),
         "pseudo_masks": _summary(masks_scores, names),
     }
@@ -396,111 +412,48 @@ def run(ctx: StageContext) -> dict[str, Any]:
         per_image_miou={i: round(records[i]["miou"], 3) for i in source.ids},
     )
     write_json(ctx.out_dir / "metrics.json", result)
-    _write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir, seeds_dir)
+    write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir, seeds_dir)
     return {"class_names": source.class_names, "dataset": source.identity(), "miou": result["miou"]}
 
 
-def _write_figures(
-    cfg, out_dir: Path, result: dict, source, maps_dir: Path | None, masks_dir: Path, seeds_dir: Path | None = None
-) -> None:
-    """Plots and the Markdown summary beside metrics.json."""
-    from wsss import viz
-
-    names = ["background", *source.class_names]
-    iou = [result["iou"][n] if result["iou"][n] is not None else float("nan") for n in names]
-    viz.plot_class_iou(names, iou, out_dir / "class_iou.png")
-    if "sweep" in result:
-        sw = result["sweep"]
-        curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
-        viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
-    ranked = sorted(result["per_image_miou"].items(), key=lambda kv: kv[1])
-    n = cfg.evaluate.overlays
-    picks = ranked[-((n + 1) // 2) :][::-1] + ranked[: n // 2] if n > 0 else []
-    rows = []
-    for image_id, miou in picks:
-        image = source.load_image(image_id).permute(1, 2, 0).numpy()
-        gt = source.load_mask(image_id)
-        pred = read_mask(masks_dir / f"{image_id}.png")
-        heat = np.zeros(gt.shape, np.float32)
-        panels = [("pseudo mask", pred)]
-        if maps_dir is not None:
-            maps = read_cams(maps_dir / f"{image_id}.npz")["maps"]
-            if len(maps):
-                heat = maps.astype(np.float32).max(0)
-        if seeds_dir is not None:  # the seed and the refined mask of the same image
-            seed = read_cams(seeds_dir / f"{image_id}.npz")
-            seed_mask = threshold_mask(
-                torch.from_numpy(seed["maps"]), torch.from_numpy(seed["keys"]), result["masks_rule"]["threshold"]
-            )
-            panels = [("seed", seed_mask.numpy()), (f"refined ({result['refine']})", pred)]
-        rows.append((f"{image_id} mIoU {miou:.1f}", image, heat, [*panels, ("ground truth", gt)]))
-    if rows:
-        viz.overlay_grid(rows, out_dir / "overlays.png")
-    with atomic_open(out_dir / "summary.md", "w") as f:
-        f.write(_headline_table(result) + "\n\n")
-        if "seeds" in result:
-            f.write(_side_by_side_table(result) + "\n\n")
-        f.write(viz.markdown_table(names, result["scores"]) + "\n")
-
-
-def headline_values(result: dict) -> dict[str, tuple[float | None, str]]:
-    """The headline metrics of a metrics.json with where each was taken: name -> (value, at)."""
-    out: dict[str, tuple[float | None, str]] = {}
-    at = f"t = {result['reported_threshold']}" if result.get("reported_threshold") is not None else "masks"
-    if result.get("threshold_chosen_on"):
-        at += f", chosen on {result['threshold_chosen_on']}"
-    out["miou"] = (result["miou"], at)
-    if "sweep" in result:
-        sw = result["sweep"]
-        out["sweep_best_miou"] = (sw["best"]["miou"], f"best t = {sw['best_threshold']} (oracle)")
-        out["pxap"] = (result["pxap"]["pxap"], "")
-    if result.get("boxes"):
-        b = result["boxes"]
-        out["maxboxacc"] = (b["maxboxacc"], f"best t = {b['maxboxacc_threshold']} (oracle)")
-        ts = ", ".join(str(v[1]) for v in b["v2_per_delta"].values())
-        out["maxboxacc_v2"] = (b["maxboxacc_v2"], f"best t per IoU 0.3/0.5/0.7 = {ts}")
-    return out
-
-
-METRIC_NAMES = {
-    "miou": "mIoU",
-    "sweep_best_miou": "best mIoU",
-    "pxap": "PxAP",
-    "maxboxacc": "MaxBoxAcc",
-    "maxboxacc_v2": "MaxBoxAccV2",
-}
-
-
-def _headline_table(result: dict) -> str:
-    """The headline metrics with their 95 % bootstrap intervals over images."""
-    iv = result.get("intervals") or {}
-    head = f"95 % CI ({iv['resamples']} resamples of the images)" if iv else "95 % CI (bootstrap off)"
-    lines = [f"| {result['split']} | value | {head} | at |", "|---|---|---|---|"]
-    for k, (v, at) in headline_values(result).items():
-        ci = f"[{iv[k][0]:.2f}, {iv[k][1]:.2f}]" if k in iv else "-"
-        lines.append(f"| {METRIC_NAMES[k]} | {v:.2f} | {ci} | {at} |")
-    if result.get("boxes"):
-        b = result["boxes"]
-        lines.append(f"\nBox metrics over {b['pairs']} (image, class) pairs ({b['pairs_without_box']} without a box).")
-    return "\n".join(lines)
-
-
-def _side_by_side_table(result: dict) -> str:
-    """Seeds and refined masks on one split: mIoU at the rule, the sweep's best, PxAP."""
-    lines = [
-        f"| {result['split']} | mIoU | sweep best (t) | PxAP |",
-        "|---|---|---|---|",
-    ]
-    for block in (result["seeds"], result["masks"]):
-        best = f"{block['sweep_best_miou']:.2f} ({block['sweep_best_threshold']})"
-        lines.append(f"| {block['name']} | {block['miou']:.2f} | {best} | {block['pxap']:.2f} |")
-    return "\n".join(lines)
+def _nothing_to_score(ctx: StageContext, source: SegmentationSource, masks_dir: Path, maps_dir: Path | None) -> dict:
+    """No image of the split has ground truth (new images): overlays and a metrics.json that says so."""
+    ev = ctx.cfg.evaluate
+    if not dist.is_main():
+        return {}
+    drawn = write_overlays(ctx.out_dir, ev.overlays, source, masks_dir, maps_dir) if ev.overlays else 0
+    result = {
+        "dataset": source.identity(),
+        "split": source.split,
+        "class_names": source.class_names,
+        "masks_dir": str(masks_dir),
+        "num_images": 0,
+        "no_ground_truth": len(source.ids),
+        "miou": None,
+        "overlays": drawn,
+    }
+    write_json(ctx.out_dir / "metrics.json", result)
+    with atomic_open(ctx.out_dir / "summary.md", "w") as f:
+        f.write(f"Nothing scored: none of the {len(source.ids)} images of {source.split} has a ground-truth mask.\n")
+    return {"class_names": source.class_names, "dataset": source.identity(), "miou": None}
 
 
 def report(artifact: Artifact, run_dir: Path | None) -> None:
     """Log the per-class table and copy metrics.json and the figures into the run directory."""
     out_dir = artifact.dir
     result = read_json(out_dir / "metrics.json")
+    if result["miou"] is None:
+        _copy_reports(out_dir, run_dir)
+        overlays = f"; overlays in {out_dir / 'overlays'}" if result.get("overlays") else ""
+        log.info(
+            "evaluate: nothing to score: none of the %d images of split %r has a ground-truth mask; the pseudo "
+            "masks are in %s%s",
+            result["no_ground_truth"],
+            result["split"],
+            result["masks_dir"],
+            overlays,
+        )
+        return
     names = ["background", *result["class_names"]]
     s = result["scores"]
     lines = [f"{'class':<16} {'IoU':>7} {'prec':>7} {'recall':>7} {'FP':>7} {'FN':>7}"]
@@ -547,11 +500,25 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
             iv["resamples"],
             ", ".join(f"{METRIC_NAMES[k]} [{iv[k][0]:.2f}, {iv[k][1]:.2f}]" for k in METRIC_NAMES if k in iv),
         )
+    if result.get("no_ground_truth"):
+        log.info("evaluate: %d images without a ground-truth mask were not scored", result["no_ground_truth"])
+    if (out_dir / "overlays").is_dir():
+        log.info(
+            "evaluate: overlays of %d images in %s",
+            len(list((out_dir / "overlays").rglob("*.jpg"))),
+            out_dir / "overlays",
+        )
+    _copy_reports(out_dir, run_dir)
+    if run_dir is not None:
+        log.info("evaluate: wrote %s", Path(run_dir) / "metrics.json")
+
+
+def _copy_reports(out_dir: Path, run_dir: Path | None) -> None:
+    """metrics.json, summary.md and the figures into the run directory."""
     if run_dir is not None:
         for name in REPORT_FILES:
             if (out_dir / name).is_file():
                 shutil.copy2(out_dir / name, Path(run_dir) / name)
-        log.info("evaluate: wrote %s", Path(run_dir) / "metrics.json")
 
 
 def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from wsss import dist
 from wsss.artifacts import read_cams, rle_results, write_json, write_mask
 from wsss.dist import progress
 from wsss.pseudo import threshold_mask
-from wsss.stages.base import Need, Stage, StageContext, plain
+from wsss.stages.base import Artifact, Need, Stage, StageContext, plain
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def report(artifact: Artifact, run_dir: Path | None) -> None:
+    """Say where the masks are and how many (when `stage=pseudo_masks` was the request)."""
+    m = artifact.manifest
+    masks = artifact.path("masks_dir")
+    rle = f", and COCO RLE in {artifact.path('rle_json')}" if m.get("rle_json") else ""
+    log.info(
+        "pseudo_masks: %d masks of split %r in %s (palette PNGs: 0 background, c + 1 class c, 255 ignore%s)",
+        m["counts"]["images"],
+        artifact.split,
+        masks,
+        rle,
+    )
+
+
 STAGE = Stage(
     name="pseudo_masks",
     run=run,
     config=("pseudo",),
     params=lambda cfg, split: {"pseudo": plain(cfg.pseudo)},
     needs=lambda cfg, split: {"maps": Need("cams" if cfg.pseudo.refine == "none" else "refine")},
+    report=report,
 )

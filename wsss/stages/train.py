@@ -159,6 +159,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if cfg.model.checkpoint:
         return _given_checkpoint(ctx)
     source = ctx.source()
+    if not source.has_labels:
+        raise ValueError(
+            f"{source.root}: training needs image-level labels (labels.csv or labels.json); to label new images "
+            "with a trained model: model.checkpoint=PATH cam.labels=predicted"
+        )
     loader, loop, batch_loss = build_run(cfg, source, ctx.device)
     epochs = cfg.train.epochs
 

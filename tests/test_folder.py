@@ -1,0 +1,288 @@
+"""dataset=folder: a folder of images with a labels file, ground truth for some images or none, new images labelled
+by a trained model's predictions; and the bad input each of those can hold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny import assert_reported_iou, error_line, loop_iou, run_cli
+from wsss.artifacts import read_cams, read_json, read_mask
+from wsss.data.base import SampleError
+from wsss.data.folder import FolderSource, held_out, image_id
+from wsss.data.synthetic import SYNTHETIC_CLASSES, SyntheticSpec, ensure_synthetic
+
+SORTED = sorted(SYNTHETIC_CLASSES)  # the class order a labels file gives when dataset.class_names is unset
+FOLDER_RUN = ["dataset=folder"]  # with TINY's settings (its dataset.synthetic keys are inert here)
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def build_folder(tmp_path: Path, masks: str = "half", labels: bool = True, n: int = 24) -> Path:
+    """A folder dataset from the synthetic generator's files: images in two nested folders, labels.csv in the
+    names form (the classes of each ground-truth mask), masks for every other image ("half"), all, or none."""
+    src = ensure_synthetic(tmp_path / "syn", SyntheticSpec(num_train=n, num_val=0, image_size=64))
+    root = tmp_path / "mine"
+    rows = [["image", "labels"]]
+    for k, i in enumerate((src / "ImageSets" / "Segmentation" / "train.txt").read_text().split()):
+        sub = "ward_a" if k % 2 else "ward_b/day2"
+        (root / "images" / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "images" / sub / f"{i}.jpg")
+        mask = read_mask(src / "SegmentationClass" / f"{i}.png")
+        names = [SYNTHETIC_CLASSES[v - 1] for v in np.unique(mask) if 0 < v < 255]
+        rows.append([f"{sub}/{i}.jpg" if k % 3 else f"{sub}/{i}", ";".join(names)])  # with and without suffix
+        if masks == "all" or (masks == "half" and k % 2 == 0):
+            # the folder's masks use the sorted class order: remap the generator's values
+            remap = np.full(256, 255, np.uint8)
+            remap[0] = 0
+            for c, name in enumerate(SYNTHETIC_CLASSES):
+                remap[c + 1] = SORTED.index(name) + 1
+            (root / "masks" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(remap[mask]).save(root / "masks" / sub / f"{i}.png")
+    if labels:
+        _write_csv(root / "labels.csv", rows)
+    return root
+
+
+# -- the reader ------------------------------------------------------------------------------------------------
+
+
+def test_ids_labels_and_class_order_from_the_csv(tmp_path):
+    root = build_folder(tmp_path)
+    src = FolderSource(root, "train")
+    assert src.class_names == SORTED
+    assert len(src) == 24
+    assert {"ward_b/day2/train_00000", "ward_a/train_00001"} <= set(src.ids)
+    rows = _rows(root / "labels.csv")[1:]
+    for name, labels in rows:  # every row's names, as indices into the sorted list
+        want = sorted(SORTED.index(n) for n in labels.split(";") if n)
+        assert src.labels(image_id(name)).tolist() == want
+    assert src.has_mask("ward_b/day2/train_00000")
+    assert not src.has_mask("ward_a/train_00001")
+    with pytest.raises(FileNotFoundError, match="no ground-truth mask"):
+        src.load_mask("ward_a/train_00001")
+
+
+def test_column_form_and_json_give_the_same_labels(tmp_path):
+    root = build_folder(tmp_path, masks="none")
+    names_form = FolderSource(root, "train").label_table()
+    rows = _rows(root / "labels.csv")[1:]
+    cols = ["image", *reversed(SORTED)]  # the header's order is not the class order: names are sorted
+    _write_csv(
+        root / "labels.csv", [cols, *[[r[0], *("1" if c in r[1].split(";") else "0" for c in cols[1:])] for r in rows]]
+    )
+    columns = FolderSource(root, "train")
+    assert columns.class_names == SORTED
+    assert {k: v.tolist() for k, v in columns.label_table().items()} == {k: v.tolist() for k, v in names_form.items()}
+    (root / "labels.csv").unlink()
+    (root / "labels.json").write_text(json.dumps({r[0]: [n for n in r[1].split(";") if n] for r in rows}))
+    from_json = FolderSource(root, "train")
+    assert {k: v.tolist() for k, v in from_json.label_table().items()} == {k: v.tolist() for k, v in names_form.items()}
+
+
+def test_val_fraction_holds_out_a_seeded_disjoint_share(tmp_path):
+    root = build_folder(tmp_path, masks="none")
+    train = FolderSource(root, "train", val_fraction=0.25, split_seed=3)
+    val = FolderSource(root, "val", val_fraction=0.25, split_seed=3)
+    assert (len(val), len(train)) == (6, 18)
+    assert not set(train.ids) & set(val.ids)
+    assert val.ids == FolderSource(root, "val", val_fraction=0.25, split_seed=3).ids  # seeded
+    assert val.ids != FolderSource(root, "val", val_fraction=0.25, split_seed=4).ids
+    assert train.identity()["held_out"] == val.ids  # recorded in every manifest that holds the identity
+    assert not list(root.glob("splits*"))  # nothing written into the user's folder
+    assert held_out([f"x{i}" for i in range(10)], 0.0, 0) == set()
+    with pytest.raises(ValueError, match=r"dataset\.val_fraction"):
+        FolderSource(root, "val")
+
+
+def test_split_lists_override_the_draw(tmp_path):
+    root = build_folder(tmp_path, masks="none")
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text("ward_a/train_00001\nward_a/train_00003.jpg\n")
+    assert FolderSource(root, "train").ids == ["ward_a/train_00001", "ward_a/train_00003"]
+    with pytest.raises(FileNotFoundError, match=r"val\.txt.*splits/ has \['train'\]"):
+        FolderSource(root, "val")
+
+
+def test_empty_label_list_is_a_background_only_image(tmp_path, caplog):
+    root = build_folder(tmp_path, masks="none")
+    rows = _rows(root / "labels.csv")
+    rows[1][1] = ""
+    _write_csv(root / "labels.csv", rows)
+    with caplog.at_level(logging.INFO):
+        src = FolderSource(root, "train")
+    assert src.labels(image_id(rows[1][0])).tolist() == []
+    assert "1 of 24 images have no labels (background only)" in caplog.text
+
+
+# -- bad input: raise names the file and line; skip drops and counts ---------------------------------------------
+
+
+def _break(root: Path, how: str) -> str:
+    """Damage the folder one way; return a fragment the error message must hold."""
+    rows = _rows(root / "labels.csv")
+    if how == "missing_image":
+        rows.append(["ward_a/ghost.jpg", "disc"])
+        frag = r"labels.csv line 26\): image 'ward_a/ghost' not under"
+    elif how == "no_labels_row":
+        del rows[5]
+        frag = "no row in labels.csv"
+    elif how == "unknown_class":
+        rows[3][1] = "disc;dragon"
+        frag = r"labels.csv line 4\): class 'dragon' is not in dataset.class_names"
+    elif how == "duplicate_id":
+        rows.append([rows[2][0], "disc"])
+        frag = "labels.csv line 26: image .* is already on labels.csv line 3"
+    elif how == "malformed_row":
+        rows[7] = [rows[7][0], "disc", "extra"]
+        frag = "labels.csv line 8: 3 fields, the header has 2"
+    elif how == "unreadable_image":
+        path = root / "images" / "ward_a" / "train_00001.jpg"
+        path.write_bytes(path.read_bytes()[:300])
+        return "train_00001.jpg: (unreadable|truncated) image"
+    _write_csv(root / "labels.csv", rows)
+    return frag
+
+
+@pytest.mark.parametrize(
+    "how", ["missing_image", "no_labels_row", "unknown_class", "duplicate_id", "malformed_row", "unreadable_image"]
+)
+def test_bad_input_raises_naming_the_file_or_is_skipped_and_counted(tmp_path, how):
+    root = build_folder(tmp_path, masks="none")
+    frag = _break(root, how)
+    names = SORTED if how == "unknown_class" else None
+    if how == "unreadable_image":  # found when the image is read (the skip policy reads every header up front)
+        with pytest.raises(SampleError, match=frag):
+            FolderSource(root, "train").load_image("ward_a/train_00001")
+    else:
+        with pytest.raises(SampleError, match=frag):
+            FolderSource(root, "train", class_names=names)
+    src = FolderSource(root, "train", class_names=names, on_error="skip")
+    reasons = ("truncated_image", "unreadable_image") if how == "unreadable_image" else (how,)
+    assert len(src.skipped) == 1, src.skipped
+    assert src.skipped.get(next(iter(src.skipped))) == 1
+    assert next(iter(src.skipped)) in reasons, src.skipped
+    assert len(src) == (24 if how == "missing_image" else 23)  # a row without its image drops no image
+
+
+def test_duplicate_image_files_are_one_id_too_many(tmp_path):
+    root = build_folder(tmp_path, masks="none")
+    Image.open(root / "images" / "ward_a" / "train_00001.jpg").save(root / "images" / "ward_a" / "train_00001.png")
+    with pytest.raises(SampleError, match=r"id 'ward_a/train_00001' names 2 files"):
+        FolderSource(root, "train")
+    assert FolderSource(root, "train", on_error="skip").skipped == {"duplicate_id": 1}
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------------
+
+
+def test_half_the_images_with_ground_truth_score_that_half(tmp_path):
+    root = build_folder(tmp_path, masks="half")
+    r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = read_json(tmp_path / "run" / "metrics.json")
+    assert (m["num_images"], m["no_ground_truth"]) == (12, 12)
+    assert "12 of 24 images of folder/train have no ground-truth mask: scoring the other 12" in r.stdout
+    assert m["class_names"] == SORTED
+    # the score is the pixel loop's over the 12 masked images, nothing else
+    masks_dir = Path(m["masks_dir"])
+    pairs = []
+    for path in sorted((root / "masks").rglob("*.png")):
+        rel = path.relative_to(root / "masks").with_suffix("").as_posix()
+        pairs.append((np.array(Image.open(path)), read_mask(masks_dir / f"{rel}.png")))
+    assert len(pairs) == 12
+    iou, miou = loop_iou(pairs, 7)
+    assert_reported_iou(m["pseudo_masks"], iou, miou, ["background", *SORTED])
+    saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    assert "- cross\n  - disc" in saved  # the class names the labels file gave, written into the run's config
+    overlays = Path(m["masks_dir"]).parents[2] / "evaluate"
+    assert len(list(overlays.rglob("overlays/**/*.jpg"))) == 2  # evaluate.overlays=2 of TINY
+
+
+def test_without_ground_truth_masks_are_made_and_evaluate_says_so(tmp_path):
+    root = build_folder(tmp_path, masks="none")
+    common = [*FOLDER_RUN, f"dataset.root={root}"]
+    r = run_cli(tmp_path, [*common, "stage=pseudo_masks", f"hydra.run.dir={tmp_path / 'r1'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if "pseudo_masks: 24 masks of split 'train' in" in ln)
+    masks = Path(line.split(" in ", 1)[1].split(" (palette")[0])
+    assert len(list(masks.rglob("*.png"))) == 24
+    r = run_cli(tmp_path, [*common, f"hydra.run.dir={tmp_path / 'r2'}"])  # the default stage: evaluate
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [ln for ln in r.stdout.splitlines() if "nothing to score" in ln]
+    assert len(said) == 1
+    assert "none of the 24 images of split 'train' has a ground-truth mask" in said[0]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert (tmp_path / "r2" / "overlays.png").is_file()
+    assert read_json(tmp_path / "r2" / "metrics.json")["miou"] is None
+
+
+def test_predicted_labels_for_new_images_follow_the_classifier_scores(tmp_path):
+    labelled = build_folder(tmp_path, masks="none")
+    r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={labelled}", "stage=train", f"hydra.run.dir={tmp_path / 't'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    checkpoint = next((tmp_path / "cache" / "train").glob("*/model.pt"))
+    new = tmp_path / "new"
+    shutil.copytree(labelled / "images", new / "images")  # no labels file, no masks
+    args = [*FOLDER_RUN, f"dataset.root={new}", f"model.checkpoint={checkpoint}", "stage=pseudo_masks"]
+    r = run_cli(tmp_path, [*args, f"hydra.run.dir={tmp_path / 'p0'}"])
+    assert r.returncode == 2
+    assert "cam.labels=predicted" in error_line(r.stderr)
+    r = run_cli(tmp_path, [*args, "cam.labels=predicted", "cam.score_threshold=0.5", f"hydra.run.dir={tmp_path / 'p'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cams = next(d for d in (tmp_path / "cache" / "cams").iterdir() if (d / "predicted_labels.json").is_file())
+    predicted = read_json(cams / "predicted_labels.json")
+    assert len(predicted) == 24
+    # the classifier's own scores, computed here: sigmoid of its logits on the whole normalised image
+    from wsss.data.transforms import normalize
+    from wsss.models import load_checkpoint
+
+    model, names = load_checkpoint(checkpoint)
+    assert names == SORTED
+    model.set_output_stride(8).eval()  # cam.output_stride's default, as the cams stage reads it
+    checked = 0
+    for key, got in predicted.items():
+        path = next((new / "images").glob(f"{key}.jpg"))
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        with torch.no_grad():
+            scores = torch.sigmoid(model(normalize(image[None]))).squeeze(0)
+        clear = (scores - 0.5).abs() > 1e-3  # no class within rounding of the threshold
+        want = {names[c] for c in range(len(names)) if scores[c] > 0.5}
+        assert {c for c in got if clear[names.index(c)]} == {c for c in want if clear[names.index(c)]}, key
+        keys = read_cams(cams / "maps" / f"{key}.npz")["keys"].tolist()
+        assert [names[c] for c in keys] == sorted(got, key=names.index)
+        for c, s in got.items():
+            assert s == pytest.approx(float(scores[names.index(c)]), abs=2e-3)
+        checked += 1
+    assert checked == 24
+
+
+def test_a_checkpoint_with_other_classes_is_refused_with_both_lists(tmp_path):
+    labelled = build_folder(tmp_path, masks="none")
+    r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={labelled}", "stage=train", f"hydra.run.dir={tmp_path / 't'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    checkpoint = next((tmp_path / "cache" / "train").glob("*/model.pt"))
+    rows = _rows(labelled / "labels.csv")
+    _write_csv(labelled / "labels.csv", [rows[0], *[[r[0], r[1].replace("cross", "plus")] for r in rows[1:]]])
+    r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={labelled}", f"model.checkpoint={checkpoint}", "stage=cams"])
+    line = error_line(r.stderr)
+    assert r.returncode == 2
+    assert str(SORTED) in line
+    assert "'plus'" in line
+    assert "differ" in line
