@@ -2,6 +2,8 @@
 
     python -m wsss.cache list                          every artifact: stage, key, split, what differs
                                                        from the default config, size, created, last used
+    python -m wsss.cache list --runs [outputs]         every run directory below outputs/ and the artifacts
+                                                       it links, each ok or PRUNED
     python -m wsss.cache prune --unused-days 30        remove artifacts not used for 30 days
     python -m wsss.cache prune --keep stage=evaluate dataset=voc12 ...
                                                        remove every artifact the graph of that config
@@ -10,7 +12,9 @@
 
 The cache is `--cache-dir`, else `$WSSS_CACHE`, else `outputs/cache` (the config's `paths.cache_dir`).
 "Last used" is the artifact directory's mtime, which the pipeline touches on every reuse. An artifact that
-a running build holds locked is never removed.
+a running build holds locked is never removed. `prune` ends by naming the run directories (below `--runs-dir`,
+default `outputs`) whose links it broke, and `list --runs` marks them, so a pruned artifact is never lost
+silently.
 """
 
 from __future__ import annotations
@@ -142,19 +146,39 @@ def list_cache(cache_dir: Path, out: TextIO | None = None) -> list[Entry]:
     return entries
 
 
+def list_runs(root: Path, out: TextIO | None = None) -> list[Path]:
+    """Print every run directory below `root` with its artifacts, each ok or PRUNED; return the runs."""
+    from wsss.rundir import find_runs, read_index
+
+    out = out or sys.stdout
+    runs = find_runs(root)
+    broken = 0
+    for run in runs:
+        index = read_index(run)
+        gone = [label for label, e in index.items() if not Path(e["path"]).is_dir()]
+        broken += bool(gone)
+        out.write(f"{run}{'  (PRUNED: ' + ', '.join(gone) + ')' if gone else ''}\n")
+        for label, e in index.items():
+            out.write(f"  {label:<16} {e['key']:<16} {'PRUNED' if label in gone else 'ok'}\n")
+    out.write(f"{len(runs)} runs below {root}, {broken} with a pruned artifact\n")
+    return runs
+
+
+def _broken_runs(runs_dir: Path, removed: list[Entry]) -> list[Path]:
+    """Run directories below `runs_dir` that link to one of `removed`."""
+    from wsss.rundir import find_runs, read_index
+
+    gone = {str(e.path.resolve()) for e in removed}
+    return [r for r in find_runs(runs_dir) if any(v["path"] in gone for v in read_index(r).values())]
+
+
 def reachable_keys(overrides: list[str]) -> set[str]:
     """Keys of every node the graph of the composed config reaches from its requested stage."""
     from wsss.pipeline import Pipeline
 
     cfg = _compose(overrides)
     pipe = Pipeline(cfg)
-    keys: set[str] = set()
-    stack = [pipe.node(str(cfg.stage.name))]
-    while stack:
-        node = stack.pop()
-        keys.add(node.key)
-        stack.extend(node.inputs.values())
-    return keys
+    return {node.key for node in pipe.upstream(pipe.node(str(cfg.stage.name)))}
 
 
 @contextlib.contextmanager
@@ -183,6 +207,7 @@ def prune(
     keep: list[str] | None = None,
     dry_run: bool = False,
     out: TextIO | None = None,
+    runs_dir: Path | None = None,
 ) -> list[Entry]:
     """Remove artifacts unused for `unused_days`, or not reachable from the config `keep` (overrides)."""
     out = out or sys.stdout
@@ -210,6 +235,14 @@ def prune(
             removed.append(e)
     total = sum(e.size for e in removed)
     out.write(f"{'would free' if dry_run else 'freed'} {_human(total)} ({len(removed)} of {len(entries)} artifacts)\n")
+    if runs_dir is not None and runs_dir.is_dir() and removed:
+        broken = _broken_runs(runs_dir, removed)
+        if broken:
+            names = ", ".join(str(r) for r in broken[:5]) + (", ..." if len(broken) > 5 else "")
+            out.write(
+                f"{len(broken)} run directories below {runs_dir} {'would lose' if dry_run else 'lost'} an artifact "
+                f"({names}); python -m wsss.cache list --runs {runs_dir} marks them\n"
+            )
     return removed
 
 
@@ -218,17 +251,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsss.cache", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("WSSS_CACHE", "outputs/cache")))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="one line per artifact")
+    lp = sub.add_parser("list", help="one line per artifact")
+    lp.add_argument(
+        "--runs",
+        nargs="?",
+        const=Path("outputs"),
+        type=Path,
+        metavar="DIR",
+        help="list the run directories below DIR (default outputs) and their artifacts instead",
+    )
     p = sub.add_parser("prune", help="remove unused or unreachable artifacts")
     p.add_argument("--unused-days", type=float, help="remove artifacts not used for this many days")
     p.add_argument("--keep", nargs="*", metavar="OVERRIDE", help="keep only what this config's graph reaches")
     p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.add_argument("--runs-dir", type=Path, default=Path("outputs"), help="run directories to check for broken links")
     args = parser.parse_args(argv)
     try:
-        if args.command == "list":
+        if args.command == "list" and args.runs is not None:
+            list_runs(args.runs)
+        elif args.command == "list":
             list_cache(args.cache_dir)
         else:
-            prune(args.cache_dir, args.unused_days, args.keep, args.dry_run)
+            prune(args.cache_dir, args.unused_days, args.keep, args.dry_run, runs_dir=args.runs_dir)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"wsss: error: {e}\n")
         return 2

@@ -39,6 +39,7 @@ from wsss.data import resolve_class_names
 from wsss.errors import CacheError, DamagedFileError
 from wsss.fingerprint import FileGroup, describe_changes, sha256_file
 from wsss.provenance import code_digest, code_version, digest
+from wsss.rundir import link_artifacts, result_line
 from wsss.stages import STAGES
 from wsss.stages.base import Artifact, Fingerprints, Stage, StageContext
 
@@ -169,9 +170,27 @@ class Pipeline:
         node = self.node(name)
         artifact = self.ensure(node)
         log.info("pipeline: %s", ", ".join(f"{s} {how}" for s, how in self.report.items()))
-        if node.stage.report is not None and dist.is_main():
+        if not dist.is_main():
+            return artifact.manifest
+        if self.run_dir is not None:  # the run directory links what it used and built
+            used = self.upstream(node)
+            link_artifacts(self.run_dir, {n.label: (n.stage.name, n.key, self._dir(n)) for n in used})
+        if node.stage.report is not None:
             node.stage.report(artifact, self.run_dir)
+        log.info("result: %s", result_line(name, node.label, artifact.dir, artifact.manifest, self.run_dir))
         return artifact.manifest
+
+    def upstream(self, node: Node) -> list[Node]:
+        """The node and every node it depends on, inputs first (each once)."""
+        seen: dict[tuple[str, str], Node] = {}
+
+        def visit(n: Node) -> None:
+            for i in n.inputs.values():
+                visit(i)
+            seen.setdefault((n.stage.name, n.split), n)
+
+        visit(node)
+        return list(seen.values())
 
     def ensure(self, node: Node) -> Artifact:
         """The node's finished artifact: reused when complete, else built (its inputs first).

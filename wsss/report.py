@@ -43,6 +43,7 @@ from wsss.metrics.bootstrap import (
     resample_weights,
     resampled_metrics,
 )
+from wsss.rundir import sweep_summary
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +437,8 @@ class LeaderboardCallback(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():  # what each job gave, on the console (the leaderboard below writes files)
+            sys.stdout.write(f"sweep {sweep_dir}:\n{sweep_summary(sweep_dir)}")
         if not sweep_dir.is_dir() or not any((d / "metrics.json").is_file() for d in sweep_dir.iterdir()):
             log.info("report: no run of %s wrote metrics.json; no leaderboard", sweep_dir)
             return
