@@ -4,14 +4,14 @@ The commands are read from the documents themselves: the fenced `bash` / `sh` bl
 chains and `#` comments handled) and the inline code spans that start like a command (`python ...`,
 `torchrun ...`, `pip ...`). Each is classified and checked as far as a test can afford:
 
-- `python -m wsss.run ...` (also under `torchrun ... -m wsss.run`): every job it launches is composed in-process
-  with Hydra's compose API, the overrides' values are read back from the composed config (group choices from
-  `hydra.runtime.choices`), and `wsss.config.validate` passes. A `-m` command is expanded into its jobs by
-  Hydra's own BasicSweeper, as `-m` does: Hydra 1.3 refuses `--cfg` together with `-m` ("Only one of --run,
-  --multirun, --cfg, --info and --shell_completion can be specified") and refuses a comma list without `-m`.
-  A few commands also go through the real command line with `--cfg job` (the first job of a sweep), and the
-  printed config must equal the in-process one; the quick start and a threshold sweep really run on the tiny
-  config.
+- `python -m wsss.run ...` (also under `torchrun ... -m wsss.run`, and as `python wsss/run.py ...`): every job it
+  launches is composed in-process with Hydra's compose API, the overrides' values are read back from the composed
+  config (group choices from `hydra.runtime.choices`), and `wsss.config.validate` passes. A `-m` command is
+  expanded into its jobs by Hydra's own BasicSweeper, as `-m` does: Hydra 1.3 refuses `--cfg` together with `-m`
+  ("Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified") and refuses a comma
+  list without `-m`. A few commands also go through the real command line with `--cfg job` (the first job of a
+  sweep), and the printed config must equal the in-process one; the quick start and a threshold sweep really run
+  on the tiny config.
 - `python -m wsss.report` / `python -m wsss.cache` / `python scripts/X.py`: the command as written plus `--help`
   exits 0 (run in-process with runpy, as `python` would run it: a subcommand or an option value argparse rejects
   fails), and every `--option` it names is in that help. `wsss.cache list` and `prune --dry-run` really run.
@@ -90,6 +90,8 @@ class Command:
         if w[:2] == ("pip", "install"):
             return "pip"
         if w[0] in ("python", "python3") and len(w) > 1:
+            if w[1] == "wsss/run.py":  # the same app as `-m wsss.run`, the form Hydra's tab completion knows
+                return "run"
             if w[1] == "-m" and len(w) > 2:
                 return {"wsss.run": "run", "wsss.report": "report", "wsss.cache": "cache", "pytest": "pytest"}.get(w[2])
             if w[1].startswith("scripts/") and w[1].endswith(".py"):
@@ -252,7 +254,7 @@ def _fill(words: tuple[str, ...], tmp: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------- wsss.run
 
 HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p")
-HYDRA_FLAGS = ("--resolve",)
+HYDRA_FLAGS = ("--resolve", "--help")
 
 
 def _run_args(words: list[str]) -> tuple[bool, list[str]]:
@@ -261,6 +263,8 @@ def _run_args(words: list[str]) -> tuple[bool, list[str]]:
         args = _torchrun_args(tuple(words))
         assert args.module, "torchrun runs wsss.run as a module: `-m wsss.run`"
         words = ["python", "-m", "wsss.run", *args.training_script_args]
+    elif words[1] == "wsss/run.py":
+        words = ["python", "-m", "wsss.run", *words[2:]]
     multirun, overrides, rest = False, [], iter(words[3:])
     for w in rest:
         if w in ("-m", "--multirun"):

@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from wsss.cam import METHODS
 from wsss.errors import ConfigError
+from wsss.help import register_help
 from wsss.models import BACKBONES
 
 
@@ -293,6 +294,7 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="cam", name="base_cam", node=CamConfig)
     cs.store(group="stage", name="base_stage", node=StageConfig)
+    register_help()  # hydra/help: wsss, `python -m wsss.run --help` (wsss/help.py)
 
 
 # -- ranges and relations ------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""`python -m wsss.run --help`: Hydra's `hydra/help` template filled with wsss's own text.
+
+The stages, the config groups and their options are read from the registries when the help is shown (through
+the `wsss_help` resolver), so the help lists what the code has, never a copy. Hydra then substitutes its own
+`$FLAGS_HELP` into the template (`string.Template`), so the resolver writes every `$` of the text as `$$`.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+WIDTH = 120
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"  # run.py's config_path, "../conf"
+
+# The overrides most runs need, each with one line; tests/test_help.py composes and validates every one.
+OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("stage=pseudo_masks", "stop after the pseudo masks"),
+    ("dataset=folder dataset.root=DIR", "your own images: DIR/images/ and a labels file (docs/own-data.md)"),
+    ("model.checkpoint=PATH", "a trained classifier (a model.pt) instead of training one"),
+    ("cam=gradcampp", "another CAM method (the cam group above)"),
+    ("pseudo.threshold=0.4", "the background threshold: a pixel whose best map is not above it is background"),
+    ("pseudo.refine=crf", "refine the maps before thresholding (the pseudo.refine choices above)"),
+    ("dataset.eval_split=val", "make CAMs, masks and scores on this split (default train)"),
+    ("evaluate.select_on=val", "choose the threshold on this split and report dataset.eval_split at it"),
+    ("train.epochs=5", "train for this many epochs (default 50)"),
+    ("device=cpu", "where to compute: auto (the default: a GPU if there is one), cpu, cuda, cuda:N"),
+    ("progress=log", "a log line per 10 % of a loop instead of progress bars (Slurm, CI, output to a file)"),
+    ("-m pseudo.threshold=0.3,0.5", "a sweep: one job per value (or combination), a leaderboard at the end"),
+    ("--cfg job", "print the composed config, every key there is to override, and exit"),
+)
+
+HEADER = """\
+wsss: weakly supervised semantic segmentation from image-level labels. A GAP classifier's class activation maps
+become pseudo masks, refined and scored; every stage is cached by all it depends on, so a sweep trains once.
+
+Usage: python -m wsss.run [stage=NAME] [group=option ...] [key=value ...]      (-m: one job per comma-list value)
+"""
+
+FOOTER = "Hydra's own help (its groups, the hydra.* keys): python -m wsss.run --hydra-help; https://hydra.cc"
+
+COMPLETION = """\
+== Tab completion of groups, options and keys (bash; zsh with bashcompinit) ==
+  eval "$(python -m wsss.run -sc install=bash)"    then, in the repository root: python wsss/run.py cam=<TAB>
+  (Hydra completes `python FILE.py` and installed commands, not `python -m MODULE`: hydra issue #1957)"""
+
+TEMPLATE = """\
+${hydra.help.header}
+${wsss_help:}
+
+== Hydra's flags ==
+$FLAGS_HELP
+
+${hydra.help.footer}
+"""
+
+
+def _rows(rows: list[tuple[str, str]], indent: int = 2) -> list[str]:
+    """`name  text` rows, the text column aligned and wrapped at WIDTH with a hanging indent."""
+    col = indent + max(len(name) for name, _ in rows) + 2
+    out = []
+    for name, text in rows:
+        first = f"{' ' * indent}{name:<{col - indent}}"
+        out += textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * col, break_on_hyphens=False)
+    return out
+
+
+def _options(names: list[str], chosen: Any) -> str:
+    """The options of a group, the chosen one marked `*`."""
+    return ", ".join(f"{n}*" if n == chosen else n for n in names)
+
+
+def stage_rows(cfg: DictConfig | None) -> list[tuple[str, str]]:
+    """(stage, what it makes and what it needs under `cfg`) for every stage of `wsss.stages.STAGES`."""
+    from wsss.stages import STAGES
+
+    rows = []
+    for name, stage in STAGES.items():
+        doc = (sys.modules[stage.run.__module__].__doc__ or "").strip().splitlines()
+        what = doc[0].removeprefix(f"Stage `{name}`:").strip() if doc else ""
+        if cfg is not None:
+            needs = list(dict.fromkeys(n.stage for n in stage.needs(cfg, stage.split(cfg)).values()))
+            what = f"{what.rstrip('.')}; needs {', '.join(needs) or 'nothing'}"
+        rows.append((name, what))
+    return rows
+
+
+def group_options() -> dict[str, list[str]]:
+    """Every config group (and the one choice key, pseudo.refine) with its options, from the registries."""
+    from wsss.cam import METHODS
+    from wsss.config import RefineMethod
+    from wsss.data import DATASETS
+    from wsss.models import BACKBONES
+    from wsss.stages import STAGES
+
+    return {
+        "stage": sorted(STAGES),
+        "dataset": sorted(DATASETS),
+        "model": sorted(BACKBONES),
+        "cam": sorted(METHODS),
+        "experiment": sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")),
+        "pseudo.refine": [m.value for m in RefineMethod],
+    }
+
+
+def docs_line() -> str:
+    """README.md, every page of docs/ and BENCHMARKS.md, as they are on disk."""
+    pages = [p.relative_to(REPO).as_posix() for p in sorted((REPO / "docs").glob("*.md"))]
+    return ", ".join(["README.md (start here)", *pages, "BENCHMARKS.md"])
+
+
+def help_body(cfg: DictConfig | None = None) -> str:
+    """The help between Hydra's header and its flags; with `cfg` (the composed config) the current choices and
+    each stage's needs under it are shown."""
+    chosen: dict[str, Any] = {}
+    if cfg is not None:
+        chosen = dict(OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {})
+        chosen["pseudo.refine"] = OmegaConf.select(cfg, "pseudo.refine", default=None)
+    groups = group_options()
+    notes = {"experiment": " (a paper's recipe over several groups; default: none)", "pseudo.refine": " (a key)"}
+    lines = ["== Stages: stage=NAME runs NAME after what it needs (unless cached) ==", *_rows(stage_rows(cfg))]
+    lines += ["", "== Config groups: group=option (* this run's choice) =="]
+    lines += _rows([(g, _options(opts, str(chosen.get(g))) + notes.get(g, "")) for g, opts in groups.items()])
+    lines += ["", "== Common overrides (README.md and docs/config.md have more) =="]
+    lines += _rows(list(OVERRIDES))
+    lines += ["", COMPLETION, "", "== Docs =="]
+    lines += textwrap.wrap(docs_line(), WIDTH, initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(lines)
+
+
+def _resolve_help(*, _root_: DictConfig) -> str:
+    return help_body(_root_).replace("$", "$$")
+
+
+def register_help() -> None:
+    """Register the `wsss_help` resolver and the `hydra/help: wsss` config that conf/config.yaml selects."""
+    OmegaConf.register_new_resolver("wsss_help", _resolve_help, replace=True)
+    node = {"app_name": "wsss", "header": HEADER, "footer": FOOTER, "template": TEMPLATE}
+    ConfigStore.instance().store(group="hydra/help", name="wsss", node=node)
