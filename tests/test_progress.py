@@ -30,13 +30,15 @@ def _expected_lines(total: int, step_s: float, leave: bool = True) -> list[int]:
     for n in range(1, total + 1):
         t = n * step_s
         if t - last_t >= 30 and 100 * (n - last_n) / total >= 10:
+            if not leave and (total - n) * step_s < 30:
+                continue  # a part of a larger step with under 30 s left: its caller's line comes next
             due.append(n)
             last_n, last_t = n, t
     return due + ([total] if leave else [])
 
 
 @pytest.mark.parametrize(
-    ("total", "step_s", "leave"), [(100, 1.0, True), (100, 0.01, True), (4, 100.0, True), (50, 3.0, False)]
+    ("total", "step_s", "leave"), [(100, 1.0, True), (100, 0.01, True), (4, 100.0, True), (50, 3.0, False), (12, 3.0, False)]
 )
 def test_log_lines_every_ten_percent_and_thirty_seconds(caplog, total, step_s, leave):
     clock = Clock()
@@ -53,11 +55,11 @@ def test_log_lines_every_ten_percent_and_thirty_seconds(caplog, total, step_s, l
     assert all("\r" not in m for m in lines)
     if leave:
         assert (
-            lines[-1] == f"cams cam: {total} img done in {progress._duration(total * step_s)} ({1 / step_s:.3g} img/s)"
+            lines[-1] == f"cams cam: {total} img done in {progress.duration(total * step_s)} ({1 / step_s:.3g} img/s)"
         )
     if len(lines) > 1:  # an intermediate line carries the share, the rate and the time left
         n = counts[0]
-        left = progress._duration((total - n) * step_s)
+        left = progress.duration((total - n) * step_s)
         assert lines[0] == f"cams cam: {n}/{total} img ({100 * n / total:.0f} %), {1 / step_s:.3g} img/s, {left} left"
 
 

@@ -4,7 +4,8 @@
 (so `run.log` and the console agree, and a Slurm or CI log holds no carriage-return redraws): one line when a
 loop has advanced by `LOG_PERCENT` % AND `LOG_SECONDS` s since its last line (whichever is rarer), with the count,
 the rate and the time left, and one line when it ends. `bar`, `log` and `off` force one behaviour. Loops that
-are one part of a larger step (`leave=False`, an epoch's batches) report no end line: their caller logs.
+are one part of a larger step (`leave=False`, an epoch's batches) report no end line, their caller logs, and
+no line either when less than `LOG_SECONDS` of them is left.
 `wsss.dist.progress` picks the behaviour (and shows nothing on ranks other than 0).
 """
 
@@ -39,7 +40,7 @@ def resolved_mode() -> str:
     return "bar" if sys.stderr.isatty() else "log"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -91,8 +92,15 @@ class LogProgress:
         now = self.clock()
         share = 100.0 * (self.n - self.last_n) / self.total if self.total else 0.0
         if now - self.last_time >= LOG_SECONDS and (share >= LOG_PERCENT or not self.total):
+            if not self.leave and self.total and self._left(now) < LOG_SECONDS:
+                return  # a part of a larger step about to end: its caller's line follows in moments
             self.last_time, self.last_n = now, self.n
             log.info("%s", self._line(now))
+
+    def _left(self, now: float) -> float:
+        """Seconds left at the current rate (infinite before the first item)."""
+        rate = self.n / (now - self.start) if now > self.start else 0.0
+        return (self.total - self.n) / rate if rate > 0 else float("inf")
 
     def close(self) -> None:
         if self.closed:
@@ -101,7 +109,7 @@ class LogProgress:
         if not self.disable and self.leave:
             elapsed = self.clock() - self.start
             rate = self.n / elapsed if elapsed > 0 else 0.0
-            done = f"{self.n} {self.unit} done in {_duration(elapsed)} ({rate:.3g} {self.unit}/s)"
+            done = f"{self.n} {self.unit} done in {duration(elapsed)} ({rate:.3g} {self.unit}/s)"
             log.info("%s: %s", self.desc, done)
 
     def _line(self, now: float) -> str:
@@ -109,7 +117,7 @@ class LogProgress:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         if not self.total:
             return f"{self.desc}: {self.n} {self.unit}, {rate:.3g} {self.unit}/s"
-        left = _duration((self.total - self.n) / rate) if rate > 0 else "?"
+        left = duration((self.total - self.n) / rate) if rate > 0 else "?"
         percent = 100.0 * self.n / self.total
         count = f"{self.n}/{self.total} {self.unit} ({percent:.0f} %)"
         return f"{self.desc}: {count}, {rate:.3g} {self.unit}/s, {left} left"

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from wsss import dist
 from wsss.artifacts import atomic_open
 from wsss.dist import progress
+from wsss.progress import duration
 from wsss.state import (
     StateError,
     misfit,
@@ -408,7 +409,8 @@ class Loop:
             row = {"epoch": epoch + 1, **summarise(self.epoch(loader, epoch, batch_loss)), "lr": lr}
             row["seconds"] = round(time.perf_counter() - start, 2)
             self.history.append(row)
-            log.info("%s: epoch %d/%d %s", self.name, epoch + 1, self.epochs, _fmt(row))
+            left = duration(row["seconds"] * (self.epochs - epoch - 1))  # at this epoch's pace
+            log.info("%s: epoch %d/%d %s (%s left)", self.name, epoch + 1, self.epochs, _fmt(row), left)
             self.save(out_dir / state_name, epoch + 1)
             _write_history(out_dir, self.history, writer, self.name)
         if writer is not None:
