@@ -38,7 +38,8 @@ def _expected_lines(total: int, step_s: float, leave: bool = True) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("total", "step_s", "leave"), [(100, 1.0, True), (100, 0.01, True), (4, 100.0, True), (50, 3.0, False), (12, 3.0, False)]
+    ("total", "step_s", "leave"),
+    [(100, 1.0, True), (100, 0.01, True), (4, 100.0, True), (50, 3.0, False), (12, 3.0, False)],
 )
 def test_log_lines_every_ten_percent_and_thirty_seconds(caplog, total, step_s, leave):
     clock = Clock()
