@@ -143,3 +143,48 @@ def test_bad_input_is_refused_by_name(change, message):
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps must be >= 1"):
         deletion_insertion(_model(), *_inputs(), steps=0)
+
+
+def test_imputation_equals_road_s_sparse_solve():
+    road_module = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    from wsss.cam.metrics import impute
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 14, 17, generator=g)
+    removed = torch.rand(2, 14, 17, generator=g) > 0.2  # 80 % removed, as MoRF at the 20th percentile
+    ours = impute(images, removed)
+    for b in range(2):
+        ref = road_module.NoisyLinearImputer(noise=0.0)(images[b], (~removed[b]).float())
+        torch.testing.assert_close(ours[b], ref, rtol=0, atol=1e-5)
+    assert torch.equal(ours[~removed[:, None].expand_as(images)], images[~removed[:, None].expand_as(images)])
+
+
+def test_road_equals_pytorch_grad_cam_without_noise():
+    road_module = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    from wsss.cam.metrics import road
+
+    model = _model()
+    images, targets, _ = _inputs()
+    maps = torch.rand(len(targets), 6, 6, generator=torch.Generator().manual_seed(5))  # no ties at a percentile
+    percentiles = (20, 50, 80)
+    ours = road(model, images, targets, maps, percentiles=percentiles)
+    up = nn.functional.interpolate(maps[:, None], images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    up = up.clamp(0, 1).numpy()
+    inputs = images[targets[:, 0]]
+    score_of = [lambda out, c=c: torch.sigmoid(out)[c] for c in targets[:, 1].tolist()]
+    for name, cls in (("morf", road_module.ROADMostRelevantFirst), ("lerf", road_module.ROADLeastRelevantFirst)):
+        for k, p in enumerate(percentiles):
+            metric = cls(percentile=p)
+            metric.perturbation.imputer.noise = 0.0
+            ref = metric(inputs, up, score_of, model)
+            assert ours[name][:, k].numpy() == pytest.approx(ref, abs=1e-4), (name, p)
+    assert ours["combined"].numpy() == pytest.approx(((ours["lerf"] - ours["morf"]) / 2).mean(1).numpy())
+
+
+def test_a_map_that_removes_everything_imputes_the_mean():
+    from wsss.cam.metrics import impute, road
+
+    images = torch.randn(1, 3, 8, 8)
+    assert torch.equal(impute(images, torch.ones(1, 8, 8, dtype=torch.bool)), torch.zeros_like(images))
+    out = road(_model(), images, torch.tensor([[0, 1]]), torch.zeros(1, 4, 4), percentiles=(50,))
+    assert torch.isfinite(out["combined"]).all()  # a constant map ties everywhere: all removed, still defined
