@@ -56,6 +56,7 @@ BACKBONES: dict[str, tuple[Any, int]] = {
     "resnet18": (torchvision.models.resnet18, 512),
     "resnet34": (torchvision.models.resnet34, 512),
     "resnet50": (torchvision.models.resnet50, 2048),
+    "resnet101": (torchvision.models.resnet101, 2048),
     "convnext_tiny": (torchvision.models.convnext_tiny, 768),
     "swin_t": (torchvision.models.swin_t, 768),
     "vit_b_16": (torchvision.models.vit_b_16, 768),
