@@ -55,6 +55,32 @@ def dense_crf(
     return q[1:], q[0]
 
 
+def dense_crf_probs(
+    image: np.ndarray,
+    probs: np.ndarray,
+    *,
+    iterations: int = 10,
+    gaussian_sxy: float = 3.0,
+    gaussian_compat: float = 3.0,
+    bilateral_sxy: float = 80.0,
+    bilateral_srgb: float = 13.0,
+    bilateral_compat: float = 10.0,
+) -> np.ndarray:
+    """CRF marginals of one image from a network's class probabilities (DeepLab's post-processing).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        probs: (L, H, W) probabilities of every label (background first), summing to 1 over L.
+
+    Returns:
+        (L, H, W) float32 marginals; their argmax is the CRF's labelling.
+    """
+    _, unary_from_softmax = _densecrf()
+    unary = np.ascontiguousarray(unary_from_softmax(np.clip(probs.astype(np.float32), 1e-8, 1.0)))
+    kernels = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
+    return _mean_field(image, unary, probs.shape[0], iterations, *kernels)
+
+
 def _mean_field(
     image: np.ndarray,
     unary: np.ndarray,

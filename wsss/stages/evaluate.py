@@ -74,7 +74,7 @@ def _named(values: list[float], names: list[str]) -> dict[str, float]:
     return {n: (None if np.isnan(v) else round(v, 4)) for n, v in zip(names, values, strict=True)}
 
 
-def _summary(s: dict[str, Any], names: list[str]) -> dict[str, Any]:
+def named_scores(s: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """A scores dict with per-label lists keyed by label name."""
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if not isinstance(v, list)}
     for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio"):
@@ -207,7 +207,7 @@ def _score_pass(
     return cm, sweep, records
 
 
-def _image_stats(records: dict[str, dict[str, Any]], ids: list[str], num_labels: int, thresholds) -> ImageStats:
+def image_stats(records: dict[str, dict[str, Any]], ids: list[str], num_labels: int, thresholds) -> ImageStats:
     """The per-image statistics in split order, from every rank's records."""
     b = ImageStatsBuilder(num_labels, thresholds)
     for image_id in ids:
@@ -235,7 +235,7 @@ def _box_report(stats: ImageStats, pairs_without_box: int) -> dict[str, Any]:
     return out
 
 
-def _intervals(stats: ImageStats, ev: DictConfig, miou_at: int | None) -> dict[str, Any] | None:
+def bootstrap_block(stats: ImageStats, ev: DictConfig, miou_at: int | None) -> dict[str, Any] | None:
     """The bootstrap block of metrics.json, or None when `evaluate.bootstrap=0`."""
     if not ev.bootstrap:
         return None
@@ -280,7 +280,7 @@ def _sweep_report(sweep: ThresholdSweep, thresholds: list[float], source: Segmen
             **{k: [round(float(v), 4) for v in curves[k]] for k in CURVE_KEYS},
             "best_threshold": best_t,
             "best_chosen_on": source.split,  # oracle: chosen with this split's own labels
-            "best": _summary(best, names),
+            "best": named_scores(best, names),
         },
         "pxap": {
             "pxap": round(px["pxap"], 4),
@@ -375,7 +375,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "num_images": len(source.ids),
         "no_ground_truth": no_gt,  # images of the split without a mask, not scored
         "skipped": dict(source.skipped),
-        "pseudo_masks": _summary(masks_scores, names),
+        "pseudo_masks": named_scores(masks_scores, names),
     }
     headline, chosen_on, headline_t = masks_scores, None, (rule or {}).get("threshold")
     if sweep is not None:
@@ -397,15 +397,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not dist.is_main():
         return {}
     records = {k: v for part in parts for k, v in part.items()}
-    stats = _image_stats(records, source.ids, len(names), thresholds)
-    intervals = _intervals(stats, ev, thresholds.index(headline_t) if chosen_on else None)
+    stats = image_stats(records, source.ids, len(names), thresholds)
+    intervals = bootstrap_block(stats, ev, thresholds.index(headline_t) if chosen_on else None)
     stats.save(ctx.out_dir / "per_image.npz")
     result.update(
         miou=round(headline["miou"], 4),
         iou=_named(headline["iou"], names),
         reported_threshold=headline_t,
         threshold_chosen_on=chosen_on,
-        scores=_summary(headline, names),
+        scores=named_scores(headline, names),
         boxes=_box_report(stats, no_box) if boxes is not None else None,
         intervals=intervals,
         per_image_bytes=round((ctx.out_dir / "per_image.npz").stat().st_size / len(source.ids)),
