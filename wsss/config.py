@@ -22,6 +22,7 @@ from wsss.cam import METHODS
 from wsss.errors import ConfigError
 from wsss.help import register_help
 from wsss.models import BACKBONES
+from wsss.models.segmenter import NETWORKS
 
 
 class Choice(str, Enum):
@@ -48,6 +49,8 @@ CamStore = _choice("CamStore", ("float32", "float16", "uint8", "quarter"))
 RefineMethod = _choice("RefineMethod", ("none", "crf", "par", "superpixel", "rw", "irn"))
 IrnTrunk = _choice("IrnTrunk", ("classifier", "weights"))
 SuperpixelMethod = _choice("SuperpixelMethod", ("slic", "felzenszwalb"))
+SegmentNetwork = _choice("SegmentNetwork", NETWORKS)
+SegmentLabels = _choice("SegmentLabels", ("pseudo", "gt"))
 
 
 @dataclass
@@ -242,6 +245,40 @@ class EvaluateConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """The segment stage: a segmentation network trained on the train split's pseudo masks (or ground truth),
+    scored on `eval_split`. Training follows `train` (same loop, optimizer and schedule names); 255 is ignored."""
+
+    labels: SegmentLabels = SegmentLabels["pseudo"]  # pseudo: pseudo_masks of dataset.train_split | gt: the bound
+    compare_gt: bool = False  # also train on the ground truth (stage segment_gt, reused) and report it beside
+    eval_split: str = "val"  # predicted and scored here (needs ground-truth masks)
+    network: SegmentNetwork = SegmentNetwork["deeplabv2"]  # deeplabv2 | deeplabv3 | lraspp (wsss.models.segmenter)
+    backbone: Backbone = Backbone["resnet_tiny"]  # a ResNet (deeplabv2 / deeplabv3)
+    output_stride: int = 16  # 8 or 16 (a-trous)
+    weights: str | None = None  # torchvision weights name of the trunk (e.g. IMAGENET1K_V1)
+    checkpoint: str | None = None  # a segment.pt of an earlier run: skips training, predicts and scores
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: Optimizer = Optimizer["adamw"]
+    lr: float = 4e-3
+    head_lr_mult: float = 1.0  # DeepLab: 10 for the new head over a pretrained trunk
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    ema_decay: float | None = 0.99
+    amp_dtype: TrainAmpDtype | None = TrainAmpDtype["auto"]  # as train.amp_dtype
+    channels_last: bool = True
+    crop_size: int | None = None  # null: as train (the first image's longer side rounded up to 32, <= 512)
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # log-uniform random rescale
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.75, 1.25])  # inference: softmax mean over these
+    flip: bool = True  # ... and each one's horizontal flip
+    batch_size_eval: int = 16  # images of one size per inference forward
+    crf: bool = False  # dense CRF on the predicted probabilities (refine.crf_* settings; needs pydensecrf2)
+    rle_json: bool = False  # also write the predictions as COCO RLE (masks.rle.json)
+
+
+@dataclass
 class StageConfig:
     """Which stage to run; its upstream stages run first when their artifacts are missing."""
 
@@ -270,6 +307,7 @@ class Config:
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     irn: IrnConfig = field(default_factory=IrnConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -527,6 +565,71 @@ def _irn(cfg: DictConfig, out: _Problems) -> None:
         )
 
 
+def _segment(cfg: DictConfig, out: _Problems) -> None:
+    from wsss.models.segmenter import check_network
+
+    s = cfg.segment
+    out.need(s.epochs >= 1, "segment.epochs", s.epochs, "must be >= 1")
+    out.need(s.batch_size >= 1, "segment.batch_size", s.batch_size, "must be >= 1")
+    out.need(s.batch_size_eval >= 1, "segment.batch_size_eval", s.batch_size_eval, "must be >= 1")
+    out.need(s.lr > 0, "segment.lr", s.lr, "must be > 0")
+    out.need(s.head_lr_mult > 0, "segment.head_lr_mult", s.head_lr_mult, "must be > 0")
+    out.need(0 <= s.momentum < 1, "segment.momentum", s.momentum, "must be in [0, 1)")
+    out.need(s.weight_decay >= 0, "segment.weight_decay", s.weight_decay, "must be >= 0")
+    warm = f"must be in [0, segment.epochs={s.epochs}]"
+    out.need(0 <= s.warmup_epochs <= s.epochs, "segment.warmup_epochs", s.warmup_epochs, warm)
+    if s.ema_decay is not None:
+        out.need(0 < s.ema_decay < 1, "segment.ema_decay", s.ema_decay, "must be in (0, 1) or null")
+    if s.crop_size is not None:
+        out.need(s.crop_size >= 8, "segment.crop_size", s.crop_size, "must be >= 8 or null")
+    sr = list(s.scale_range)
+    out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "segment.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+    sc = list(s.scales)
+    out.need(bool(sc) and all(x > 0 for x in sc), "segment.scales", sc, "must be a non-empty list of values > 0")
+    try:
+        check_network(str(s.network), str(s.backbone), s.output_stride, s.weights)
+    except ValueError as e:
+        out.append(f"segment.network={s.network}: {e}")
+    if s.network != "lraspp" and s.weights is not None:
+        if s.backbone == "resnet_tiny":
+            out.need(False, "segment.weights", s.weights, "resnet_tiny has no weights; use null")
+        else:
+            import torchvision
+
+            names = [w.name for w in torchvision.models.get_model_weights(BACKBONES[str(s.backbone)][0])]
+            out.need(s.weights in names, "segment.weights", s.weights, f"must be one of {names} for {s.backbone}")
+    if s.crf:
+        import importlib.util
+
+        ok = importlib.util.find_spec("pydensecrf") is not None
+        out.need(ok, "segment.crf", s.crf, "needs pydensecrf2: pip install -e '.[crf]'")
+    if s.checkpoint is not None and not os.path.isfile(s.checkpoint):
+        out.append(f"segment.checkpoint={s.checkpoint}: no such file")
+    if cfg.stage.name in ("segment", "segment_gt") and not out:
+        _segment_splits(cfg, out)
+
+
+def _segment_splits(cfg: DictConfig, out: _Problems) -> None:
+    """The splits a segment request reads exist, and have ground truth where it is needed (read once, before
+    anything trains)."""
+    from wsss.data import build_source
+
+    s, d = cfg.segment, cfg.dataset
+    gt_train = cfg.stage.name == "segment_gt" or s.labels == "gt" or s.compare_gt
+    wanted = [("segment.eval_split", str(s.eval_split), "to score the segmenter")]
+    if gt_train and s.checkpoint is None:
+        what = "segment.labels=gt" if s.labels == "gt" else "the ground-truth bound"
+        wanted.append(("dataset.train_split", str(d.train_split), f"for {what}"))
+    for key, split, why in wanted:
+        try:
+            source = build_source(d, split)
+        except (ValueError, OSError) as e:
+            out.append(f"{key}={split}: {e}")
+            continue
+        if not any(source.has_mask(i) for i in source.ids):
+            out.append(f"{key}={split}: no image of this split has a ground-truth mask, needed {why}")
+
+
 def _problems(cfg: DictConfig) -> list[str]:
     """Every out-of-range value or contradiction, each as `key=value: what is allowed`."""
     out = _Problems()
@@ -540,6 +643,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     _masks_and_scores(cfg.pseudo, cfg.evaluate, out)
     _refinement(cfg.pseudo, cfg.refine, cfg.affinity, out)
     _irn(cfg, out)
+    _segment(cfg, out)
     return list(out)
 
 

@@ -1,0 +1,476 @@
+"""Stages `segment` and `segment_gt`: train a segmentation network on the train split's masks, predict
+`segment.eval_split` with multi-scale + flip inference, and score it with evaluate's scorer.
+
+`segment` trains on the pseudo masks of `dataset.train_split` (`segment.labels=pseudo`, whichever
+`pseudo.refine` made them; 255 is ignored by the loss) or on its ground truth (`segment.labels=gt`).
+`segment_gt` is the fully supervised bound: the same network and recipe on the ground truth, an artifact whose
+key holds no pseudo-label setting, so every pseudo-label variant reuses it (`segment.compare_gt=true`).
+
+Training is the shared loop (`wsss.training`: DDP, AMP, EMA, per-epoch resume, history.csv, curves,
+TensorBoard), with the classifier's optimizer and poly schedule (`build_optimizer`, `build_scheduler`) and
+IRN's joint image + mask augmentation (`TrainTransform`: random rescale, flip, crop padded with 255).
+Inference averages the softmax over `segment.scales` and their flips, one scale at a time (`predict_probs`);
+`segment.crf=true` adds a dense CRF on those probabilities with the `refine.crf_*` settings. Predictions are
+palette PNGs (and COCO RLE with `segment.rle_json`), sharded across ranks like the CAMs; the scores are a
+confusion matrix reduced across ranks, per-class IoU, precision / recall and bootstrap intervals over images.
+
+metrics.json and summary.md hold the WSSS table: the seeds (train), the refined masks (train), the segmenter
+(eval split) and, with `compare_gt`, the bound (eval split), each with its split named.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from wsss import dist
+from wsss.artifacts import IGNORE_INDEX, atomic_open, read_json, rle_results, write_json, write_mask
+from wsss.data import InferenceDataset, SegmentationSource, collate_list, dataset_identity
+from wsss.data.base import read_label_mask
+from wsss.data.transforms import TrainTransform, normalize
+from wsss.dist import progress
+from wsss.fingerprint import FileGroup
+from wsss.metrics import ConfusionMatrix, confusion_matrix, image_record, scores
+from wsss.models.segmenter import Segmenter
+from wsss.stages.affinity import load_network, save_network
+from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, environment, plain
+from wsss.stages.evaluate import bootstrap_block, image_stats, named_scores
+from wsss.stages.train import build_optimizer, build_scheduler, default_crop_size
+from wsss.training import AMP_DTYPES, Loop, distributed_loader, loader_workers, resolve_amp_dtype, wrap
+
+log = logging.getLogger(__name__)
+
+STATE = "segment_state.pt"
+NETWORK = "segment.pt"
+
+
+class SegmentationDataset(Dataset):
+    """(image, label map) pairs augmented together: the pseudo masks of a folder, or the split's ground truth."""
+
+    def __init__(self, source: SegmentationSource, masks_dir: Path | None, transform: TrainTransform) -> None:
+        self.source, self.masks_dir, self.transform = source, masks_dir, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def label_map(self, image_id: str) -> np.ndarray:
+        """(H, W) uint8: 0 background, c + 1 class c, 255 ignored."""
+        if self.masks_dir is None:
+            return self.source.load_mask(image_id)
+        size = self.source.image_size(image_id)
+        return read_label_mask(self.masks_dir / f"{image_id}.png", self.source.num_classes, size)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image_id = self.source.ids[i]
+        mask = torch.from_numpy(self.label_map(image_id))
+        image, mask = self.transform(self.source.load_image(image_id), mask)  # (3, S, S), (S, S)
+        return image, mask.long()
+
+
+def check_label_maps(dataset: SegmentationDataset) -> int:
+    """Read every label map once before training: a value outside the class list, a size other than its
+    image's or a missing file stops the run naming the file. Returns the labelled (non-255) pixel count."""
+    labelled = 0
+    for image_id in progress(dist.shard(dataset.source.ids), desc="segment: check masks", unit="img"):
+        labelled += int((dataset.label_map(image_id) != IGNORE_INDEX).sum())
+    return dist.sum_int(labelled)
+
+
+def segmentation_loss(logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over the labelled pixels (255 ignored), averaged over them; a batch without any labelled
+    pixel gives 0, not NaN. Returns the loss and [correct, labelled] pixel counts."""
+    labelled = masks != IGNORE_INDEX
+    n = labelled.sum()
+    loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / n.clamp(min=1)
+    correct = ((logits.detach().argmax(1) == masks) & labelled).sum()
+    return loss, torch.stack([correct.double(), n.double()])
+
+
+def _summarise(sums: Tensor) -> dict[str, float]:
+    """[loss * n, n, correct pixels, labelled pixels] -> mean loss and pixel accuracy on labelled pixels."""
+    return {
+        "loss": round(sums[0].item() / max(sums[1].item(), 1), 6),
+        "pixel_accuracy": round(100.0 * sums[2].item() / max(sums[3].item(), 1), 4),
+    }
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module,
+    images: Tensor,
+    scales: list[float] | tuple[float, ...],
+    flip: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Class probabilities (B, L, H, W) of normalised images (B, 3, H, W): the mean over `scales` (and each
+    one's horizontal flip) of the softmax of the logits resized bilinearly to (H, W). One scale is in memory at
+    a time beside the running sum; an image and its flip go through one forward."""
+    b, _, h, w = images.shape
+    total: Tensor | None = None
+    autocast = torch.autocast(images.device.type, amp_dtype) if amp_dtype else nullcontext()
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])  # (2B, 3, h', w')
+        with autocast:
+            logits = model(x)
+        p = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+        if flip:
+            p = p[:b] + p[b:].flip(-1)
+        total = p if total is None else total + p
+    assert total is not None, "no scale"
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def _train(ctx: StageContext, labels: str) -> dict[str, Any]:
+    """Fit the network on the train split's masks (resuming after the last finished epoch); write segment.pt."""
+    cfg, sc = ctx.cfg, ctx.cfg.segment
+    source = ctx.source(str(cfg.dataset.train_split))
+    masks_dir = None
+    if labels == "pseudo":
+        masks = ctx.inputs["masks"]
+        check_classes(masks, source.class_names)
+        masks_dir = masks.path("masks_dir")
+    crop = sc.crop_size or default_crop_size(source)
+    dataset = SegmentationDataset(source, masks_dir, TrainTransform(crop, tuple(sc.scale_range)))
+    labelled = check_label_maps(dataset)
+    batch = min(sc.batch_size, len(dataset))
+    loader = distributed_loader(dataset, batch, cfg.seed, cfg.dataset.num_workers, ctx.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = Segmenter(source.num_classes + 1, str(sc.network), str(sc.backbone), sc.output_stride, sc.weights)
+    model = model.to(ctx.device)
+    if sc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model, net = wrap(model, ctx.device)
+    optimizer = build_optimizer(model, sc)
+    scheduler = build_scheduler(optimizer, sc.epochs * len(loader), round(sc.warmup_epochs * len(loader)))
+    amp = resolve_amp_dtype(sc.amp_dtype, ctx.device)
+    loop = Loop("segment", model, net, optimizer, scheduler, amp, ctx.device, cfg.seed, sc.epochs, sc.ema_decay)
+    log.info(
+        "segment: %s on %s at output stride %d, trained on %d %s masks of %s (%.1f %% of pixels labelled), crop %d, "
+        "%d epochs, batch %d over %d rank(s), %s",
+        sc.network,
+        sc.backbone if sc.network != "lraspp" else "mobilenet_v3_large",
+        sc.output_stride,
+        len(dataset),
+        "ground-truth" if labels == "gt" else "pseudo",
+        source.split,
+        100.0 * labelled / max(1, sum(int(np.prod(source.image_size(i))) for i in source.ids)),
+        crop,
+        sc.epochs,
+        batch,
+        dist.world_size(),
+        f"autocast {amp}" if amp else "float32",
+    )
+
+    def batch_loss(b: tuple[Tensor, Tensor]) -> tuple[Tensor, int, Tensor]:
+        images, targets = (t.to(ctx.device, non_blocking=True) for t in b)
+        loss, counts = segmentation_loss(net(images), targets)
+        return loss, images.shape[0], counts
+
+    start = time.perf_counter()
+    done = loop.fit(loader, batch_loss, _summarise, ctx.out_dir, STATE)
+    if dist.is_main():
+        from wsss import viz
+
+        viz.plot_training_curves(loop.history, ctx.out_dir / "curves.png")
+        save_network(ctx.out_dir / NETWORK, loop.final_model().cpu())
+        (ctx.out_dir / STATE).unlink()
+    dist.barrier()
+    return {
+        "images": len(dataset),
+        "labels": labels,
+        "labelled_pixels": labelled,
+        "steps": sc.epochs * len(loader),
+        "losses": [r["loss"] for r in loop.history],
+        "resumed_after_epoch": done,
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _crf(image: Tensor, probs: Tensor, rc: DictConfig) -> Tensor:
+    """The dense CRF's labelling (H, W) of one image's probabilities (L, H, W), on the CPU."""
+    from wsss.refine.crf import dense_crf_probs
+    from wsss.stages.refine import crf_sxy
+
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    q = dense_crf_probs(
+        np.ascontiguousarray(rgb),
+        probs.cpu().numpy(),
+        iterations=rc.crf_iterations,
+        bilateral_sxy=crf_sxy(rc.crf_bilateral_sxy, rgb.shape[:2]),
+        bilateral_srgb=rc.crf_bilateral_srgb,
+    )
+    return torch.from_numpy(q.argmax(0)).to(probs.device)
+
+
+def _predict_and_score(ctx: StageContext, model: torch.nn.Module) -> tuple[dict[str, Any], list]:
+    """Predict every image of this rank's shard of the eval split, write its PNG and score it; returns the
+    rank-reduced confusion matrix's scores and the per-image records (rank 0: every rank's)."""
+    sc, source = ctx.cfg.segment, ctx.source()
+    num_labels = source.num_classes + 1
+    masks_dir = ctx.out_dir / "masks"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    amp = AMP_DTYPES.get(str(resolve_amp_dtype(sc.amp_dtype, ctx.device)))
+    cm = ConfusionMatrix(num_labels, device=ctx.device)
+    records: dict[str, dict[str, Any]] = {}
+    rle: list[dict[str, Any]] = []
+    ids = dist.shard(source.ids)
+    loader = DataLoader(
+        InferenceDataset(source, ids, with_labels=False),
+        batch_size=sc.batch_size_eval,
+        num_workers=loader_workers(ctx.cfg.dataset.num_workers),
+        collate_fn=collate_list,
+    )
+    bar = progress(total=len(ids), desc=f"segment predict {source.split}", unit="img")
+    for batch in loader:
+        sizes: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for it in batch:
+            sizes.setdefault(tuple(it["image"].shape), []).append(it)
+        for group in sizes.values():
+            raw = torch.stack([it["image"] for it in group]).to(ctx.device)  # (B, 3, H, W) uint8
+            probs = predict_probs(model, normalize(raw), list(sc.scales), sc.flip, amp)  # (B, L, H, W)
+            for row, it in enumerate(group):
+                pred = _crf(raw[row], probs[row], ctx.cfg.refine) if sc.crf else probs[row].argmax(0)
+                pred_np = pred.to(torch.uint8).cpu().numpy()
+                write_mask(masks_dir / f"{it['id']}.png", pred_np)
+                if sc.rle_json:
+                    rle.extend(rle_results(it["id"], pred_np, source.class_names))
+                if source.has_mask(it["id"]):
+                    gt = torch.from_numpy(source.load_mask(it["id"])).to(ctx.device)
+                    image_cm = confusion_matrix(gt, pred, num_labels)
+                    cm.update(gt, pred)
+                    records[it["id"]] = {"miou": scores(image_cm)["miou"], "stats": image_record(masks_cm=image_cm)}
+            bar.update(len(group))
+    bar.close()
+    result = cm.scores()  # reduced across ranks
+    parts = dist.gather({"records": records, "rle": rle})
+    if not dist.is_main():
+        return result, []
+    merged = {k: v for part in parts for k, v in part["records"].items()}
+    if sc.rle_json:
+        order = {image_id: i for i, image_id in enumerate(source.ids)}
+        rows = sorted((r for part in parts for r in part["rle"]), key=lambda r: order[r["image_id"]])
+        write_json(ctx.out_dir / "masks.rle.json", rows)
+    return result, [(i, merged[i]) for i in source.ids if i in merged]
+
+
+def _row(name: str, split: str, trained_on: str | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """One row of the WSSS table (mIoU None where the split has no ground truth)."""
+    iv = (metrics or {}).get("intervals") or {}
+    return {
+        "name": name,
+        "split": split,
+        "trained_on": trained_on,
+        "miou": None if metrics is None else metrics.get("miou"),
+        "interval": iv.get("miou"),
+    }
+
+
+def _table(ctx: StageContext, labels: str, own: dict[str, Any]) -> list[dict[str, Any]]:
+    """The WSSS table: seeds and refined masks (train), the segmenter (eval split), the bound (eval split)."""
+    train_split = str(ctx.cfg.dataset.train_split)
+    rows = []
+    if "train_scores" in ctx.inputs:
+        ev = read_json(ctx.inputs["train_scores"].dir / "metrics.json")
+        if ev.get("miou") is None:  # the train split has no ground truth: nothing to show
+            pass
+        elif ev.get("seeds"):  # refined: the seeds' and the masks' own scores
+            rows.append(_row("seeds (CAMs)", train_split, None, {"miou": ev["seeds"]["miou"]}))
+            rows.append(_row(f"pseudo masks ({ev['refine']})", train_split, None, ev))
+        else:
+            rows.append(_row("pseudo masks (CAMs)", train_split, None, ev))
+    what = "ground truth" if labels == "gt" else "pseudo masks"
+    rows.append(_row(f"segmenter ({ctx.cfg.segment.network})", ctx.split, f"{train_split} {what}", own))
+    if "bound" in ctx.inputs:
+        bound = read_json(ctx.inputs["bound"].path("metrics"))
+        rows.append(_row("fully supervised bound", ctx.split, f"{train_split} ground truth", bound))
+    return rows
+
+
+def _summary_md(result: dict[str, Any]) -> str:
+    """summary.md: the WSSS table, then the segmenter's per-class IoU."""
+
+    def fmt(r: dict[str, Any]) -> str:
+        if r["miou"] is None:
+            return "-"
+        iv = r["interval"]
+        return f"{r['miou']:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
+
+    lines = ["| what | split | trained on | mIoU [95 % CI] |", "|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['split']} | {r['trained_on'] or ''} | {fmt(r)} |" for r in result["table"]]
+    lines += ["", f"Segmenter on {result['split']} ({result['num_images']} images), per class:", ""]
+    lines += ["| class | IoU | precision | recall |", "|---|---|---|---|"]
+    s = result["scores"]
+    for n in s["iou"]:
+        vals = [s[k][n] for k in ("iou", "precision", "recall")]
+        lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _model(ctx: StageContext, labels: str) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The trained network (trained here, found from a killed run's finished training, or given)."""
+    sc = ctx.cfg.segment
+    if sc.checkpoint:
+        path = Path(sc.checkpoint).resolve()
+        log.info("segment: using %s", path)
+        return load_network(path, Segmenter, ctx.device), {"checkpoint": str(path)}
+    training = None
+    if not (ctx.out_dir / NETWORK).is_file():  # written last by training: present means trained
+        training = _train(ctx, labels)
+    model = load_network(ctx.out_dir / NETWORK, Segmenter, ctx.device)
+    if sc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, training
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Train (or load) the segmenter, predict and score the eval split; write masks/, metrics.json, summary.md."""
+    labels = "gt" if ctx.stage == "segment_gt" else str(ctx.cfg.segment.labels)
+    source = ctx.source()
+    model, training = _model(ctx, labels)
+    n = model.kwargs["num_classes"]
+    if n != source.num_classes + 1:
+        raise ValueError(f"segment.checkpoint has {n - 1} classes, the dataset {source.num_classes}")
+    start = time.perf_counter()
+    own, per_image = _predict_and_score(ctx, model)
+    predict_s = time.perf_counter() - start
+    out = {
+        "class_names": source.class_names,
+        "dataset": source.identity(),
+        "masks_dir": "masks",
+        "metrics": "metrics.json",
+        "rle_json": "masks.rle.json" if ctx.cfg.segment.rle_json else None,
+        "network": NETWORK if not ctx.cfg.segment.checkpoint else ctx.cfg.segment.checkpoint,
+        "training": training,
+        "predict_seconds": round(predict_s, 2),
+    }
+    if not dist.is_main():
+        return out
+    names = ["background", *source.class_names]
+    records = dict(per_image)
+    stats = image_stats(records, list(records), len(names), [])
+    result: dict[str, Any] = {
+        "dataset": source.identity(),
+        "split": source.split,
+        "class_names": source.class_names,
+        "labels": labels,
+        "network": {k: v for k, v in model.kwargs.items() if k != "weights"},
+        "environment": environment(ctx.device),
+        "num_images": len(records),
+        "no_ground_truth": len(source.ids) - len(records),
+        "miou": round(own["miou"], 4),
+        "iou": named_scores(own, names)["iou"],
+        "scores": named_scores(own, names),
+        "intervals": bootstrap_block(stats, ctx.cfg.evaluate, None),
+        "per_image_miou": {i: round(r["miou"], 3) for i, r in per_image},
+        "predict_seconds": round(predict_s, 2),
+        "training": training,
+    }
+    result["table"] = _table(ctx, labels, result)
+    write_json(ctx.out_dir / "metrics.json", result)
+    with atomic_open(ctx.out_dir / "summary.md", "w") as f:
+        f.write(_summary_md(result))
+    return out
+
+
+def report(artifact: Artifact, run_dir: Path | None) -> None:
+    """Log the WSSS table and copy metrics.json and summary.md into the run directory."""
+    result = read_json(artifact.path("metrics"))
+    lines = [f"{'what':<28} {'split':<8} {'mIoU':>7}  95 % interval"]
+    for r in result["table"]:
+        miou = "-" if r["miou"] is None else f"{r['miou']:7.2f}"
+        iv = f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] else ""
+        lines.append(f"{r['name']:<28} {r['split']:<8} {miou:>7}  {iv}")
+    log.info("%s: masks of %s in %s\n%s", artifact.stage, artifact.split, artifact.path("masks_dir"), "\n".join(lines))
+    if run_dir is not None:
+        import shutil
+
+        for name in ("metrics.json", "summary.md"):
+            shutil.copy2(artifact.dir / name, Path(run_dir) / name)
+        log.info("%s: wrote %s", artifact.stage, Path(run_dir) / "metrics.json")
+
+
+def _settings(cfg: DictConfig) -> dict[str, Any]:
+    """The segment section as it shapes the network and its predictions (not which bound to show)."""
+    s = plain(cfg.segment)
+    for k in ("labels", "compare_gt", "eval_split", "batch_size_eval"):
+        s.pop(k)
+    if s["amp_dtype"] == "auto":
+        s["amp_dtype"] = resolve_amp_dtype("auto", dist.local_device(str(cfg.device)))
+    if s["checkpoint"]:
+        s["checkpoint"] = str(Path(s["checkpoint"]).resolve())
+    out = {"segment": s, "seed": cfg.seed, "bootstrap": [cfg.evaluate.bootstrap, cfg.evaluate.bootstrap_seed]}
+    if not s["checkpoint"]:
+        out["ranks"] = dist.world_size()  # N ranks split every batch: another training, another network
+    if s["crf"]:
+        out["crf"] = {k: v for k, v in plain(cfg.refine).items() if k.startswith("crf_")}
+    return out
+
+
+def _params(cfg: DictConfig, split: str, labels: str) -> dict[str, Any]:
+    train_split = str(cfg.dataset.train_split)
+    return {
+        "dataset": dataset_identity(cfg.dataset, split),
+        "train_dataset": dataset_identity(cfg.dataset, train_split),
+        "labels": labels,
+        **_settings(cfg),
+    }
+
+
+def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
+    sc, train_split = cfg.segment, str(cfg.dataset.train_split)
+    needs: dict[str, Need] = {}
+    if sc.checkpoint:  # a trained network: nothing to train on, no table of what it was trained on
+        return needs
+    if sc.labels == "pseudo":
+        needs["masks"] = Need("pseudo_masks", train_split)
+        needs["train_scores"] = Need("evaluate", train_split)  # the seeds' and masks' own scores, for the table
+        if sc.compare_gt:
+            needs["bound"] = Need("segment_gt")
+    return needs
+
+
+def _files(cfg: DictConfig, split: str, fp: Fingerprints) -> dict[str, FileGroup]:
+    files = dict(fp.dataset(split))
+    files.update({f"train/{k}": v for k, v in fp.dataset(str(cfg.dataset.train_split)).items()})
+    if cfg.segment.checkpoint:
+        files["checkpoint"] = fp.content(cfg.segment.checkpoint, "segment.checkpoint")
+    return files
+
+
+def _eval_split(cfg: DictConfig) -> str:
+    return str(cfg.segment.eval_split)
+
+
+STAGE = Stage(
+    name="segment",
+    run=run,
+    config=("dataset", "segment", "refine", "evaluate", "seed"),
+    params=lambda cfg, split: _params(cfg, split, str(cfg.segment.labels)),
+    needs=_needs,
+    files=_files,
+    split=_eval_split,
+    report=report,
+)
+
+GT_STAGE = Stage(
+    name="segment_gt",
+    run=run,
+    config=("dataset", "segment", "refine", "evaluate", "seed"),
+    params=lambda cfg, split: _params(cfg, split, "gt"),
+    files=_files,
+    split=_eval_split,
+    report=report,
+)
