@@ -91,6 +91,10 @@ def test_experiment_overlay():
     assert cfg.model.backbone == "resnet50"
     assert cfg.dataset.train_split == "train_aug"
     assert cfg.dataset.eval_split == "train"
+    seg = cfg.segment  # DeepLab v2 on ResNet-50 at output stride 8, its SGD recipe, scored on val
+    assert (seg.network, seg.backbone, seg.output_stride, seg.eval_split) == ("deeplabv2", "resnet50", 8, "val")
+    assert (seg.optimizer, seg.lr, seg.momentum, seg.weight_decay, seg.head_lr_mult) == ("sgd", 2.5e-4, 0.9, 5e-4, 10)
+    assert (seg.batch_size, seg.crop_size, list(seg.scale_range), seg.frozen_bn) == (10, 321, [0.5, 1.5], True)
 
 
 def test_bad_threshold_type_fails_at_composition():

@@ -148,6 +148,19 @@ def test_networks_give_logits_at_the_input_size_and_refuse_what_they_cannot_buil
         Segmenter(3, "deeplabv3", "vit_b_16", 16)
 
 
+def test_frozen_bn_keeps_the_trunk_statistics_in_training_and_the_head_learns_its_own():
+    torch.manual_seed(0)
+    model = Segmenter(3, "deeplabv3", "resnet_tiny", 16, frozen_bn=True).train()
+    trunk_bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    head_bn = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in trunk_bn + head_bn]
+    model(torch.randn(2, 3, 40, 40) * 3 + 1)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, trunk_bn, strict=False))
+    assert not torch.equal(before[len(trunk_bn)], head_bn[0].running_mean)  # the new head's BN is not frozen
+    assert all(not m.training for m in trunk_bn)
+    assert model.kwargs["frozen_bn"] is True
+
+
 # -- the stage --------------------------------------------------------------------------------------------------
 
 

@@ -256,6 +256,7 @@ class SegmentConfig:
     backbone: Backbone = Backbone["resnet_tiny"]  # a ResNet (deeplabv2 / deeplabv3)
     output_stride: int = 16  # 8 or 16 (a-trous)
     weights: str | None = None  # torchvision weights name of the trunk (e.g. IMAGENET1K_V1)
+    frozen_bn: bool = False  # the trunk's BatchNorms keep their (pretrained) statistics in training (DeepLab v2)
     checkpoint: str | None = None  # a segment.pt of an earlier run: skips training, predicts and scores
     epochs: int = 30
     batch_size: int = 32

@@ -70,6 +70,8 @@ class Segmenter(nn.Module):
         backbone: A ResNet of `BACKBONES` (DeepLab heads).
         output_stride: 8 or 16 (DeepLab heads).
         weights: torchvision weights name of the trunk (ResNets: e.g. IMAGENET1K_V1; lraspp: MobileNetV3's).
+        frozen_bn: The trunk's BatchNorms stay in eval mode in training too (DeepLab v2 keeps them fixed at the
+            pretrained statistics: its batches of 10 are too small to estimate them); their affine parameters learn.
     """
 
     def __init__(
@@ -79,16 +81,19 @@ class Segmenter(nn.Module):
         backbone: str = "resnet_tiny",
         output_stride: int = 16,
         weights: str | None = None,
+        frozen_bn: bool = False,
     ) -> None:
         super().__init__()
         check_network(network, backbone, output_stride, weights)
         self.network = network
+        self.frozen_bn = frozen_bn
         self.kwargs = {
             "num_classes": num_classes,
             "network": network,
             "backbone": backbone,
             "output_stride": output_stride,
             "weights": None,  # a saved network carries its trained weights: never re-download on rebuild
+            "frozen_bn": frozen_bn,
         }
         if network == "lraspp":
             trunk_weights = None if weights is None else torchvision.models.MobileNet_V3_Large_Weights[weights]
@@ -96,10 +101,21 @@ class Segmenter(nn.Module):
                 weights=None, weights_backbone=trunk_weights, num_classes=num_classes
             )
             self.backbone, self.head = net.backbone, net.classifier
+            self.train(self.training)
             return
         self.backbone = Classifier(1, backbone, output_stride, weights).backbone  # (B, C, H/s, W/s)
         channels = BACKBONES[backbone][1]
         self.head = ASPPv2(channels, num_classes) if network == "deeplabv2" else DeepLabHead(channels, num_classes)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        """Set train / eval mode; with `frozen_bn` the trunk's BatchNorms stay in eval mode."""
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.backbone(x)  # (B, C, h, w), or lraspp's {"low": ..., "high": ...}

@@ -148,7 +148,9 @@ def _train(ctx: StageContext, labels: str) -> dict[str, Any]:
     batch = min(sc.batch_size, len(dataset))
     loader = distributed_loader(dataset, batch, cfg.seed, cfg.dataset.num_workers, ctx.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = Segmenter(source.num_classes + 1, str(sc.network), str(sc.backbone), sc.output_stride, sc.weights)
+    model = Segmenter(
+        source.num_classes + 1, str(sc.network), str(sc.backbone), sc.output_stride, sc.weights, sc.frozen_bn
+    )
     model = model.to(ctx.device)
     if sc.channels_last:
         model = model.to(memory_format=torch.channels_last)
