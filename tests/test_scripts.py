@@ -180,3 +180,22 @@ def test_bench_keys_writes_the_tree_it_counts(tmp_path):
     assert [m[1] for m in parsed] == ["evaluate with masks_dir (900 files)", "default graph, 4 nodes (600 files)"]
     for m in parsed:
         assert float(m[4]) <= float(m[3])  # the warm min is at most their median
+
+
+def test_bench_segment_projects_the_segment_stage_against_train(tmp_path):
+    """Tiny train and segment runs, epochs interleaved: train = median epoch x train.epochs, segment = median
+    epoch x segment.epochs + one timed prediction of the eval split (every image scored); ratio segment / train."""
+    out = tmp_path / "segment.json"
+    args = ["--epochs", "3", "--out", str(out), *TINY, "train.epochs=4", "segment.epochs=6", "segment.batch_size=8"]
+    proc = _script("bench_segment.py", *args, env={"WSSS_DATA": str(tmp_path / "data")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["epochs"] == {"train": 4, "segment": 6}
+    assert r["predict_images"] == 8  # num_val
+    med = {k: sorted(v)[1] for k, v in r["seconds_per_epoch"].items()}  # three timed epochs each
+    assert all(len(v) == 3 for v in r["seconds_per_epoch"].values())
+    assert r["projected_seconds"]["train"] == pytest.approx(med["train"] * 4, rel=1e-12)
+    assert r["projected_seconds"]["segment"] == pytest.approx(med["segment"] * 6 + r["predict_seconds"], rel=1e-12)
+    assert r["ratio"] == pytest.approx(r["projected_seconds"]["segment"] / r["projected_seconds"]["train"], rel=1e-12)
+    assert proc.stdout.strip().splitlines()[-1] == f"{r['ratio']:.3f}"
+    assert 0 <= r["miou_after_timed_epochs"] <= 100

@@ -46,7 +46,7 @@ from wsss.stages.affinity import load_network, save_network
 from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, environment, plain
 from wsss.stages.evaluate import bootstrap_block, image_stats, named_scores
 from wsss.stages.train import build_optimizer, build_scheduler, default_crop_size
-from wsss.training import AMP_DTYPES, Loop, distributed_loader, loader_workers, resolve_amp_dtype, wrap
+from wsss.training import AMP_DTYPES, BatchLoss, Loop, distributed_loader, loader_workers, resolve_amp_dtype, wrap
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,37 @@ def predict_probs(
     return total / (len(scales) * (2 if flip else 1))
 
 
+def build_run(
+    cfg: DictConfig, source: SegmentationSource, masks_dir: Path | None, device: torch.device
+) -> tuple[SegmentationDataset, DataLoader, Loop, BatchLoss]:
+    """The dataset (masks from `masks_dir`, or the ground truth when None), loader, loop and batch loss of one
+    segmenter training; `_train` fits them, `scripts/bench_segment.py` times their epochs."""
+    sc = cfg.segment
+    crop = sc.crop_size or default_crop_size(source)
+    dataset = SegmentationDataset(source, masks_dir, TrainTransform(crop, tuple(sc.scale_range)))
+    batch = min(sc.batch_size, len(dataset))
+    loader = distributed_loader(dataset, batch, cfg.seed, cfg.dataset.num_workers, device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = Segmenter(
+        source.num_classes + 1, str(sc.network), str(sc.backbone), sc.output_stride, sc.weights, sc.frozen_bn
+    )
+    model = model.to(device)
+    if sc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model, net = wrap(model, device)
+    optimizer = build_optimizer(model, sc)
+    scheduler = build_scheduler(optimizer, sc.epochs * len(loader), round(sc.warmup_epochs * len(loader)))
+    amp = resolve_amp_dtype(sc.amp_dtype, device)
+    loop = Loop("segment", model, net, optimizer, scheduler, amp, device, cfg.seed, sc.epochs, sc.ema_decay)
+
+    def batch_loss(b: tuple[Tensor, Tensor]) -> tuple[Tensor, int, Tensor]:
+        images, targets = (t.to(device, non_blocking=True) for t in b)
+        loss, counts = segmentation_loss(net(images), targets)
+        return loss, images.shape[0], counts
+
+    return dataset, loader, loop, batch_loss
+
+
 def _train(ctx: StageContext, labels: str) -> dict[str, Any]:
     """Fit the network on the train split's masks (resuming after the last finished epoch); write segment.pt."""
     cfg, sc = ctx.cfg, ctx.cfg.segment
@@ -142,23 +173,8 @@ def _train(ctx: StageContext, labels: str) -> dict[str, Any]:
         masks = ctx.inputs["masks"]
         check_classes(masks, source.class_names)
         masks_dir = masks.path("masks_dir")
-    crop = sc.crop_size or default_crop_size(source)
-    dataset = SegmentationDataset(source, masks_dir, TrainTransform(crop, tuple(sc.scale_range)))
+    dataset, loader, loop, batch_loss = build_run(cfg, source, masks_dir, ctx.device)
     labelled = check_label_maps(dataset)
-    batch = min(sc.batch_size, len(dataset))
-    loader = distributed_loader(dataset, batch, cfg.seed, cfg.dataset.num_workers, ctx.device)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = Segmenter(
-        source.num_classes + 1, str(sc.network), str(sc.backbone), sc.output_stride, sc.weights, sc.frozen_bn
-    )
-    model = model.to(ctx.device)
-    if sc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model, net = wrap(model, ctx.device)
-    optimizer = build_optimizer(model, sc)
-    scheduler = build_scheduler(optimizer, sc.epochs * len(loader), round(sc.warmup_epochs * len(loader)))
-    amp = resolve_amp_dtype(sc.amp_dtype, ctx.device)
-    loop = Loop("segment", model, net, optimizer, scheduler, amp, ctx.device, cfg.seed, sc.epochs, sc.ema_decay)
     log.info(
         "segment: %s on %s at output stride %d, trained on %d %s masks of %s (%.1f %% of pixels labelled), crop %d, "
         "%d epochs, batch %d over %d rank(s), %s",
@@ -169,17 +185,12 @@ def _train(ctx: StageContext, labels: str) -> dict[str, Any]:
         "ground-truth" if labels == "gt" else "pseudo",
         source.split,
         100.0 * labelled / max(1, sum(int(np.prod(source.image_size(i))) for i in source.ids)),
-        crop,
+        dataset.transform.crop_size,
         sc.epochs,
-        batch,
+        loader.batch_size,
         dist.world_size(),
-        f"autocast {amp}" if amp else "float32",
+        f"autocast {amp}" if (amp := resolve_amp_dtype(sc.amp_dtype, ctx.device)) else "float32",
     )
-
-    def batch_loss(b: tuple[Tensor, Tensor]) -> tuple[Tensor, int, Tensor]:
-        images, targets = (t.to(ctx.device, non_blocking=True) for t in b)
-        loss, counts = segmentation_loss(net(images), targets)
-        return loss, images.shape[0], counts
 
     start = time.perf_counter()
     done = loop.fit(loader, batch_loss, _summarise, ctx.out_dir, STATE)
