@@ -279,6 +279,28 @@ class SegmentConfig:
     rle_json: bool = False  # also write the predictions as COCO RLE (masks.rle.json)
 
 
+FaithfulnessMetric = _choice("FaithfulnessMetric", ("average_drop", "deletion_insertion", "road"))
+FaithfulnessBaseline = _choice("FaithfulnessBaseline", ("zeros", "blur"))
+
+
+@dataclass
+class FaithfulnessConfig:
+    """The faithfulness stage: wsss.cam.metrics on the stored CAMs of the eval split and the classifier that made
+    them (sigmoid scores), per (image, class) pair; `enabled` merges its summary into evaluate's metrics.json."""
+
+    enabled: bool = False  # evaluate needs the faithfulness stage and writes its `faithfulness` block
+    metrics: list[FaithfulnessMetric] = field(
+        default_factory=lambda: [FaithfulnessMetric["average_drop"], FaithfulnessMetric["deletion_insertion"]]
+    )  # + road (costly on the CPU: BENCHMARKS.md)
+    steps: int = 32  # Deletion / Insertion: equal fractions of the pixels per curve
+    baseline: FaithfulnessBaseline = FaithfulnessBaseline["blur"]  # zeros (the mean colour) | blur (RISE)
+    percentiles: list[float] = field(default_factory=lambda: [20.0, 50.0, 80.0])  # ROAD, each in (0, 100)
+    road_noise: float = 0.0  # ROAD's imputation noise (its paper: 0.01); 0: deterministic
+    max_images: int | None = None  # a seeded subset of the split (COCO-size splits); null: every image
+    subset_seed: int = 0
+    batch_size: int = 64  # perturbed images per forward (memory); results do not depend on it
+
+
 @dataclass
 class StageConfig:
     """Which stage to run; its upstream stages run first when their artifacts are missing."""
@@ -309,6 +331,7 @@ class Config:
     irn: IrnConfig = field(default_factory=IrnConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -645,7 +668,20 @@ def _problems(cfg: DictConfig) -> list[str]:
     _refinement(cfg.pseudo, cfg.refine, cfg.affinity, out)
     _irn(cfg, out)
     _segment(cfg, out)
+    _faithfulness(cfg.faithfulness, out)
     return list(out)
+
+
+def _faithfulness(f: DictConfig, out: _Problems) -> None:
+    out.need(len(f.metrics) > 0, "faithfulness.metrics", list(f.metrics), "must name at least one metric")
+    out.need(f.steps >= 1, "faithfulness.steps", f.steps, "must be >= 1")
+    pct = list(f.percentiles)
+    ok = bool(pct) and all(0 < p < 100 for p in pct)
+    out.need(ok, "faithfulness.percentiles", pct, "must be a non-empty list of values in (0, 100)")
+    out.need(f.road_noise >= 0, "faithfulness.road_noise", f.road_noise, "must be >= 0")
+    if f.max_images is not None:
+        out.need(f.max_images >= 1, "faithfulness.max_images", f.max_images, "must be >= 1 or null")
+    out.need(f.batch_size >= 1, "faithfulness.batch_size", f.batch_size, "must be >= 1")
 
 
 def _module_names(backbone: str) -> list[str]:

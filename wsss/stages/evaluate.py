@@ -411,6 +411,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         per_image_bytes=round((ctx.out_dir / "per_image.npz").stat().st_size / len(source.ids)),
         per_image_miou={i: round(records[i]["miou"], 3) for i in source.ids},
     )
+    if "faithfulness" in ctx.inputs:
+        result["faithfulness"] = read_json(ctx.inputs["faithfulness"].path("metrics"))
     write_json(ctx.out_dir / "metrics.json", result)
     write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir, seeds_dir)
     return {"class_names": source.class_names, "dataset": source.identity(), "miou": result["miou"]}
@@ -502,6 +504,14 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
         )
     if result.get("no_ground_truth"):
         log.info("evaluate: %d images without a ground-truth mask were not scored", result["no_ground_truth"])
+    if result.get("faithfulness"):
+        fa = result["faithfulness"]
+        shown = [(k, v) for k, v in fa.items() if isinstance(v, dict) and "mean" in v]
+        log.info(
+            "evaluate: faithfulness over %d (image, class) pairs: %s",
+            fa["pairs"],
+            ", ".join(f"{k} {v['mean']} ({v['better']} is better)" for k, v in shown),
+        )
     if (out_dir / "overlays").is_dir():
         log.info(
             "evaluate: overlays of %d images in %s",
@@ -530,6 +540,8 @@ def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
         needs["seeds"] = Need("cams")
     if cfg.evaluate.select_on:
         needs["select_maps"] = Need(maps, str(cfg.evaluate.select_on))
+    if cfg.faithfulness.enabled:  # the CAMs' faithfulness, merged into metrics.json
+        needs["faithfulness"] = Need("faithfulness")
     return needs
 
 
