@@ -209,3 +209,30 @@ def test_runs_of_two_checkpoints_are_not_paired(two_runs, tmp_path):
     board = build(runs, resamples=50, base=tmp_path)
     assert board["rows"][1]["reference"] is None  # no reference row of its own model, and never row 0
     assert "diff" not in board["rows"][1]["metrics"]["miou"]
+
+
+def test_faithfulness_block_becomes_columns_with_its_intervals(two_runs, tmp_path):
+    """A run whose metrics.json has evaluate's `faithfulness` block shows its means and intervals as columns
+    (markdown and CSV); a run without one shows '-'."""
+    a, b = two_runs
+    with_block = tmp_path / "faith"
+    shutil.copytree(a, with_block)
+    m = json.loads((with_block / "metrics.json").read_text())
+    m["faithfulness"] = {
+        "images": 8,
+        "pairs": 11,
+        "average_drop": {"mean": 12.5, "better": "lower", "interval": [10.25, 14.75]},
+        "insertion_auc": {"mean": 0.61, "better": "higher", "interval": [0.55, 0.66]},
+    }
+    (with_block / "metrics.json").write_text(json.dumps(m))
+    out = tmp_path / "out"
+    assert main([str(with_block), str(b), "--out", str(out), "--resamples", "50"]) == 0
+    md = (out / "leaderboard.md").read_text()
+    assert "| run | AD (lower is better) | Insertion AUC (higher is better) |" in md
+    assert "| 12.50 [10.25, 14.75] | 0.61 [0.55, 0.66] |" in md
+    assert "| - | - |" in md  # the run without the block
+    header, first = (out / "leaderboard.csv").read_text().splitlines()[:2]
+    cols = header.split(",")
+    row = dict(zip(cols, first.split(","), strict=True))
+    assert (row["average_drop"], row["average_drop_lo"], row["average_drop_hi"]) == ("12.5", "10.25", "14.75")
+    assert "road" not in cols

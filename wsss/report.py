@@ -54,6 +54,13 @@ NAMES = {
     "maxboxacc": "MaxBoxAcc",
     "maxboxacc_v2": "MaxBoxAccV2",
 }
+FAITHFULNESS = {  # the faithfulness stage's summary (evaluate's `faithfulness` block): name, better
+    "average_drop": ("AD", "lower"),
+    "increase_in_confidence": ("IC", "higher"),
+    "deletion_auc": ("Deletion AUC", "lower"),
+    "insertion_auc": ("Insertion AUC", "higher"),
+    "road": ("ROAD", "higher"),
+}
 OUTPUTS = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.png")
 
 
@@ -184,6 +191,16 @@ def _point(r: Run) -> dict[str, float | None]:
     }
 
 
+def _faithfulness(r: Run) -> dict[str, dict[str, Any]]:
+    """The run's faithfulness means with the stage's intervals over images (empty without the block)."""
+    block = r.metrics.get("faithfulness") or {}
+    return {
+        k: {"value": block[k]["mean"], "ci": block[k].get("interval")}
+        for k in FAITHFULNESS
+        if isinstance(block.get(k), dict) and block[k].get("mean") is not None
+    }
+
+
 def _miou_at(r: Run) -> int | None:
     """The sweep index of a threshold chosen on another split, as evaluate bootstraps it."""
     m = r.metrics
@@ -230,6 +247,7 @@ def build(
             "best_threshold": (r.metrics.get("sweep") or {}).get("best_threshold"),
             "cam_cost": (r.metrics.get("cam") or {}).get("cost"),
             "metrics": {},
+            "faithfulness": _faithfulness(r),
             "reference": None if ref is None else ref.name,
         }
         for k in BOOTSTRAP_METRICS:
@@ -291,6 +309,17 @@ def _columns(board: dict) -> list[str]:
     return [k for k in BOOTSTRAP_METRICS if any(k in r["metrics"] for r in board["rows"])]
 
 
+def _faith_columns(board: dict) -> list[str]:
+    return [k for k in FAITHFULNESS if any(k in r.get("faithfulness", {}) for r in board["rows"])]
+
+
+def _faith_cell(e: dict | None) -> str:
+    if e is None:
+        return "-"
+    ci = f" [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if e.get("ci") else ""
+    return f"{e['value']:.2f}{ci}"
+
+
 def _cost(row: dict) -> str:
     c = row["cam_cost"]
     return "-" if not c else f"{c['cam_seconds_per_image'] * 1000:.1f} ms ({c['ratio_to_forward']:.1f}x)"
@@ -315,6 +344,18 @@ def to_markdown(board: dict) -> str:
             e = r["metrics"].get(k)
             cells.append("-" if e is None else f"{e['value']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['best_threshold']} | {_cost(r)} |")
+    faith = _faith_columns(board)
+    if faith:
+        lines += [
+            "",
+            f"## Faithfulness (the faithfulness stage; mean over (image, class) pairs, {pct} % interval over images)",
+            "",
+            "| run | " + " | ".join(f"{FAITHFULNESS[k][0]} ({FAITHFULNESS[k][1]} is better)" for k in faith) + " |",
+            "|---|" + "---|" * len(faith),
+        ]
+        for r in board["rows"]:
+            cells = [_faith_cell(r.get("faithfulness", {}).get(k)) for k in faith]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     diffs = [r for r in board["rows"] if r["reference"] is not None and r["reference"] != r["name"]]
     if diffs:
         lines += [
@@ -360,6 +401,9 @@ def to_csv(board: dict) -> str:
     header = ["run", "dir", "model_key", "reference", "best_threshold"]
     for k in cols:
         header += [k, f"{k}_lo", f"{k}_hi", f"{k}_diff", f"{k}_diff_lo", f"{k}_diff_hi"]
+    faith = _faith_columns(board)
+    for k in faith:
+        header += [k, f"{k}_lo", f"{k}_hi"]
     header += ["cam_seconds_per_image", "cam_ratio_to_forward"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -369,6 +413,9 @@ def to_csv(board: dict) -> str:
         for k in cols:
             e = r["metrics"].get(k, {})
             line += [e.get("value"), *(e.get("ci") or [None, None]), e.get("diff"), *(e.get("diff_ci") or [None, None])]
+        for k in faith:
+            e = r.get("faithfulness", {}).get(k, {})
+            line += [e.get("value"), *(e.get("ci") or [None, None])]
         c = r["cam_cost"] or {}
         line += [c.get("cam_seconds_per_image"), c.get("ratio_to_forward")]
         w.writerow(["" if v is None else v for v in line])
