@@ -145,14 +145,15 @@ def test_steps_must_be_positive():
         deletion_insertion(_model(), *_inputs(), steps=0)
 
 
-def test_imputation_equals_road_s_sparse_solve():
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_imputation_equals_road_s_sparse_solve(solver):
     road_module = pytest.importorskip("pytorch_grad_cam.metrics.road")
     from wsss.cam.metrics import impute
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 14, 17, generator=g)
     removed = torch.rand(2, 14, 17, generator=g) > 0.2  # 80 % removed, as MoRF at the 20th percentile
-    ours = impute(images, removed)
+    ours = impute(images, removed, solver=solver)
     for b in range(2):
         ref = road_module.NoisyLinearImputer(noise=0.0)(images[b], (~removed[b]).float())
         torch.testing.assert_close(ours[b], ref, rtol=0, atol=1e-5)
@@ -185,6 +186,22 @@ def test_a_map_that_removes_everything_imputes_the_mean():
     from wsss.cam.metrics import impute, road
 
     images = torch.randn(1, 3, 8, 8)
-    assert torch.equal(impute(images, torch.ones(1, 8, 8, dtype=torch.bool)), torch.zeros_like(images))
+    for solver in ("direct", "cg"):
+        assert torch.equal(impute(images, torch.ones(1, 8, 8, dtype=torch.bool), solver=solver), 0 * images)
     out = road(_model(), images, torch.tensor([[0, 1]]), torch.zeros(1, 4, 4), percentiles=(50,))
     assert torch.isfinite(out["combined"]).all()  # a constant map ties everywhere: all removed, still defined
+
+
+def test_the_two_solvers_agree_and_nothing_removed_changes_nothing():
+    from wsss.cam.metrics import impute
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 20, 11, generator=g)
+    removed = torch.rand(3, 20, 11, generator=g) > 0.5
+    removed[1] = False  # nothing to impute
+    removed[2, :, :5] = True  # a wide band, known pixels on one side only
+    direct, cg = impute(images, removed, solver="direct"), impute(images, removed, solver="cg")
+    torch.testing.assert_close(direct, cg, rtol=0, atol=1e-5)
+    assert torch.equal(direct[1], images[1])
+    with pytest.raises(ValueError, match="solver must be one of"):
+        impute(images, removed, solver="qr")
