@@ -26,7 +26,7 @@ AMP_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_IMAGES = 8  # images whose CAMs are timed against a plain forward of the same inputs (the cost ratio)
 
 
-def _by_size(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def by_size(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Split a list of samples into groups of equal image size (order kept within a group)."""
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for item in items:
@@ -111,7 +111,7 @@ def _plain_forward(model: torch.nn.Module, images: torch.Tensor, cc: Any, amp: t
             model(torch.cat([x, x.flip(-1)]) if cc.flip else x)
 
 
-def _model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
+def cam_model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
     """The trained classifier, read at `cam.output_stride`, in eval mode on the device."""
     train = ctx.inputs["train"]
     check_classes(train, class_names)
@@ -127,7 +127,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """Write `maps/<id>.npz` for every image of the split; images already written (a killed run) are kept."""
     cfg, cc = ctx.cfg, ctx.cfg.cam
     source = ctx.source()
-    model = _model(ctx, source.class_names)
+    model = cam_model(ctx, source.class_names)
     maps_dir = ctx.out_dir / "maps"
     # Resume: npz files are written atomically, so an existing one is complete.
     todo = [i for i in dist.shard(source.ids) if not (maps_dir / f"{i}.npz").is_file()]
@@ -155,7 +155,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     amp = AMP_DTYPES[None if cc.amp_dtype is None else str(cc.amp_dtype)]
     with build_cam(str(cc.method), model, target_layer=cc.target_layer, amp_dtype=amp, norm_eps=cc.norm_eps) as cam:
         for batch in loader:
-            for group in _by_size(batch):
+            for group in by_size(batch):
                 raw = torch.stack([it["image"] for it in group])  # (B, 3, H, W) uint8
                 images = normalize(raw.to(ctx.device))
                 if predicted:

@@ -29,7 +29,7 @@ from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.metrics.bootstrap import interval, resample_weights
 from wsss.stages.base import Artifact, Need, Stage, StageContext, plain
-from wsss.stages.cams import _by_size, _model
+from wsss.stages.cams import by_size, cam_model
 from wsss.training import loader_workers
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg, f = ctx.cfg, ctx.cfg.faithfulness
     cams = ctx.inputs["cams"]
     source = ctx.source()
-    model = _model(ctx, source.class_names)
+    model = cam_model(ctx, source.class_names)
     ids = image_ids(list(cams.manifest["ids"]), f.max_images, f.subset_seed)
     maps_dir = cams.path("maps_dir")
     mine = dist.shard(ids)
@@ -128,7 +128,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     records: dict[str, dict[str, Any]] = {}
     bar = progress(total=len(mine), desc="faithfulness", unit="img")
     for batch in loader:
-        for group in _by_size(batch):
+        for group in by_size(batch):
             images = normalize(torch.stack([it["image"] for it in group]).to(ctx.device))  # (B, 3, H, W)
             targets, maps = [], []
             for row, it in enumerate(group):
