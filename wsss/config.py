@@ -258,7 +258,7 @@ class SegmentConfig:
     weights: str | None = None  # torchvision weights name of the trunk (e.g. IMAGENET1K_V1)
     frozen_bn: bool = False  # the trunk's BatchNorms keep their (pretrained) statistics in training (DeepLab v2)
     checkpoint: str | None = None  # a segment.pt of an earlier run: skips training, predicts and scores
-    epochs: int = 30
+    epochs: int = 25  # the stage (training + eval prediction) within the classifier's training time: BENCHMARKS.md
     batch_size: int = 32
     optimizer: Optimizer = Optimizer["adamw"]
     lr: float = 4e-3
