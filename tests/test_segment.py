@@ -301,6 +301,56 @@ def test_two_ranks_give_the_single_process_masks_and_metrics(tmp_path):
         assert ma[k] == mb[k], k
 
 
+@pytest.mark.slow
+def test_crf_predictions_equal_pydensecrf_on_the_softmax_and_rle_decodes_to_the_pngs(tmp_path):
+    """segment.crf=true: each PNG is the argmax of pydensecrf's own DenseCRF2D (PSA's kernels, refine.crf_*)
+    on the network's softmax, built here from the checkpoint; segment.rle_json=true: pycocotools decodes each
+    result to its class's pixels of the PNG."""
+    pytest.importorskip("pydensecrf")
+    mask_util = pytest.importorskip("pycocotools.mask")
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    from wsss.data.transforms import normalize
+    from wsss.stages.affinity import load_network
+
+    root = colour_folder(tmp_path / "colours")
+    base = ["dataset=folder", f"dataset.root={root}", "stage=segment", "segment.labels=gt"]
+    base += ["segment.eval_split=train", "segment.epochs=6", *FAST]  # soft enough at boundaries for the CRF
+    trained = _cli(tmp_path, [*base, f"hydra.run.dir={tmp_path / 'trained'}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = next((tmp_path / "cache").glob("segment/*/segment.pt"))
+    given = [*base, f"segment.checkpoint={ckpt}", "segment.scales=[1]", "segment.flip=false"]
+    given += ["segment.crf=true", "segment.rle_json=true", "segment.batch_size_eval=1"]
+    proc = _cli(tmp_path, [*given, f"hydra.run.dir={tmp_path / 'crf'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "crf" / "artifacts" / "segment"
+    model = load_network(ckpt, Segmenter, torch.device("cpu"))
+    agree, total, changed = 0, 0, 0
+    for path in sorted((root / "images").glob("*.png")):
+        rgb = np.array(Image.open(path).convert("RGB"))
+        with torch.no_grad():
+            probs = model(normalize(torch.from_numpy(rgb).permute(2, 0, 1)[None]))[0].softmax(0).numpy()
+        n, (h, w) = probs.shape[0], rgb.shape[:2]
+        d = dcrf.DenseCRF2D(w, h, n)
+        d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0))))
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=80 * max(h, w) / 500, srgb=13, rgbim=np.ascontiguousarray(rgb), compat=10)
+        ref = np.array(d.inference(10)).reshape(n, h, w).argmax(0)
+        got = np.array(Image.open(out / "masks" / path.name))
+        agree += int((got == ref).sum())
+        total += got.size
+        changed += int((ref != probs.argmax(0)).sum())
+    assert agree >= 0.999 * total, (agree, total)  # float rounding of the softmax may move a boundary pixel
+    assert changed > 0.002 * total, changed  # the CRF moved pixels here: a run without it would not match
+    rows = json.loads((out / "masks.rle.json").read_text())
+    assert rows
+    for r in rows:
+        png = np.array(Image.open(out / "masks" / f"{r['image_id']}.png"))
+        rle = {**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}
+        np.testing.assert_array_equal(mask_util.decode(rle), (png == r["category_id"]).astype(np.uint8))
+
+
 # -- bad input --------------------------------------------------------------------------------------------------
 
 
