@@ -8,17 +8,15 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.tiny import TINY, error_line, run_cli, tiny_cfg
+from tests.tiny import TINY, error_line, kill_when, run_cli, tiny_cfg
 from wsss.pipeline import Pipeline
 
 
@@ -136,24 +134,6 @@ def test_full_disk_names_the_file_and_leaves_nothing_trusted(tmp_path):
     assert "train: running" in proc.stderr + proc.stdout
 
 
-def _kill_when(cmd_args: list[str], tmp_path: Path, ready) -> None:
-    """Start the CLI, SIGKILL it as soon as `ready()` holds."""
-    env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsss.run", *TINY, *cmd_args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not ready() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["train", "cams"])
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, where):
@@ -171,7 +151,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, where):
             return len(list(cache.glob("cams/*/maps/*.npz"))) >= 10
         return any(cache.glob(f"train/*/{STATE}"))  # written atomically after each finished epoch
 
-    _kill_when([*slow, f"hydra.run.dir={tmp_path / 'killed_run0'}"], tmp_path / "killed", ready)
+    kill_when(tmp_path / "killed", [*slow, f"hydra.run.dir={tmp_path / 'killed_run0'}"], ready)
     assert ready()
     assert not any(cache.glob(f"{where}/*/manifest.json"))  # killed before the stage finished
     again = run_cli(tmp_path / "killed", [*slow, f"hydra.run.dir={tmp_path / 'killed_run'}"])

@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.tiny import TINY, error_line, loop_iou, run_cli, tiny_cfg
+from tests.tiny import error_line, kill_when, loop_iou, run_cli, tiny_cfg
 from wsss.config import validate
 from wsss.errors import ConfigError
 from wsss.models.segmenter import Segmenter
@@ -236,20 +234,11 @@ def test_kill_9_mid_training_then_rerun_gives_the_uninterrupted_weights(tmp_path
     clean = run_cli(tmp_path / "clean", [*args, f"hydra.run.dir={tmp_path / 'clean_run'}"], env=env1)
     assert clean.returncode == 0, clean.stderr[-3000:]
     killed = tmp_path / "killed"
-    env = {**os.environ, "WSSS_DATA": str(killed / "data"), "WSSS_CACHE": str(killed / "cache"), **env1}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsss.run", *TINY, *args, f"hydra.run.dir={killed / 'run0'}"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not any(killed.glob("cache/segment/*/segment_state.pt")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+    def saved() -> bool:
+        return any(killed.glob("cache/segment/*/segment_state.pt"))
+
+    kill_when(killed, [*args, f"hydra.run.dir={killed / 'run0'}"], saved, env=env1)
     assert any(killed.glob("cache/segment/*/segment_state.pt"))
     assert not any(killed.glob("cache/segment/*/manifest.json"))
     again = run_cli(killed, [*args, f"hydra.run.dir={killed / 'run'}"], env=env1)

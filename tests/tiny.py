@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,25 @@ def run_cli(tmp_path: Path, args: list[str], timeout: float = 600, env: dict | N
     flags = [a for a in args if a == "-m"]  # Hydra's flags go before the overrides
     cmd = [sys.executable, "-m", "wsss.run", *flags, *TINY, *[a for a in args if a != "-m"]]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def kill_when(tmp_path: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
+    """Start `python -m wsss.run *TINY *args` (data and cache under `tmp_path`) and SIGKILL its process group as
+    soon as `ready()` holds (or it exits, or `timeout` seconds pass)."""
+    env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache"), **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsss.run", *TINY, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def error_line(stderr: str) -> str:

@@ -424,21 +424,26 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
     out.need(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto, bar, log or off")
 
 
-def _training(t: DictConfig, out: _Problems) -> None:
-    out.need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    out.need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-    out.need(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    out.need(t.head_lr_mult > 0, "train.head_lr_mult", t.head_lr_mult, "must be > 0")
-    out.need(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
-    out.need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    warm = f"must be in [0, train.epochs={t.epochs}]"
-    out.need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs, warm)
+def _loop_settings(t: DictConfig, name: str, out: _Problems) -> None:
+    """The settings every stage trained by `wsss.training.Loop` shares (`train.*`, `segment.*`)."""
+    out.need(t.epochs >= 1, f"{name}.epochs", t.epochs, "must be >= 1")
+    out.need(t.batch_size >= 1, f"{name}.batch_size", t.batch_size, "must be >= 1")
+    out.need(t.lr > 0, f"{name}.lr", t.lr, "must be > 0")
+    out.need(t.head_lr_mult > 0, f"{name}.head_lr_mult", t.head_lr_mult, "must be > 0")
+    out.need(0 <= t.momentum < 1, f"{name}.momentum", t.momentum, "must be in [0, 1)")
+    out.need(t.weight_decay >= 0, f"{name}.weight_decay", t.weight_decay, "must be >= 0")
+    warm = f"must be in [0, {name}.epochs={t.epochs}]"
+    out.need(0 <= t.warmup_epochs <= t.epochs, f"{name}.warmup_epochs", t.warmup_epochs, warm)
     if t.ema_decay is not None:
-        out.need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1) or null")
+        out.need(0 < t.ema_decay < 1, f"{name}.ema_decay", t.ema_decay, "must be in (0, 1) or null")
     if t.crop_size is not None:
-        out.need(t.crop_size >= 8, "train.crop_size", t.crop_size, "must be >= 8 or null")
+        out.need(t.crop_size >= 8, f"{name}.crop_size", t.crop_size, "must be >= 8 or null")
     sr = list(t.scale_range)
-    out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "train.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+    out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], f"{name}.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
+
+
+def _training(t: DictConfig, out: _Problems) -> None:
+    _loop_settings(t, "train", out)
     out.need(t.resize in ("scale", "long_side"), "train.resize", t.resize, "must be scale or long_side")
     ls = list(t.long_side)
     out.need(len(ls) == 2 and 1 <= ls[0] <= ls[-1], "train.long_side", ls, "must be [lo, hi] with 1 <= lo <= hi")
@@ -593,21 +598,8 @@ def _segment(cfg: DictConfig, out: _Problems) -> None:
     from wsss.models.segmenter import check_network
 
     s = cfg.segment
-    out.need(s.epochs >= 1, "segment.epochs", s.epochs, "must be >= 1")
-    out.need(s.batch_size >= 1, "segment.batch_size", s.batch_size, "must be >= 1")
+    _loop_settings(s, "segment", out)
     out.need(s.batch_size_eval >= 1, "segment.batch_size_eval", s.batch_size_eval, "must be >= 1")
-    out.need(s.lr > 0, "segment.lr", s.lr, "must be > 0")
-    out.need(s.head_lr_mult > 0, "segment.head_lr_mult", s.head_lr_mult, "must be > 0")
-    out.need(0 <= s.momentum < 1, "segment.momentum", s.momentum, "must be in [0, 1)")
-    out.need(s.weight_decay >= 0, "segment.weight_decay", s.weight_decay, "must be >= 0")
-    warm = f"must be in [0, segment.epochs={s.epochs}]"
-    out.need(0 <= s.warmup_epochs <= s.epochs, "segment.warmup_epochs", s.warmup_epochs, warm)
-    if s.ema_decay is not None:
-        out.need(0 < s.ema_decay < 1, "segment.ema_decay", s.ema_decay, "must be in (0, 1) or null")
-    if s.crop_size is not None:
-        out.need(s.crop_size >= 8, "segment.crop_size", s.crop_size, "must be >= 8 or null")
-    sr = list(s.scale_range)
-    out.need(len(sr) == 2 and 0 < sr[0] <= sr[-1], "segment.scale_range", sr, "must be [lo, hi] with 0 < lo <= hi")
     sc = list(s.scales)
     out.need(bool(sc) and all(x > 0 for x in sc), "segment.scales", sc, "must be a non-empty list of values > 0")
     try:

@@ -152,6 +152,14 @@ def _load_trunk(backbone: str, weights: str | None) -> nn.Module:
         ) from e
 
 
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Every BatchNorm under `module` in eval mode: its running statistics normalise and are never updated
+    (IRN's `FixedBatchNorm`, DeepLab v2's fixed BN); its affine parameters still learn."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 class Classifier(nn.Module):
     """Multi-label classifier with a GAP head, the model every CAM of wsss is read from.
 
@@ -223,9 +231,7 @@ class Classifier(nn.Module):
         """Set train / eval mode; with `frozen_bn` the trunk's BatchNorms stay in eval mode."""
         super().train(mode)
         if self.frozen_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_batchnorm(self.backbone)
         return self
 
     def freeze_through(self, stage: str) -> list[str]:

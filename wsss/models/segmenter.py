@@ -20,7 +20,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from wsss.models.classifier import BACKBONES, NATIVE_STRIDE, Classifier
+from wsss.models.classifier import BACKBONES, NATIVE_STRIDE, Classifier, freeze_batchnorm
 
 NETWORKS = ("deeplabv2", "deeplabv3", "lraspp")
 OUTPUT_STRIDES = (8, 16)
@@ -112,9 +112,7 @@ class Segmenter(nn.Module):
         """Set train / eval mode; with `frozen_bn` the trunk's BatchNorms stay in eval mode."""
         super().train(mode)
         if self.frozen_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_batchnorm(self.backbone)
         return self
 
     def forward(self, x: Tensor) -> Tensor:

@@ -45,13 +45,19 @@ def dense_crf(
         (K, H, W) float32 class marginals and (H, W) float32 background marginal; their argmax (background
         first, ties to it) is the CRF's labelling.
     """
-    _, unary_from_softmax = _densecrf()
-    k, h, w = maps.shape
+    h, w = maps.shape[1:]
     scores = np.concatenate([np.full((1, h, w), background, np.float32), maps.astype(np.float32)])
     probs = scores / np.maximum(scores.sum(0, keepdims=True), 1e-12)  # (K+1, H, W), sums to 1
-    unary = np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0)))
-    kernels = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
-    q = _mean_field(image, unary, k + 1, iterations, *kernels)
+    q = dense_crf_probs(
+        image,
+        probs,
+        iterations=iterations,
+        gaussian_sxy=gaussian_sxy,
+        gaussian_compat=gaussian_compat,
+        bilateral_sxy=bilateral_sxy,
+        bilateral_srgb=bilateral_srgb,
+        bilateral_compat=bilateral_compat,
+    )
     return q[1:], q[0]
 
 
