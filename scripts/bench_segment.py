@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = StageContext("segment", split, cfg, {}, Path(tmp), device)
         start = time.perf_counter()
-        scored, records = S._predict_and_score(ctx, seg_loop.final_model().eval())
+        scored, records = S.predict_and_score(ctx, seg_loop.final_model().eval())
         predict_s = time.perf_counter() - start
     env = environment(device)
     print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}")

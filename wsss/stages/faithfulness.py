@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from wsss import dist
-from wsss.artifacts import read_cams, write_json
+from wsss.artifacts import read_cams, read_json, write_json
 from wsss.cam import metrics as M
 from wsss.data import InferenceDataset, collate_list, dataset_identity
 from wsss.data.transforms import normalize
@@ -165,8 +165,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def report(artifact: Artifact, run_dir: Path | None) -> None:
     """Log the summary (when `stage=faithfulness` was the request)."""
-    from wsss.artifacts import read_json
-
     s = read_json(artifact.path("metrics"))
     for name in COLUMNS:
         if name in s:

@@ -228,7 +228,7 @@ def _crf(image: Tensor, probs: Tensor, rc: DictConfig) -> Tensor:
     return torch.from_numpy(q.argmax(0)).to(probs.device)
 
 
-def _predict_and_score(ctx: StageContext, model: torch.nn.Module) -> tuple[dict[str, Any], list]:
+def predict_and_score(ctx: StageContext, model: torch.nn.Module) -> tuple[dict[str, Any], list]:
     """Predict every image of this rank's shard of the eval split, write its PNG and score it; returns the
     rank-reduced confusion matrix's scores and the per-image records (rank 0: every rank's)."""
     sc, source = ctx.cfg.segment, ctx.source()
@@ -357,7 +357,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if n != source.num_classes + 1:
         raise ValueError(f"segment.checkpoint has {n - 1} classes, the dataset {source.num_classes}")
     start = time.perf_counter()
-    own, per_image = _predict_and_score(ctx, model)
+    own, per_image = predict_and_score(ctx, model)
     predict_s = time.perf_counter() - start
     out = {
         "class_names": source.class_names,
