@@ -1,7 +1,8 @@
 """Regenerate the figures README.md shows, on this machine and this commit, from one command.
 
     python scripts/figures.py all --out figures              # every part below, then figures.md
-    python scripts/figures.py seeds --out figures            # one part (seeds | refine | select | methods)
+    python scripts/figures.py seeds --out figures            # one part (seeds | refine | select | methods
+                                                             #   | faithfulness)
     python scripts/figures.py tables --out figures           # figures.md from the JSON files already there
 
 - seeds: the default recipe with seeds 0, 1, 2 (`scripts/seed_spread.py`): mIoU, sweep best, PxAP, times.
@@ -10,6 +11,9 @@
   reported on `train` beside the papers' untuned values and the defaults.
 - methods: every CAM method but Score-CAM on seed 0's model, on `val`, and the leaderboard of
   `python -m wsss.report` (paired intervals against `cam=cam`).
+- faithfulness: the same methods on the same model and split with `faithfulness.enabled=true` and every
+  faithfulness metric (Average Drop / Increase, Deletion / Insertion, ROAD), so that the leaderboard puts them
+  beside mIoU and PxAP (about 7 minutes per method on a 2-core CPU).
 
 Each part writes `<part>.json` into `--out` with its rows, the commands, the commit (`git describe --dirty`),
 the date and the machine (CPU, threads, torch, the precision `train.amp_dtype=auto` resolved to); `tables`
@@ -43,7 +47,7 @@ from wsss.stages.base import environment
 from wsss.training import resolve_amp_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("seeds", "refine", "select", "methods")
+PARTS = ("seeds", "refine", "select", "methods", "faithfulness")
 # Every method of conf/cam/ but Score-CAM (about 1,000 forwards per map: BENCHMARKS.md).
 METHODS = "cam,gradcam,gradcampp,layercam,xgradcam,hirescam,eigencam,finercam,guided_gradcam,ablationcam"
 # pseudo.refine=rw: the papers' values (PSA: beta 8, alpha 16; IRN's labels 0.30 / 0.05) and a grid around them.
@@ -54,6 +58,7 @@ RW_GRID = [
     for beta in (8, 16, 32)
     for alpha in ("null", 16)
 ]
+FAITHFULNESS_METRICS = ("average_drop", "deletion_insertion", "road")
 SUPERPIXEL_GRID = [["refine.superpixel_method=felzenszwalb"], ["refine.superpixel_method=slic"]]
 
 
@@ -152,6 +157,24 @@ def part_methods(overrides: list[str], out: Path) -> dict:
     return {"leaderboard": (out / "leaderboard" / "leaderboard.md").read_text(), "runs": commands}
 
 
+def part_faithfulness(overrides: list[str], out: Path) -> dict:
+    ckpt = f"model.checkpoint={seed0_checkpoint(overrides)}"
+    runs = out / "faithfulness_runs"
+    command = [
+        "-m",
+        f"cam={METHODS}",
+        "dataset.eval_split=val",
+        ckpt,
+        "faithfulness.enabled=true",
+        f"faithfulness.metrics=[{','.join(FAITHFULNESS_METRICS)}]",
+        f"hydra.sweep.dir={runs}",
+    ]
+    subprocess.run([sys.executable, "-m", "wsss.run", *command, *overrides], cwd=REPO, check=True)
+    board = out / "faithfulness_leaderboard"
+    subprocess.run([sys.executable, "-m", "wsss.report", str(runs), "--out", str(board)], cwd=REPO, check=True)
+    return {"leaderboard": (board / "leaderboard.md").read_text(), "runs": [command]}
+
+
 def _stamp_lines(part: dict) -> list[str]:
     m = part["stamp"]["machine"]
     return [
@@ -221,6 +244,10 @@ def tables(out: Path) -> str:
     if "methods" in parts:
         p = parts["methods"]
         lines += ["## CAM methods on seed 0's model (val split)", "", *_stamp_lines(p), p["leaderboard"], ""]
+    if "faithfulness" in parts:
+        p = parts["faithfulness"]
+        lines += ["## Faithfulness of the CAM methods on seed 0's model (val split)", "", *_stamp_lines(p)]
+        lines += [p["leaderboard"], ""]
     return "\n".join(lines)
 
 
@@ -240,6 +267,7 @@ def main() -> None:
             "refine": lambda: part_refine(args.overrides),
             "select": lambda: part_select(args.overrides),
             "methods": lambda: part_methods(args.overrides, args.out),
+            "faithfulness": lambda: part_faithfulness(args.overrides, args.out),
         }[part]
         payload = {"stamp": stamp([part, "--out", str(args.out), *args.overrides]), **run()}
         (args.out / f"{part}.json").write_text(json.dumps(payload, indent=2) + "\n")
