@@ -66,6 +66,7 @@ def test_stage_values_equal_the_library_on_the_stored_maps_and_evaluate_merges_t
     per_image = json.loads((art / "per_image.json").read_text())
     summary = json.loads((art / "metrics.json").read_text())
     assert json.loads((run / "metrics.json").read_text())["faithfulness"] == summary
+    assert json.loads((run / "faithfulness_per_image.json").read_text()) == per_image  # for the leaderboard
     maps_dir = _artifact(tmp_path / "cache", "cams") / "maps"
     model, names = load_checkpoint(ckpt)
     model.set_output_stride(8)  # cam.output_stride's default: the model the CAMs came from

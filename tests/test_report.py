@@ -17,7 +17,9 @@ from tests.conftest import REPO
 from tests.tiny import error_line, run_cli, tiny_cfg
 from wsss.metrics.bootstrap import ImageStats, interval, resample_weights, resampled_metrics
 from wsss.pipeline import Pipeline
-from wsss.report import OUTPUTS, build, main
+from wsss.report import OUTPUTS, ReportError, build, main
+from wsss.stages.evaluate import _copy_reports
+from wsss.stages.faithfulness import summarise
 
 
 def _run(tmp_path: Path, name: str, overrides: list[str], cli: list[str] | None = None) -> Path:
@@ -236,3 +238,95 @@ def test_faithfulness_block_becomes_columns_with_its_intervals(two_runs, tmp_pat
     row = dict(zip(cols, first.split(","), strict=True))
     assert (row["average_drop"], row["average_drop_lo"], row["average_drop_hi"]) == ("12.5", "10.25", "14.75")
     assert "road" not in cols
+
+
+def _with_faithfulness(src: Path, dest: Path, shift: float, rng: np.random.Generator) -> dict:
+    """A copy of run `src` as evaluate leaves it with `faithfulness.enabled=true`: per-pair values drawn from
+    `rng` (+ `shift` on the deletion AUC), the stage's summary of them in metrics.json."""
+    shutil.copytree(src, dest)
+    ids = ImageStats.load(dest / "per_image.npz").ids
+    records = {}
+    for n, image_id in enumerate(ids):
+        k = 1 + n % 3
+        records[image_id] = {
+            "classes": [f"c{j}" for j in range(k)],
+            "drop": rng.uniform(0, 1, k).tolist(),
+            "increase": rng.integers(0, 2, k).astype(float).tolist(),
+            "deletion_auc": (rng.uniform(0, 0.5, k) + shift).tolist(),
+        }
+    m = json.loads((dest / "metrics.json").read_text())
+    m["faithfulness"] = summarise(records, ids, 100, 0)
+    (dest / "metrics.json").write_text(json.dumps(m))
+    (dest / "faithfulness_per_image.json").write_text(json.dumps(records))
+    return records
+
+
+def _ratio_loop(records: dict, column: str, draws: np.ndarray, scale: float) -> np.ndarray:
+    """Per resample (a row of image indices drawn with replacement): sum of the drawn images' pair values over
+    the drawn images' pair counts, image by image in float64."""
+    ids = list(records)
+    out = []
+    for row in draws:
+        total, pairs = 0.0, 0
+        for i in row:
+            total += float(sum(records[ids[i]][column]))
+            pairs += len(records[ids[i]]["classes"])
+        out.append(scale * total / pairs)
+    return np.array(out)
+
+
+def test_faithfulness_pairs_give_intervals_and_paired_differences_over_the_same_resamples(two_runs, tmp_path):
+    """With each run's per-pair values beside metrics.json, the leaderboard resamples the images as it does for
+    mIoU: the values are the summary's means, the intervals and the paired differences equal a loop over the
+    drawn image indices, and a shift of 0.2 in every deletion AUC is a difference whose interval excludes 0."""
+    a, b = two_runs
+    rng = np.random.default_rng(3)
+    ra = _with_faithfulness(a, tmp_path / "cam", 0.0, rng)
+    rb = _with_faithfulness(b, tmp_path / "gradcampp", 0.2, rng)
+    board = build([tmp_path / "cam", tmp_path / "gradcampp"], reference="cam=cam", resamples=300, seed=4)
+    rows = {r["name"]: r for r in board["rows"]}
+    draws = np.random.default_rng(4).integers(0, len(ra), (300, len(ra)))
+    for name, column, scale in (("average_drop", "drop", 100.0), ("deletion_auc", "deletion_auc", 1.0)):
+        la, lb = _ratio_loop(ra, column, draws, scale), _ratio_loop(rb, column, draws, scale)
+        ea, eb = rows["cam=cam"]["faithfulness"][name], rows["cam=gradcampp"]["faithfulness"][name]
+        ma = json.loads((tmp_path / "cam" / "metrics.json").read_text())["faithfulness"][name]["mean"]
+        assert ea["value"] == ma
+        assert ea["ci"] == pytest.approx(interval(la), abs=1e-4), name
+        assert eb["ci"] == pytest.approx(interval(lb), abs=1e-4), name
+        assert eb["diff_ci"] == pytest.approx(interval(lb - la), abs=1e-4), name
+        assert "diff" not in ea  # the reference row itself
+    d = rows["cam=gradcampp"]["faithfulness"]["deletion_auc"]
+    pair_mean = [np.mean([x for rec in r.values() for x in rec["deletion_auc"]]) for r in (ra, rb)]
+    assert d["diff"] == pytest.approx(pair_mean[1] - pair_mean[0], abs=1e-4)
+    assert d["diff_excludes_0"]
+    assert d["diff_ci"][0] > 0.1
+    assert not rows["cam=gradcampp"]["faithfulness"]["average_drop"]["diff_excludes_0"]  # same distribution
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "cam"), str(tmp_path / "gradcampp"), "--out", str(out), "--resamples", "300"]) == 0
+    md = (out / "leaderboard.md").read_text()
+    assert "| run | reference | AD diff | IC diff | Deletion AUC diff |" in md
+    assert "| cam=gradcampp | cam=cam |" in md.split("Faithfulness, paired")[1]
+    header, _, second = (out / "leaderboard.csv").read_text().splitlines()[:3]
+    row = dict(zip(header.split(","), second.split(","), strict=True))
+    assert float(row["deletion_auc_diff_lo"]) > 0.1
+
+
+def test_faithfulness_pairs_that_do_not_give_the_summary_are_refused_naming_the_file(two_runs, tmp_path):
+    a, _ = two_runs
+    records = _with_faithfulness(a, tmp_path / "stale", 0.0, np.random.default_rng(0))
+    first = next(iter(records))
+    records[first]["drop"] = [x + 0.9 for x in records[first]["drop"]]  # an older run's values, say
+    (tmp_path / "stale" / "faithfulness_per_image.json").write_text(json.dumps(records))
+    with pytest.raises(ReportError, match=r"stale/faithfulness_per_image.json: its average_drop .* a stale copy"):
+        build([tmp_path / "stale"], resamples=20)
+
+
+def test_evaluate_removes_a_report_file_it_did_not_write_from_the_run_directory(tmp_path):
+    out_dir, run_dir = tmp_path / "artifact", tmp_path / "run"
+    out_dir.mkdir()
+    run_dir.mkdir()
+    (out_dir / "metrics.json").write_text("{}")
+    (run_dir / "faithfulness_per_image.json").write_text('{"old": {}}')  # a faithfulness run's, earlier
+    _copy_reports(out_dir, run_dir)
+    assert (run_dir / "metrics.json").read_text() == "{}"
+    assert not (run_dir / "faithfulness_per_image.json").exists()

@@ -6,6 +6,10 @@ between the runs (Hydra's `.hydra/overrides.yaml`); columns mIoU at the reported
 mIoU and its threshold, PxAP, MaxBoxAcc, MaxBoxAccV2 and the CAM cost, each metric with its 95 % bootstrap
 interval over images.
 
+Runs made with `faithfulness.enabled=true` add the faithfulness metrics (Average Drop / Increase, Deletion /
+Insertion, ROAD: the mean over (image, class) pairs, resampled over images as a ratio of sums), read from the
+`faithfulness_per_image.json` evaluate copies beside metrics.json.
+
 Rows of the same trained model (same train key) scored on the same images are compared paired: the same
 resamples of the images give each row's difference from its reference row (`--reference KEY=VALUE`: the
 rows with that override; by default the first row's values of every varying key but `seed`), and a
@@ -44,6 +48,7 @@ from wsss.metrics.bootstrap import (
     resampled_metrics,
 )
 from wsss.rundir import sweep_summary
+from wsss.stages.faithfulness import COLUMNS as FAITH_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class Run:
     overrides: dict[str, str]
     metrics: dict[str, Any]
     stats: ImageStats
+    faith: FaithPairs | None = None
     name: str = ""
 
     @property
@@ -87,6 +93,48 @@ class Run:
         """What must agree between runs of one report: dataset, root, split, class list."""
         d = self.metrics["dataset"]
         return (d.get("dataset"), d.get("root"), d.get("split"), tuple(d.get("class_names", [])))
+
+
+@dataclass
+class FaithPairs:
+    """A run's faithfulness values per image: the scored images in order, each one's classes, and per metric
+    of the summary the per-image sum of its pairs' values (scaled as the summary is: percent for AD / IC)."""
+
+    ids: list[str]
+    classes: list[list[str]]
+    pairs: np.ndarray
+    sums: dict[str, np.ndarray]
+
+    def pairs_like(self, other: FaithPairs) -> bool:
+        return self.ids == other.ids and self.classes == other.classes
+
+
+def load_faith_pairs(run_dir: Path, block: dict[str, Any]) -> FaithPairs | None:
+    """`faithfulness_per_image.json` of a run whose metrics.json has a faithfulness block (None without one);
+    refused, naming the file, when unreadable or when its values do not give the block's means (a stale copy)."""
+    path = run_dir / "faithfulness_per_image.json"
+    if not block or not path.is_file():
+        return None
+    try:
+        records = read_json(path)
+        ids = list(records)
+        classes = [list(records[i]["classes"]) for i in ids]
+        pairs = np.array([len(c) for c in classes], dtype=np.float64)
+        sums = {}
+        for name, (column, _, scale) in FAITH_COLUMNS.items():
+            if name in block:
+                sums[name] = scale * np.array([float(np.sum(records[i][column])) for i in ids], dtype=np.float64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"{path}: unreadable ({e!r})") from e
+    total = pairs.sum()
+    for name, s in sums.items():
+        mean = block[name].get("mean")
+        if len(ids) != block.get("images") or (mean is not None and total and abs(s.sum() / total - mean) > 1e-3):
+            raise ReportError(
+                f"{path}: its {name} ({len(ids)} images, mean {s.sum() / max(total, 1):.4f}) is not metrics.json's "
+                f"({block.get('images')} images, mean {mean}); a stale copy: rerun the run's evaluate"
+            )
+    return FaithPairs(ids, classes, pairs, sums)
 
 
 def _run_dirs(paths: list[Path]) -> list[Path]:
@@ -132,7 +180,7 @@ def load_run(run_dir: Path) -> Run:
         stats = ImageStats.load(stats_path)
     except (OSError, ValueError, KeyError) as e:
         raise ReportError(f"{stats_path}: unreadable ({e})") from e
-    return Run(run_dir, _overrides(run_dir), metrics, stats)
+    return Run(run_dir, _overrides(run_dir), metrics, stats, load_faith_pairs(run_dir, metrics.get("faithfulness")))
 
 
 def _name_runs(runs: list[Run]) -> list[str]:
@@ -191,14 +239,30 @@ def _point(r: Run) -> dict[str, float | None]:
     }
 
 
-def _faithfulness(r: Run) -> dict[str, dict[str, Any]]:
-    """The run's faithfulness means with the stage's intervals over images (empty without the block)."""
+def _faithfulness(r: Run, ref: Run | None, resamples: int, seed: int, level: float) -> dict[str, dict[str, Any]]:
+    """The run's faithfulness means with intervals over images, and its paired differences from `ref` (same
+    resamples of the same images; only where both scored the same (image, class) pairs). Without the per-image
+    file (runs from before it), the block's means and the stage's own intervals, unpaired."""
     block = r.metrics.get("faithfulness") or {}
-    return {
-        k: {"value": block[k]["mean"], "ci": block[k].get("interval")}
-        for k in FAITHFULNESS
-        if isinstance(block.get(k), dict) and block[k].get("mean") is not None
-    }
+    present = [k for k in FAITHFULNESS if isinstance(block.get(k), dict) and block[k].get("mean") is not None]
+    f = r.faith
+    if f is None or not f.pairs.sum():
+        return {k: {"value": block[k]["mean"], "ci": block[k].get("interval")} for k in present}
+    weights = resample_weights(len(f.ids), resamples, seed)
+    paired = ref is not None and ref is not r and ref.faith is not None and f.pairs_like(ref.faith)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in present:
+            res = (weights @ f.sums[k]) / (weights @ f.pairs)
+            entry: dict[str, Any] = {"value": block[k]["mean"], "ci": [round(x, 4) for x in interval(res, level)]}
+            if paired and k in ref.faith.sums:
+                ref_res = (weights @ ref.faith.sums[k]) / (weights @ f.pairs)
+                lo, hi = interval(res - ref_res, level)
+                entry["diff"] = round((f.sums[k].sum() - ref.faith.sums[k].sum()) / f.pairs.sum(), 4)
+                entry["diff_ci"] = [round(lo, 4), round(hi, 4)]
+                entry["diff_excludes_0"] = bool(lo > 0 or hi < 0)
+            out[k] = entry
+    return out
 
 
 def _miou_at(r: Run) -> int | None:
@@ -247,7 +311,7 @@ def build(
             "best_threshold": (r.metrics.get("sweep") or {}).get("best_threshold"),
             "cam_cost": (r.metrics.get("cam") or {}).get("cost"),
             "metrics": {},
-            "faithfulness": _faithfulness(r),
+            "faithfulness": _faithfulness(r, ref, resamples, seed, level),
             "reference": None if ref is None else ref.name,
         }
         for k in BOOTSTRAP_METRICS:
@@ -320,6 +384,13 @@ def _faith_cell(e: dict | None) -> str:
     return f"{e['value']:.2f}{ci}"
 
 
+def _diff_cell(e: dict) -> str:
+    if "diff" not in e:
+        return "-"
+    star = " *" if e["diff_excludes_0"] else ""
+    return f"{e['diff']:+.2f} [{e['diff_ci'][0]:+.2f}, {e['diff_ci'][1]:+.2f}]{star}"
+
+
 def _cost(row: dict) -> str:
     c = row["cam_cost"]
     return "-" if not c else f"{c['cam_seconds_per_image'] * 1000:.1f} ms ({c['ratio_to_forward']:.1f}x)"
@@ -356,6 +427,19 @@ def to_markdown(board: dict) -> str:
         for r in board["rows"]:
             cells = [_faith_cell(r.get("faithfulness", {}).get(k)) for k in faith]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        paired = [r for r in board["rows"] if any("diff" in e for e in r.get("faithfulness", {}).values())]
+        if paired:
+            lines += [
+                "",
+                f"Faithfulness, paired differences from the reference (same pairs, same resamples; * = the {pct} % "
+                "interval excludes 0):",
+                "",
+                "| run | reference | " + " | ".join(f"{FAITHFULNESS[k][0]} diff" for k in faith) + " |",
+                "|---|---|" + "---|" * len(faith),
+            ]
+            for r in paired:
+                cells = [_diff_cell(r["faithfulness"].get(k, {})) for k in faith]
+                lines.append(f"| {r['name']} | {r['reference']} | " + " | ".join(cells) + " |")
     diffs = [r for r in board["rows"] if r["reference"] is not None and r["reference"] != r["name"]]
     if diffs:
         lines += [
@@ -366,14 +450,7 @@ def to_markdown(board: dict) -> str:
             "|---|---|" + "---|" * len(cols),
         ]
         for r in diffs:
-            cells = []
-            for k in cols:
-                e = r["metrics"].get(k, {})
-                if "diff" not in e:
-                    cells.append("-")
-                    continue
-                star = " *" if e["diff_excludes_0"] else ""
-                cells.append(f"{e['diff']:+.2f} [{e['diff_ci'][0]:+.2f}, {e['diff_ci'][1]:+.2f}]{star}")
+            cells = [_diff_cell(r["metrics"].get(k, {})) for k in cols]
             lines.append(f"| {r['name']} | {r['reference']} | " + " | ".join(cells) + " |")
     unpaired = [r["name"] for r in board["rows"] if r["reference"] is None]
     if unpaired:
@@ -403,7 +480,7 @@ def to_csv(board: dict) -> str:
         header += [k, f"{k}_lo", f"{k}_hi", f"{k}_diff", f"{k}_diff_lo", f"{k}_diff_hi"]
     faith = _faith_columns(board)
     for k in faith:
-        header += [k, f"{k}_lo", f"{k}_hi"]
+        header += [k, f"{k}_lo", f"{k}_hi", f"{k}_diff", f"{k}_diff_lo", f"{k}_diff_hi"]
     header += ["cam_seconds_per_image", "cam_ratio_to_forward"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -415,7 +492,7 @@ def to_csv(board: dict) -> str:
             line += [e.get("value"), *(e.get("ci") or [None, None]), e.get("diff"), *(e.get("diff_ci") or [None, None])]
         for k in faith:
             e = r.get("faithfulness", {}).get(k, {})
-            line += [e.get("value"), *(e.get("ci") or [None, None])]
+            line += [e.get("value"), *(e.get("ci") or [None, None]), e.get("diff"), *(e.get("diff_ci") or [None, None])]
         c = r["cam_cost"] or {}
         line += [c.get("cam_seconds_per_image"), c.get("ratio_to_forward")]
         w.writerow(["" if v is None else v for v in line])

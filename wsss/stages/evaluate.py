@@ -67,6 +67,7 @@ REPORT_FILES = (
     "threshold_curve.png",
     "class_iou.png",
     "overlays.png",
+    "faithfulness_per_image.json",
 )
 
 
@@ -411,8 +412,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         per_image_bytes=round((ctx.out_dir / "per_image.npz").stat().st_size / len(source.ids)),
         per_image_miou={i: round(records[i]["miou"], 3) for i in source.ids},
     )
-    if "faithfulness" in ctx.inputs:
+    if "faithfulness" in ctx.inputs:  # the summary, and each pair's values for the leaderboard's paired differences
         result["faithfulness"] = read_json(ctx.inputs["faithfulness"].path("metrics"))
+        shutil.copy2(ctx.inputs["faithfulness"].path("per_image"), ctx.out_dir / "faithfulness_per_image.json")
     write_json(ctx.out_dir / "metrics.json", result)
     write_figures(ctx.cfg, ctx.out_dir, result, source, maps_dir, masks_dir, seeds_dir)
     return {"class_names": source.class_names, "dataset": source.identity(), "miou": result["miou"]}
@@ -524,11 +526,14 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
 
 
 def _copy_reports(out_dir: Path, run_dir: Path | None) -> None:
-    """metrics.json, summary.md and the figures into the run directory."""
+    """metrics.json, summary.md and the figures into the run directory; a report file this evaluate did not
+    write (an earlier run's in the same directory) is removed, so that nothing stale sits beside metrics.json."""
     if run_dir is not None:
         for name in REPORT_FILES:
             if (out_dir / name).is_file():
                 shutil.copy2(out_dir / name, Path(run_dir) / name)
+            else:
+                (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
