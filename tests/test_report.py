@@ -231,7 +231,7 @@ def test_faithfulness_block_becomes_columns_with_its_intervals(two_runs, tmp_pat
     assert main([str(with_block), str(b), "--out", str(out), "--resamples", "50"]) == 0
     md = (out / "leaderboard.md").read_text()
     assert "| run | AD (lower is better) | Insertion AUC (higher is better) |" in md
-    assert "| 12.50 [10.25, 14.75] | 0.61 [0.55, 0.66] |" in md
+    assert "| 12.50 [10.25, 14.75] | 0.610 [0.550, 0.660] |" in md  # percent to 2 decimals, areas to 3
     assert "| - | - |" in md  # the run without the block
     header, first = (out / "leaderboard.csv").read_text().splitlines()[:2]
     cols = header.split(",")

@@ -59,12 +59,12 @@ NAMES = {
     "maxboxacc": "MaxBoxAcc",
     "maxboxacc_v2": "MaxBoxAccV2",
 }
-FAITHFULNESS = {  # the faithfulness stage's summary (evaluate's `faithfulness` block): name, better
-    "average_drop": ("AD", "lower"),
-    "increase_in_confidence": ("IC", "higher"),
-    "deletion_auc": ("Deletion AUC", "lower"),
-    "insertion_auc": ("Insertion AUC", "higher"),
-    "road": ("ROAD", "higher"),
+FAITHFULNESS = {  # the faithfulness stage's summary (evaluate's `faithfulness` block): name, better, decimals shown
+    "average_drop": ("AD", "lower", 2),
+    "increase_in_confidence": ("IC", "higher", 2),
+    "deletion_auc": ("Deletion AUC", "lower", 3),
+    "insertion_auc": ("Insertion AUC", "higher", 3),
+    "road": ("ROAD", "higher", 3),
 }
 OUTPUTS = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.png")
 
@@ -377,18 +377,18 @@ def _faith_columns(board: dict) -> list[str]:
     return [k for k in FAITHFULNESS if any(k in r.get("faithfulness", {}) for r in board["rows"])]
 
 
-def _faith_cell(e: dict | None) -> str:
+def _faith_cell(e: dict | None, digits: int = 2) -> str:
     if e is None:
         return "-"
-    ci = f" [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if e.get("ci") else ""
-    return f"{e['value']:.2f}{ci}"
+    ci = f" [{e['ci'][0]:.{digits}f}, {e['ci'][1]:.{digits}f}]" if e.get("ci") else ""
+    return f"{e['value']:.{digits}f}{ci}"
 
 
-def _diff_cell(e: dict) -> str:
+def _diff_cell(e: dict, digits: int = 2) -> str:
     if "diff" not in e:
         return "-"
     star = " *" if e["diff_excludes_0"] else ""
-    return f"{e['diff']:+.2f} [{e['diff_ci'][0]:+.2f}, {e['diff_ci'][1]:+.2f}]{star}"
+    return f"{e['diff']:+.{digits}f} [{e['diff_ci'][0]:+.{digits}f}, {e['diff_ci'][1]:+.{digits}f}]{star}"
 
 
 def _cost(row: dict) -> str:
@@ -425,7 +425,7 @@ def to_markdown(board: dict) -> str:
             "|---|" + "---|" * len(faith),
         ]
         for r in board["rows"]:
-            cells = [_faith_cell(r.get("faithfulness", {}).get(k)) for k in faith]
+            cells = [_faith_cell(r.get("faithfulness", {}).get(k), FAITHFULNESS[k][2]) for k in faith]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         paired = [r for r in board["rows"] if any("diff" in e for e in r.get("faithfulness", {}).values())]
         if paired:
@@ -438,7 +438,7 @@ def to_markdown(board: dict) -> str:
                 "|---|---|" + "---|" * len(faith),
             ]
             for r in paired:
-                cells = [_diff_cell(r["faithfulness"].get(k, {})) for k in faith]
+                cells = [_diff_cell(r["faithfulness"].get(k, {}), FAITHFULNESS[k][2]) for k in faith]
                 lines.append(f"| {r['name']} | {r['reference']} | " + " | ".join(cells) + " |")
     diffs = [r for r in board["rows"] if r["reference"] is not None and r["reference"] != r["name"]]
     if diffs:
