@@ -199,3 +199,26 @@ def test_bench_segment_projects_the_segment_stage_against_train(tmp_path):
     assert r["ratio"] == pytest.approx(r["projected_seconds"]["segment"] / r["projected_seconds"]["train"], rel=1e-12)
     assert proc.stdout.strip().splitlines()[-1] == f"{r['ratio']:.3f}"
     assert 0 <= r["miou_after_timed_epochs"] <= 100
+
+
+def test_figures_faithfulness_puts_every_method_and_metric_of_one_model_in_one_leaderboard(tmp_path):
+    """`figures.py faithfulness`: every method of its list on seed 0's model, each row's five faithfulness means
+    those of its run's metrics.json, mIoU beside them, and the section in figures.md."""
+    env = {"WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "figs"
+    fast = ["faithfulness.steps=2", "faithfulness.percentiles=[50]"]
+    proc = _script("figures.py", "faithfulness", "--out", str(out), "--", *TINY, *fast, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    methods = _module("figures").METHODS.split(",")
+    board = json.loads((out / "faithfulness_leaderboard" / "leaderboard.json").read_text())
+    assert [r["name"] for r in board["rows"]] == [f"cam={m}" for m in methods]
+    assert len({r["model_key"] for r in board["rows"]}) == 1
+    five = ["average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road"]
+    for r in board["rows"]:
+        block = json.loads((out / "faithfulness_leaderboard" / r["dir"] / "metrics.json").read_text())["faithfulness"]
+        assert sorted(r["faithfulness"]) == sorted(five), r["name"]
+        assert {k: r["faithfulness"][k]["value"] for k in five} == {k: block[k]["mean"] for k in five}
+        assert "miou" in r["metrics"]
+    part = json.loads((out / "faithfulness.json").read_text())
+    assert part["stamp"]["command"].startswith("python scripts/figures.py faithfulness")
+    assert "## Faithfulness of the CAM methods on seed 0's model (val split)" in (out / "figures.md").read_text()
