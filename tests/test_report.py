@@ -17,7 +17,7 @@ from tests.conftest import REPO
 from tests.tiny import error_line, run_cli, tiny_cfg
 from wsss.metrics.bootstrap import ImageStats, interval, resample_weights, resampled_metrics
 from wsss.pipeline import Pipeline
-from wsss.report import OUTPUTS, ReportError, build, main
+from wsss.report import OUTPUTS, ReportError, build, main, to_markdown
 from wsss.stages.evaluate import _copy_reports
 from wsss.stages.faithfulness import summarise
 
@@ -330,3 +330,45 @@ def test_evaluate_removes_a_report_file_it_did_not_write_from_the_run_directory(
     _copy_reports(out_dir, run_dir)
     assert (run_dir / "metrics.json").read_text() == "{}"
     assert not (run_dir / "faithfulness_per_image.json").exists()
+
+
+def test_seed_folds_carry_faithfulness_and_each_seeds_paired_difference(two_runs, tmp_path):
+    """Three "seeds" (three model keys), each with a cam and a gradcampp run: the fold of each method is the
+    mean +- std of its rows' values, faithfulness included, and of each seed's paired difference on its own
+    model; leaderboard.md shows both."""
+    a, b = two_runs
+    rng = np.random.default_rng(7)
+    dirs = []
+    for seed in (0, 1, 2):
+        for src, cam, shift in ((a, "cam", 0.0), (b, "gradcampp", 0.1 * (seed + 1))):
+            d = tmp_path / f"s{seed}_{cam}"
+            _with_faithfulness(src, d, shift, rng)
+            m = json.loads((d / "metrics.json").read_text())
+            m["model"]["key"] = f"model-of-seed-{seed}"
+            (d / "metrics.json").write_text(json.dumps(m))
+            (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"cam={cam}", f"seed={seed}"]))
+            dirs.append(d)
+    board = build(dirs, reference="cam=cam", resamples=100, base=tmp_path)
+    folds = {f["name"]: f for f in board["seed_folds"]}
+    assert sorted(folds) == ["cam=cam", "cam=gradcampp"]
+    rows = [r for r in board["rows"] if r["name"].startswith("cam=gradcampp")]
+    assert [r["reference"] for r in rows] == [f"cam=cam seed={s}" for s in (0, 1, 2)]  # each on its own model
+    f = folds["cam=gradcampp"]
+    for k in ("deletion_auc", "average_drop"):
+        vals = [r["faithfulness"][k]["value"] for r in rows]
+        diffs = [r["faithfulness"][k]["diff"] for r in rows]
+        assert f["faithfulness"][k]["mean"] == pytest.approx(np.mean(vals), abs=1e-4)
+        assert f["faithfulness"][k]["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-4)
+        assert f["faithfulness"][k]["diff_mean"] == pytest.approx(np.mean(diffs), abs=1e-4)
+        assert f["faithfulness"][k]["diff_std"] == pytest.approx(np.std(diffs, ddof=1), abs=1e-4)
+    assert f["faithfulness"]["deletion_auc"]["diff_seeds_excluding_0"] == 3  # shifts of 0.1, 0.2, 0.3
+    miou_diffs = [r["metrics"]["miou"]["diff"] for r in rows]
+    assert f["metrics"]["miou"]["diff_mean"] == pytest.approx(np.mean(miou_diffs), abs=1e-4)
+    assert "diff_mean" not in folds["cam=cam"]["faithfulness"]["deletion_auc"]  # the references have no difference
+    md = to_markdown(board)
+    over = md.split("## Over seeds")[1]
+    assert "| runs | seeds | mIoU |" in over
+    assert "Deletion AUC |" in over.splitlines()[2]  # the header, faithfulness columns after the others
+    line = next(ln for ln in over.split("Paired differences over seeds")[1].splitlines() if "gradcampp" in ln)
+    dm, ds = f["faithfulness"]["deletion_auc"]["diff_mean"], f["faithfulness"]["deletion_auc"]["diff_std"]
+    assert f"{dm:+.3f} +- {ds:.3f} (3/3)" in line

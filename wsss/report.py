@@ -14,7 +14,7 @@ Rows of the same trained model (same train key) scored on the same images are co
 resamples of the images give each row's difference from its reference row (`--reference KEY=VALUE`: the
 rows with that override; by default the first row's values of every varying key but `seed`), and a
 difference whose interval excludes 0 is marked. Rows that differ only by `seed` fold into mean +- std over
-seeds. Runs of different datasets or splits are refused.
+seeds, of the values and of each seed's paired difference on its own model. Runs of different datasets or splits are refused.
 
 The same report is written at the end of every `-m` sweep by `LeaderboardCallback` (conf/config.yaml
 registers it under `hydra.callbacks`). Outputs (`leaderboard.md`, `.csv`, `.json`, `.png`) are written
@@ -356,13 +356,30 @@ def _seed_folds(runs: list[Run], rows: list[dict], varying: list[str]) -> list[d
             "metrics": {},
         }
         for k in BOOTSTRAP_METRICS:
-            vals = [rows[i]["metrics"][k]["value"] for i in members if k in rows[i]["metrics"]]
-            if len(vals) == len(members):
-                fold["metrics"][k] = {
-                    "mean": round(float(np.mean(vals)), 4),
-                    "std": round(float(np.std(vals, ddof=1)), 4),
-                }
+            entries = [rows[i]["metrics"].get(k) for i in members]
+            if all(entries):
+                fold["metrics"][k] = _fold(entries)
+        faith = {}
+        for k in FAITHFULNESS:
+            entries = [rows[i]["faithfulness"].get(k) for i in members]
+            if all(entries):
+                faith[k] = _fold(entries)
+        if faith:
+            fold["faithfulness"] = faith
         out.append(fold)
+    return out
+
+
+def _fold(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean +- sample std over seeds of the values and, where every seed has one (its own model's paired
+    difference from its reference row), of the differences, with how many seeds' intervals excluded 0."""
+    vals = [e["value"] for e in entries]
+    out: dict[str, Any] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals, ddof=1)), 4)}
+    if all("diff" in e for e in entries):
+        diffs = [e["diff"] for e in entries]
+        out["diff_mean"] = round(float(np.mean(diffs)), 4)
+        out["diff_std"] = round(float(np.std(diffs, ddof=1)), 4)
+        out["diff_seeds_excluding_0"] = sum(bool(e["diff_excludes_0"]) for e in entries)
     return out
 
 
@@ -456,20 +473,48 @@ def to_markdown(board: dict) -> str:
     if unpaired:
         lines += ["", "No reference row of the same trained model, so no paired difference: " + ", ".join(unpaired)]
     if board["seed_folds"]:
+        heads = [NAMES[k] for k in cols] + [FAITHFULNESS[k][0] for k in faith]
         lines += [
             "",
             "## Over seeds (mean +- sample std of the point values; covers training randomness)",
             "",
-            "| runs | seeds | " + " | ".join(NAMES[k] for k in cols) + " |",
-            "|---|---|" + "---|" * len(cols),
+            "| runs | seeds | " + " | ".join(heads) + " |",
+            "|---|---|" + "---|" * len(heads),
         ]
         for f in board["seed_folds"]:
-            cells = [
-                f"{f['metrics'][k]['mean']:.2f} +- {f['metrics'][k]['std']:.2f}" if k in f["metrics"] else "-"
-                for k in cols
-            ]
+            cells = [_fold_cell(f["metrics"].get(k), "mean", "std", 2) for k in cols]
+            cells += [_fold_cell(f.get("faithfulness", {}).get(k), "mean", "std", FAITHFULNESS[k][2]) for k in faith]
             lines.append(f"| {f['name']} | {', '.join(map(str, f['seeds']))} | " + " | ".join(cells) + " |")
+        paired = [f for f in board["seed_folds"] if _fold_has_diff(f)]
+        if paired:
+            lines += [
+                "",
+                "Paired differences over seeds (each seed's difference on its own model, mean +- sample std; "
+                "n/N: the seeds whose paired interval excludes 0):",
+                "",
+                "| runs | seeds | " + " | ".join(f"{h} diff" for h in heads) + " |",
+                "|---|---|" + "---|" * len(heads),
+            ]
+            for f in paired:
+                n = len(f["seeds"])
+                cells = [_fold_diff_cell(f["metrics"].get(k), n, 2) for k in cols]
+                cells += [_fold_diff_cell(f.get("faithfulness", {}).get(k), n, FAITHFULNESS[k][2]) for k in faith]
+                lines.append(f"| {f['name']} | {', '.join(map(str, f['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fold_has_diff(fold: dict) -> bool:
+    return any("diff_mean" in e for e in [*fold["metrics"].values(), *fold.get("faithfulness", {}).values()])
+
+
+def _fold_cell(e: dict | None, mean: str, std: str, digits: int) -> str:
+    return "-" if e is None or mean not in e else f"{e[mean]:.{digits}f} +- {e[std]:.{digits}f}"
+
+
+def _fold_diff_cell(e: dict | None, seeds: int, digits: int) -> str:
+    if e is None or "diff_mean" not in e:
+        return "-"
+    return f"{e['diff_mean']:+.{digits}f} +- {e['diff_std']:.{digits}f} ({e['diff_seeds_excluding_0']}/{seeds})"
 
 
 def to_csv(board: dict) -> str:
