@@ -14,7 +14,8 @@ Rows of the same trained model (same train key) scored on the same images are co
 resamples of the images give each row's difference from its reference row (`--reference KEY=VALUE`: the
 rows with that override; by default the first row's values of every varying key but `seed`), and a
 difference whose interval excludes 0 is marked. Rows that differ only by `seed` fold into mean +- std over
-seeds, of the values and of each seed's paired difference on its own model. Runs of different datasets or splits are refused.
+seeds, of the values and of each seed's paired difference on its own model. Runs of different datasets or
+splits are refused.
 
 The same report is written at the end of every `-m` sweep by `LeaderboardCallback` (conf/config.yaml
 registers it under `hydra.callbacks`). Outputs (`leaderboard.md`, `.csv`, `.json`, `.png`) are written
@@ -355,30 +356,31 @@ def _seed_folds(runs: list[Run], rows: list[dict], varying: list[str]) -> list[d
             "seeds": [runs[i].overrides.get("seed") for i in members],
             "metrics": {},
         }
+        references = all(rows[i]["reference"] == rows[i]["name"] for i in members)  # no difference to fold
         for k in BOOTSTRAP_METRICS:
             entries = [rows[i]["metrics"].get(k) for i in members]
             if all(entries):
-                fold["metrics"][k] = _fold(entries)
+                fold["metrics"][k] = _fold(entries, not references)
         faith = {}
         for k in FAITHFULNESS:
             entries = [rows[i]["faithfulness"].get(k) for i in members]
             if all(entries):
-                faith[k] = _fold(entries)
+                faith[k] = _fold(entries, not references)
         if faith:
             fold["faithfulness"] = faith
         out.append(fold)
     return out
 
 
-def _fold(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _fold(entries: list[dict[str, Any]], diffs: bool = True) -> dict[str, Any]:
     """Mean +- sample std over seeds of the values and, where every seed has one (its own model's paired
     difference from its reference row), of the differences, with how many seeds' intervals excluded 0."""
     vals = [e["value"] for e in entries]
     out: dict[str, Any] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals, ddof=1)), 4)}
-    if all("diff" in e for e in entries):
-        diffs = [e["diff"] for e in entries]
-        out["diff_mean"] = round(float(np.mean(diffs)), 4)
-        out["diff_std"] = round(float(np.std(diffs, ddof=1)), 4)
+    if diffs and all("diff" in e for e in entries):
+        d = [e["diff"] for e in entries]
+        out["diff_mean"] = round(float(np.mean(d)), 4)
+        out["diff_std"] = round(float(np.std(d, ddof=1)), 4)
         out["diff_seeds_excluding_0"] = sum(bool(e["diff_excludes_0"]) for e in entries)
     return out
 
