@@ -256,10 +256,7 @@ def main() -> None:
     parser.add_argument("part", choices=[*PARTS, "all", "tables"])
     parser.add_argument("--out", type=Path, default=Path("figures"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # argparse stops filling `overrides` at --out
-    args = parser.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
-    args.overrides += extra
+    args = parser.parse_intermixed_args()  # overrides also after --out (parse_args leaves them unfilled there)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)

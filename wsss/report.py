@@ -49,7 +49,7 @@ from wsss.metrics.bootstrap import (
     resampled_metrics,
 )
 from wsss.rundir import sweep_summary
-from wsss.stages.faithfulness import COLUMNS as FAITH_COLUMNS
+from wsss.stages.faithfulness import image_sums
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,8 @@ def load_faith_pairs(run_dir: Path, block: dict[str, Any]) -> FaithPairs | None:
         records = read_json(path)
         ids = list(records)
         classes = [list(records[i]["classes"]) for i in ids]
-        pairs = np.array([len(c) for c in classes], dtype=np.float64)
-        sums = {}
-        for name, (column, _, scale) in FAITH_COLUMNS.items():
-            if name in block:
-                sums[name] = scale * np.array([float(np.sum(records[i][column])) for i in ids], dtype=np.float64)
+        pairs, sums = image_sums(records, ids)
+        sums = {k: v for k, v in sums.items() if k in block}
     except (ValueError, KeyError, TypeError) as e:
         raise ReportError(f"{path}: unreadable ({e!r})") from e
     total = pairs.sum()

@@ -82,20 +82,30 @@ def score_pairs(
     return out
 
 
+def image_sums(records: dict[str, dict[str, Any]], ids: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per image of `ids`: its number of pairs, and per summary metric present the sum of its pairs' values,
+    scaled as the summary reports it (percent for Average Drop and Increase); a mean over pairs is a ratio of
+    these sums, over all images or a resample of them."""
+    pairs = np.array([len(records[i]["classes"]) for i in ids], dtype=np.float64)
+    sums = {
+        name: scale * np.array([float(np.sum(records[i][column])) for i in ids], dtype=np.float64)
+        for name, (column, _, scale) in COLUMNS.items()
+        if ids and column in records[ids[0]]
+    }
+    return pairs, sums
+
+
 def summarise(records: dict[str, dict[str, Any]], ids: list[str], resamples: int, seed: int) -> dict[str, Any]:
     """Means over pairs and their bootstrap intervals over images (ratio of resampled per-image sums)."""
-    pairs = np.array([len(records[i]["classes"]) for i in ids], dtype=np.float64)
-    result: dict[str, Any] = {"images": len(ids), "pairs": int(pairs.sum())}
+    pairs, sums = image_sums(records, ids)
+    total = pairs.sum()
+    result: dict[str, Any] = {"images": len(ids), "pairs": int(total)}
     weights = resample_weights(len(ids), resamples, seed) if resamples and ids else None
-    for name, (column, _, scale) in COLUMNS.items():
-        if not ids or column not in records[ids[0]]:
-            continue
-        sums = np.array([float(np.sum(records[i][column])) for i in ids], dtype=np.float64)
-        total = pairs.sum()
-        entry = {"mean": round(scale * sums.sum() / total, 4) if total else None, "better": BETTER[name]}
+    for name, s in sums.items():
+        entry = {"mean": round(s.sum() / total, 4) if total else None, "better": BETTER[name]}
         if weights is not None and total:
             with np.errstate(invalid="ignore", divide="ignore"):
-                values = scale * (weights @ sums) / (weights @ pairs)
+                values = (weights @ s) / (weights @ pairs)
             entry["interval"] = [round(x, 4) for x in interval(values)]
         result[name] = entry
     return result
