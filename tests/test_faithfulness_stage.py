@@ -4,6 +4,7 @@ the summary equals a mean over the per-image records, a seeded subset, evaluate'
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from wsss.data import build_source
 from wsss.data.transforms import normalize
 from wsss.errors import ConfigError
 from wsss.models import load_checkpoint
-from wsss.stages.faithfulness import image_ids, summarise
+from wsss.stages.faithfulness import image_ids, pair_seed, score_pairs, summarise
 
 ALL = "faithfulness.metrics=[average_drop,deletion_insertion,road]"
 FAST = [ALL, "faithfulness.steps=4", "faithfulness.percentiles=[30,70]", "dataset.synthetic.num_val=6"]
@@ -36,11 +37,89 @@ def test_subset_is_seeded_in_split_order_and_capped():
     assert image_ids(ids, 80, 0) == ids
 
 
-def test_summary_is_the_mean_over_pairs_and_its_interval_a_bootstrap_over_images():
+def _tiny_model():
+    from wsss.models import Classifier
+
+    torch.manual_seed(5)
+    return Classifier(6).eval()
+
+
+def _settings(**kw):
+    from omegaconf import OmegaConf
+
+    f = {"metrics": ["average_drop", "deletion_insertion", "road"], "batch_size": 7, "steps": 4}
+    f.update(baseline="blur", percentiles=[30.0, 70.0], road_noise=0.0, subset_seed=0)
+    f.update(kw)
+    return OmegaConf.create(f)
+
+
+def test_a_group_without_pairs_gives_every_column_empty():
+    """An image group with no (image, class) pair (a background-only image alone in its size) still has every
+    configured column, so the summary keeps all five metrics whichever image comes first."""
+    got = score_pairs(
+        _tiny_model(),
+        torch.randn(1, 3, 24, 24),
+        torch.zeros(0, 2, dtype=torch.long),
+        torch.zeros(0, 24, 24),
+        _settings(road_noise=0.1),
+        [],
+    )
+    columns = ("drop", "increase", "deletion_auc", "insertion_auc", "road")
+    assert {k: v.shape for k, v in got.items()} == dict.fromkeys(columns, (0,))
+    empty = {"classes": [], **{k: v.tolist() for k, v in got.items()}}
     records = {
-        "a": {"classes": ["x", "y"], "drop": [0.5, 0.1], "road": [0.2, -0.1]},
-        "b": {"classes": ["x"], "drop": [0.0], "road": [0.4]},
-        "c": {"classes": [], "drop": [], "road": []},
+        "c": empty,
+        "a": {
+            "classes": ["x"],
+            "drop": [0.5],
+            "increase": [True],
+            "deletion_auc": [0.25],
+            "insertion_auc": [0.75],
+            "road": [0.1],
+        },
+    }
+    s = summarise(records, ["c", "a"], 0, 0)
+    assert {
+        k: s[k]["mean"] for k in ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road")
+    } == {
+        "average_drop": 50.0,
+        "increase_in_confidence": 100.0,
+        "deletion_auc": 0.25,
+        "insertion_auc": 0.75,
+        "road": 0.1,
+    }
+
+
+def test_road_noise_is_seeded_per_pair_not_per_group():
+    """With road_noise > 0 a pair's value is the same whether its image is scored alone or beside another
+    (grouping, batching and the rank count change which images share a call)."""
+    model, f = _tiny_model(), _settings(metrics=["road"], road_noise=0.3)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 20, 20)
+    maps = torch.rand(3, 20, 20)
+    targets = torch.tensor([[0, 1], [1, 2], [1, 4]])
+    seeds = [pair_seed(0, "a", 1), pair_seed(0, "b", 2), pair_seed(0, "b", 4)]
+    together = score_pairs(model, images, targets, maps, f, seeds)["road"]
+    alone_a = score_pairs(model, images[:1], targets[:1], maps[:1], f, seeds[:1])["road"]
+    alone_b = score_pairs(model, images[1:], targets[1:] - torch.tensor([1, 0]), maps[1:], f, seeds[1:])["road"]
+    torch.testing.assert_close(together, torch.cat([alone_a, alone_b]), rtol=0, atol=1e-6)
+    quiet = score_pairs(model, images, targets, maps, _settings(metrics=["road"]), seeds)["road"]
+    assert (together - quiet).abs().max() > 1e-4  # the noise is drawn at all
+
+
+def test_summary_is_the_mean_over_pairs_and_its_interval_a_bootstrap_over_images():
+    empty = score_pairs(
+        _tiny_model(),
+        torch.randn(1, 3, 8, 8),
+        torch.zeros(0, 2, dtype=torch.long),
+        torch.zeros(0, 8, 8),
+        _settings(metrics=["average_drop", "road"]),
+        [],
+    )
+    records = {
+        "a": {"classes": ["x", "y"], "drop": [0.5, 0.1], "increase": [False, False], "road": [0.2, -0.1]},
+        "b": {"classes": ["x"], "drop": [0.0], "increase": [True], "road": [0.4]},
+        "c": {"classes": [], **{k: v.tolist() for k, v in empty.items()}},  # what the stage writes for no pair
     }
     s = summarise(records, ["a", "b", "c"], 500, 0)
     assert s["pairs"] == 3
@@ -148,3 +227,38 @@ def test_unknown_baseline_or_metric_fails_at_composition_naming_it(tmp_path, ove
     with pytest.raises(Exception, match="Error merging override faithfulness") as e:
         tiny_cfg(tmp_path, [override])
     assert f"Invalid value '{value}'" in str(e.value.__cause__)
+
+
+@pytest.mark.slow
+def test_a_background_only_image_of_its_own_size_keeps_all_five_metrics(tmp_path):
+    """dataset=folder: one image with no label and a size no other image has is a group without pairs; the run
+    ends with all five metrics, that image's record holding every column, empty."""
+    from PIL import Image
+
+    from tests.test_folder import _rows, _write_csv, build_folder
+    from wsss.data.folder import FolderSource
+    from wsss.models import Classifier, save_checkpoint
+
+    root = build_folder(tmp_path, masks="none", n=6)
+    rows = _rows(root / "labels.csv")
+    rows[1][1] = ""  # background only
+    _write_csv(root / "labels.csv", rows)
+    odd = next((root / "images").rglob(f"{Path(rows[1][0]).stem}.jpg"))
+    Image.open(odd).resize((40, 48)).save(odd)
+    torch.manual_seed(3)
+    ckpt = tmp_path / "given.pt"
+    names = FolderSource(root, "train").class_names  # the classes the edited labels file still names
+    save_checkpoint(ckpt, Classifier(len(names)), names)
+    args = ["dataset=folder", f"dataset.root={root}", f"model.checkpoint={ckpt}", "stage=faithfulness", *FAST[:3]]
+    proc = run_cli(tmp_path, [*args, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    art = _artifact(tmp_path / "cache", "faithfulness")
+    summary = json.loads((art / "metrics.json").read_text())
+    per_image = json.loads((art / "per_image.json").read_text())
+    metrics = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road")
+    assert all(summary[n]["mean"] is not None for n in metrics), summary
+    odd_id = odd.relative_to(root / "images").with_suffix("").as_posix()
+    assert per_image[odd_id] == {
+        c: [] for c in ("classes", "drop", "increase", "deletion_auc", "insertion_auc", "road")
+    }
+    assert summary["pairs"] == sum(len(r["classes"]) for r in per_image.values()) > 0

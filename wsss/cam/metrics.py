@@ -282,6 +282,17 @@ def impute(
     return torch.where(everything[:, None, None, None], 0.0, out)
 
 
+def _normal(
+    shape: torch.Size, generator: torch.Generator | list[torch.Generator] | None, device: torch.device
+) -> Tensor:
+    """A standard normal draw of `shape` (N, ...): from one generator, or row i from generator i of a list."""
+    if not isinstance(generator, list):
+        return torch.randn(shape, generator=generator, device=device)
+    if not generator:
+        return torch.zeros(shape, device=device)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+
+
 def road(
     model: nn.Module,
     images: Tensor,
@@ -291,7 +302,7 @@ def road(
     noise: float = 0.0,
     score_fn: ScoreFn = torch.sigmoid,
     batch_size: int = 64,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> dict[str, Tensor]:
     """ROAD's MoRF and LeRF score changes at each percentile, batched.
 
@@ -302,13 +313,21 @@ def road(
     times a standard normal draw) and the change of the class score is taken (after - before). The combined
     score is (LeRF - MoRF) / 2 averaged over the percentiles (higher is better).
 
+    `generator` draws the noise: one for every pair, or a list of one per pair, each drawing its pair's noise
+    (MoRF's percentiles, then LeRF's), so a pair's values do not depend on which pairs share its call.
+
     Returns:
         {"morf": (N, P), "lerf": (N, P), "combined": (N,)}.
     """
     _check(images, targets, maps)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(generator, list) and len(generator) != len(targets):
+        raise ValueError(f"generator: one per pair needs {len(targets)} generators, got {len(generator)}")
     images, targets = images.float(), targets.long().to(images.device)
+    if not len(targets):  # no pair: empty columns (torch.quantile refuses an empty input)
+        empty = images.new_zeros(0, len(percentiles))
+        return {"morf": empty, "lerf": empty.clone(), "combined": images.new_zeros(0)}
     classes = targets[:, 1]
     before = _scores(model, images[targets[:, 0]], classes, score_fn, batch_size)
     up = _resized(maps.to(images.device), tuple(images.shape[-2:]))
@@ -322,7 +341,7 @@ def road(
             removed = ranking.double() >= cut[:, k, None, None]
             imputed = impute(images[targets[:, 0]], removed)
             if noise:
-                draw = torch.randn(imputed.shape, generator=generator, device=imputed.device)
+                draw = _normal(imputed.shape, generator, imputed.device)
                 imputed = torch.where(removed[:, None], imputed + noise * draw, imputed)
             changes.append(_scores(model, imputed, classes, score_fn, batch_size) - before)
         out[name] = torch.stack(changes, 1)

@@ -12,6 +12,7 @@ resamples, `evaluate.bootstrap_seed`), and `evaluate` writes it into metrics.jso
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,23 @@ def image_ids(ids: list[str], max_images: int | None, seed: int) -> list[str]:
     return [ids[i] for i in keep]
 
 
+def pair_seed(seed: int, image_id: str, class_index: int) -> int:
+    """The seed of one (image, class) pair's ROAD noise: the same whichever images share its batch or rank."""
+    h = hashlib.sha256(f"{seed}/{image_id}/{class_index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1  # 63 bits: any torch.Generator seed
+
+
 def score_pairs(
-    model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor, f: DictConfig
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    maps: torch.Tensor,
+    f: DictConfig,
+    seeds: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-pair values of the configured metrics for normalised `images` (B, 3, H, W), `targets` (N, 2) and
-    `maps` (N, H, W) in [0, 1]: {column: (N,) float64}."""
+    `maps` (N, H, W) in [0, 1]: {column: (N,) float64}, every configured column present, empty when N = 0.
+    `seeds` (one per pair, `pair_seed`) draw each pair's ROAD noise when `road_noise` > 0."""
     wanted = {str(m) for m in f.metrics}
     out: dict[str, torch.Tensor] = {}
     if "average_drop" in wanted:
@@ -75,7 +88,9 @@ def score_pairs(
     if "road" in wanted:
         gen = None
         if f.road_noise:
-            gen = torch.Generator(images.device).manual_seed(int(f.subset_seed))
+            if seeds is None or len(seeds) != len(targets):
+                raise ValueError(f"road_noise={f.road_noise}: one seed per pair needed for {len(targets)} pairs")
+            gen = [torch.Generator(images.device).manual_seed(s) for s in seeds]
         pct = tuple(f.percentiles)
         r = M.road(model, images, targets, maps, pct, f.road_noise, batch_size=f.batch_size, generator=gen)
         out["road"] = r["combined"].double()
@@ -87,10 +102,13 @@ def image_sums(records: dict[str, dict[str, Any]], ids: list[str]) -> tuple[np.n
     scaled as the summary reports it (percent for Average Drop and Increase); a mean over pairs is a ratio of
     these sums, over all images or a resample of them."""
     pairs = np.array([len(records[i]["classes"]) for i in ids], dtype=np.float64)
+    columns = {name: column for name, (column, _, _) in COLUMNS.items() if ids and column in records[ids[0]]}
+    for i in ids:  # the stage writes every configured column for every image, empty ones included
+        if missing := [c for c in columns.values() if c not in records[i]]:
+            raise ValueError(f"faithfulness record of image {i!r} lacks {missing}, which {ids[0]!r} has")
     sums = {
-        name: scale * np.array([float(np.sum(records[i][column])) for i in ids], dtype=np.float64)
-        for name, (column, _, scale) in COLUMNS.items()
-        if ids and column in records[ids[0]]
+        name: COLUMNS[name][2] * np.array([float(np.sum(records[i][column])) for i in ids], dtype=np.float64)
+        for name, column in columns.items()
     }
     return pairs, sums
 
@@ -148,8 +166,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 maps.append(torch.from_numpy(stored["maps"]).float())
             t = torch.cat(targets).to(ctx.device)  # (N, 2) (row in the group, class)
             m = torch.cat(maps).to(ctx.device).clamp(0, 1)  # (N, H, W); stored float16 may round a hair past 1
-            values = {k: v.tolist() for k, v in score_pairs(model, images, t, m, f).items()} if len(t) else {}
             rows = t[:, 0].tolist()
+            seeds = [pair_seed(int(f.subset_seed), group[r]["id"], int(c)) for r, c in t.tolist()]
+            values = {k: v.tolist() for k, v in score_pairs(model, images, t, m, f, seeds).items()}
             for row, it in enumerate(group):
                 mine_pairs = [j for j, r in enumerate(rows) if r == row]
                 rec: dict[str, Any] = {"classes": [source.class_names[int(t[j, 1])] for j in mine_pairs]}
