@@ -1,7 +1,9 @@
 """Errors a user can act on. Each message names the file or config key and the problem.
 
 `python -m wsss.run` turns these (and `ValueError` / `OSError` from the readers) into one line,
-`wsss: error: <message>`, with exit status 2; the traceback goes to the run's log file.
+`wsss: error: <message>`, with exit status 2; the traceback goes to the run's log file. Every error here
+survives pickling (its state is its constructor's arguments), so one raised in a DataLoader worker reaches the
+main process whole (`wsss.data.loader`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ class DamagedFileError(WsssError, ValueError):
     """
 
     def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
+        self.path, self.problem = Path(path), problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        # Pickled whole, as a DataLoader worker's error must be (wsss.data.loader): path and problem, notes kept.
+        return type(self), (self.path, self.problem), self.__dict__
 
 
 class WriteError(WsssError, OSError):

@@ -20,8 +20,11 @@ class StateError(ValueError):
     """A resume state that cannot be trusted; the message names the file and the problem."""
 
     def __init__(self, path: Path, problem: str) -> None:
-        self.path = Path(path)
+        self.path, self.problem = Path(path), problem
         super().__init__(f"{self.path} {problem}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.problem), self.__dict__
 
 
 # A state file: the torch.save payload, then this marker and the payload's sha256 digest (32 bytes).

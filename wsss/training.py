@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import dist
 from wsss.artifacts import atomic_open
+from wsss.data.loader import Loader
 from wsss.dist import progress
 from wsss.progress import duration
 from wsss.state import (
@@ -123,7 +124,7 @@ def distributed_loader(
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} is the global batch: it must divide by the {world} ranks")
     sampler = DistributedSampler(dataset, world, dist.rank(), shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(
+    return Loader(
         dataset,
         batch_size=batch_size // world,
         sampler=sampler,
@@ -245,8 +246,9 @@ class Loop:
         seed = epoch_seed(self.seed, epoch, dist.rank())
         torch.manual_seed(seed)
         loader.generator.manual_seed(seed)  # the workers' base seeds (items reseed themselves: SeededSamples)
-        if isinstance(loader.dataset, SeededSamples):
-            loader.dataset.set_seed(epoch_seed(self.seed, epoch, 0))  # one seed for all ranks: items are global
+        samples = loader.items if isinstance(loader, Loader) else loader.dataset
+        if isinstance(samples, SeededSamples):
+            samples.set_seed(epoch_seed(self.seed, epoch, 0))  # one seed for all ranks: items are global
         loader.sampler.set_epoch(epoch)
         self.net.train()
         autocast = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()

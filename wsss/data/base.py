@@ -50,6 +50,10 @@ class SampleError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self) -> tuple:
+        # Pickled whole (a DataLoader or process-pool worker sends it back): message and reason, notes kept.
+        return type(self), (self.args[0], self.reason), self.__dict__
+
 
 class MissingFileError(FileNotFoundError):
     """A file the sample needs does not exist; `reason` is a short key for skip counts."""
@@ -57,6 +61,9 @@ class MissingFileError(FileNotFoundError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.args[0], self.reason), self.__dict__
 
 
 def error_reason(e: Exception) -> str:

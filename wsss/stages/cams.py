@@ -7,13 +7,13 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from wsss import dist
 from wsss.artifacts import read_cams, write_cams, write_json
 from wsss.cam import build_cam
 from wsss.cam.ops import resize_maps
 from wsss.data import InferenceDataset, collate_list, dataset_identity
+from wsss.data.loader import Loader
 from wsss.data.transforms import normalize, pil_resize
 from wsss.dist import progress
 from wsss.models import load_checkpoint
@@ -142,7 +142,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     predicted = cc.labels == "predicted"
     if not predicted and not source.has_labels:
         raise ValueError(f"{source.root}: the images have no labels file; label them with cam.labels=predicted")
-    loader = DataLoader(
+    loader = Loader(
         InferenceDataset(source, todo, with_labels=not predicted),
         batch_size=cc.batch_size,
         num_workers=loader_workers(cfg.dataset.num_workers),

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from wsss import dist
 from wsss.artifacts import read_cams, read_json, write_json
 from wsss.cam import metrics as M
 from wsss.data import InferenceDataset, collate_list, dataset_identity
+from wsss.data.loader import Loader
 from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.metrics.bootstrap import interval, resample_weights
@@ -147,7 +147,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"{f.steps} steps, {f.baseline} baseline" if "deletion_insertion" in f.metrics else "",
         f.batch_size,
     )
-    loader = DataLoader(
+    loader = Loader(
         InferenceDataset(source, mine, with_labels=False),
         batch_size=8,
         num_workers=loader_workers(cfg.dataset.num_workers),

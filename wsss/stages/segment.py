@@ -37,6 +37,7 @@ from wsss import dist
 from wsss.artifacts import IGNORE_INDEX, atomic_open, read_json, rle_results, write_json, write_mask
 from wsss.data import InferenceDataset, SegmentationSource, collate_list, dataset_identity
 from wsss.data.base import read_label_mask
+from wsss.data.loader import Loader
 from wsss.data.transforms import TrainTransform, normalize
 from wsss.dist import progress
 from wsss.fingerprint import FileGroup
@@ -240,7 +241,7 @@ def predict_and_score(ctx: StageContext, model: torch.nn.Module) -> tuple[dict[s
     records: dict[str, dict[str, Any]] = {}
     rle: list[dict[str, Any]] = []
     ids = dist.shard(source.ids)
-    loader = DataLoader(
+    loader = Loader(
         InferenceDataset(source, ids, with_labels=False),
         batch_size=sc.batch_size_eval,
         num_workers=loader_workers(ctx.cfg.dataset.num_workers),
