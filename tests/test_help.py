@@ -79,12 +79,40 @@ def test_help_fits_two_screens(rendered: str) -> None:
     assert screen_lines <= MAX_LINES, f"{screen_lines} lines at {WIDTH} columns:\n{rendered}"
 
 
-def test_help_lists_every_stage_with_what_it_needs(rendered: str) -> None:
+def _needs(stage, cfg) -> str:
+    """What a stage's declaration says it needs under `cfg`, as the help words it."""
+    split = stage.split(cfg)
+    needs = list(dict.fromkeys(n.stage for n in stage.needs(cfg, split).values()))
+    needs += ["the dataset's ground truth"] if stage.ground_truth(cfg, split) else []
+    return f"Needs {', '.join(needs) or 'nothing'}."
+
+
+def _whole_sentence(text: str) -> bool:
+    """Capitalised, ended by `.`, `?` or `!`, and no parenthesis or code span left open."""
+    spans = re.sub(r"`[^`]*`", "", text)
+    return text[:1].isupper() and text[-1] in ".?!" and spans.count("(") == spans.count(")") and "`" not in spans
+
+
+def test_help_lists_every_stage_with_a_whole_sentence_and_what_it_needs(rendered: str) -> None:
     from wsss.stages import STAGES
 
     rows = _section(rendered, "Stages")
     assert list(rows) == list(STAGES), rendered  # every stage, in the registry's (pipeline) order
-    assert all(re.search(r"; needs (nothing|[\w, ]+)$", row) for row in rows.values()), rows
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)  # what `--help` alone composes
+    for name, stage in STAGES.items():
+        needs = _needs(stage, cfg)
+        assert rows[name].endswith(f" {needs}"), (name, rows[name], needs)
+        what = rows[name].removesuffix(f" {needs}")
+        assert _whole_sentence(what), (name, what)
+        if stage.summary:
+            assert what == stage.summary, name
+        else:  # the module docstring's own words, from its first one after the `Stage `name`:` prefix
+            doc = " ".join((sys.modules[stage.run.__module__].__doc__ or "").split())
+            assert doc.startswith(f"Stage `{name}`: ") or doc.startswith("Stages "), (name, doc[:80])
+            assert f": {what[0].lower()}{what[1:]}" in doc or f": {what}" in doc, (name, what)
+    assert rows["segment_gt"].endswith("the dataset's ground truth."), rows["segment_gt"]
+    assert rows["faithfulness"].startswith("Do the stored CAMs show what the classifier used? Needs "), rows
 
 
 def test_help_lists_every_group_with_its_options(rendered: str) -> None:
@@ -134,9 +162,9 @@ def test_help_marks_the_choices_and_needs_of_the_composed_config() -> None:
     stages = _section(text, "Stages")
     for name, stage in STAGES.items():
         needs = {n.stage for n in stage.needs(cfg, stage.split(cfg)).values()}
-        shown = stages[name].rpartition("; needs ")[2]
-        assert set(shown.split(", ")) - {"nothing"} == needs, (name, shown)
-    assert "; needs cams, affinity" in stages["refine"]  # pseudo.refine=rw: the walk needs AffinityNet
+        shown = stages[name].rpartition(" Needs ")[2].removesuffix(".")
+        assert set(shown.split(", ")) - {"nothing", "the dataset's ground truth"} == needs, (name, shown)
+    assert stages["refine"].endswith(" Needs cams, affinity.")  # pseudo.refine=rw: the walk needs AffinityNet
 
 
 def _query(line: str) -> list[str]:

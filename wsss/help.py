@@ -7,15 +7,20 @@ the `wsss_help` resolver), so the help lists what the code has, never a copy. Hy
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+if TYPE_CHECKING:
+    from wsss.stages.base import Stage
+
 WIDTH = 120
+GROUND_TRUTH = "the dataset's ground truth"  # what a stage with `ground_truth` needs besides its upstream stages
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"  # run.py's config_path, "../conf"
 
@@ -76,19 +81,47 @@ def _options(names: list[str], chosen: Any) -> str:
     return ", ".join(f"{n}*" if n == chosen else n for n in names)
 
 
+def first_sentence(text: str) -> str:
+    """The first sentence of a docstring's first paragraph, its lines joined and a `Stage `x`:` (or `Stages `x`
+    and `y`:`) prefix dropped: up to the first `.`, `?` or `!` before a space or the end, outside parentheses and
+    backticks; its first letter capitalised."""
+    para = " ".join(text.strip().split("\n\n", 1)[0].split())
+    para = re.sub(r"^Stages? `\w+`(?:(?:, | and )`\w+`)*: ", "", para)
+    depth, code = 0, False
+    for i, ch in enumerate(para):
+        if ch == "`":
+            code = not code
+        elif code:
+            continue
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch in ".?!" and depth == 0 and (i + 1 == len(para) or para[i + 1] == " "):
+            para = para[: i + 1]
+            break
+    return para[:1].upper() + para[1:]
+
+
+def describe(stage: Stage) -> str:
+    """A stage's one sentence: its declared `summary`, else its module docstring's first sentence."""
+    return stage.summary or first_sentence(sys.modules[stage.run.__module__].__doc__ or "")
+
+
+def needs_text(stage: Stage, cfg: DictConfig) -> str:
+    """`Needs a, b.`: the stages whose artifacts `stage` consumes under `cfg`, and the ground truth if it does."""
+    split = stage.split(cfg)
+    needs = list(dict.fromkeys(n.stage for n in stage.needs(cfg, split).values()))
+    if stage.ground_truth(cfg, split):
+        needs.append(GROUND_TRUTH)
+    return f"Needs {', '.join(needs) or 'nothing'}."
+
+
 def stage_rows(cfg: DictConfig | None) -> list[tuple[str, str]]:
-    """(stage, what it makes and what it needs under `cfg`) for every stage of `wsss.stages.STAGES`."""
+    """(stage, what it makes and, under `cfg`, what it needs) for every stage of `wsss.stages.STAGES`."""
     from wsss.stages import STAGES
 
-    rows = []
-    for name, stage in STAGES.items():
-        doc = (sys.modules[stage.run.__module__].__doc__ or "").strip().splitlines()
-        what = doc[0].removeprefix(f"Stage `{name}`:").strip() if doc else ""
-        if cfg is not None:
-            needs = list(dict.fromkeys(n.stage for n in stage.needs(cfg, stage.split(cfg)).values()))
-            what = f"{what.rstrip('.')}; needs {', '.join(needs) or 'nothing'}"
-        rows.append((name, what))
-    return rows
+    return [(name, describe(s) + (f" {needs_text(s, cfg)}" if cfg is not None else "")) for name, s in STAGES.items()]
 
 
 def group_options() -> dict[str, list[str]]:

@@ -81,6 +81,10 @@ def _eval_split(cfg: DictConfig) -> str:
     return str(cfg.dataset.eval_split)
 
 
+def _no_ground_truth(cfg: DictConfig, split: str) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage's declaration.
@@ -94,6 +98,10 @@ class Stage:
         files: `files(cfg, split, fingerprints) -> {group: FileGroup}`: the files it reads.
         split: The split a `stage=<name>` request makes (default `dataset.eval_split`).
         report: `report(artifact, run_dir)`: logs and copies user-facing outputs when it was the requested stage.
+        summary: What the stage makes, one whole sentence for `--help`; empty: the first sentence of its module's
+            docstring (after `Stage `name`:`).
+        ground_truth: `ground_truth(cfg, split) -> bool`: whether the stage needs the dataset's ground-truth
+            masks (it trains on them), beside its upstream artifacts; `--help` lists it with `needs`.
     """
 
     name: str
@@ -104,6 +112,8 @@ class Stage:
     files: Callable[[DictConfig, str, Fingerprints], dict[str, FileGroup]] = _no_files
     split: Callable[[DictConfig], str] = _eval_split
     report: Callable[[Artifact, Path | None], None] | None = None
+    summary: str = ""
+    ground_truth: Callable[[DictConfig, str], bool] = _no_ground_truth
 
 
 @dataclass

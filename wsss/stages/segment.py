@@ -477,6 +477,7 @@ STAGE = Stage(
     files=_files,
     split=_eval_split,
     report=report,
+    ground_truth=lambda cfg, split: cfg.segment.labels == "gt" and not cfg.segment.checkpoint,
 )
 
 GT_STAGE = Stage(
@@ -487,4 +488,7 @@ GT_STAGE = Stage(
     files=_files,
     split=_eval_split,
     report=report,
+    summary="The fully supervised bound: `segment`'s network and recipe trained on the train split's ground truth, "
+    "predicted and scored the same way (every pseudo-label variant reuses it).",
+    ground_truth=lambda cfg, split: not cfg.segment.checkpoint,
 )
