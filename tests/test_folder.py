@@ -96,6 +96,30 @@ def test_column_form_and_json_give_the_same_labels(tmp_path):
     assert {k: v.tolist() for k, v in from_json.label_table().items()} == {k: v.tolist() for k, v in names_form.items()}
 
 
+@pytest.mark.parametrize(("delimiter", "named"), [(";", "';'"), ("\t", "tab")])
+@pytest.mark.parametrize("form", ["names", "columns"])
+def test_a_labels_file_delimited_otherwise_is_refused_naming_the_delimiter(tmp_path, delimiter, named, form):
+    """As a spreadsheet in a comma-decimal locale saves it (`;`), or a tab-separated export: refused, with a hint."""
+    root = build_folder(tmp_path, masks="none")
+    rows = _rows(root / "labels.csv")
+    if form == "columns":
+        table = [[r[0], *("1" if c in r[1].split(";") else "0" for c in SORTED)] for r in rows[1:]]
+        rows = [["image", *SORTED], *table]
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f, delimiter=delimiter).writerows(rows)
+    header = rows[0]
+    for policy in ("raise", "skip"):  # a header stops the run whatever the policy
+        with pytest.raises(ValueError, match=r"labels\.csv line 1: header .* must be `image,labels`") as e:
+            FolderSource(root, "train", on_error=policy)
+        assert f"it parses as {header} with {named} between the fields: save it comma-separated" in str(e.value)
+    rows[0][0] = "picture"  # wrong whatever the delimiter: no hint
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f, delimiter=delimiter).writerows(rows)
+    with pytest.raises(ValueError, match=r"labels\.csv line 1: header") as e:
+        FolderSource(root, "train")
+    assert "parses as" not in str(e.value)
+
+
 def test_val_fraction_holds_out_a_seeded_disjoint_share(tmp_path):
     root = build_folder(tmp_path, masks="none")
     train = FolderSource(root, "train", val_fraction=0.25, split_seed=3)

@@ -12,7 +12,9 @@ Layout under `root`::
 
 `labels.csv` has a header that decides its form: `image,labels` (the image's path relative to images/, with or
 without its extension, then its class names separated by `;`; an empty list is a background-only image), or
-`image,<class>,<class>,...` (one 0/1 column per class). `labels.json` maps each id to a list of class names.
+`image,<class>,<class>,...` (one 0/1 column per class); the fields are separated by commas (a header that
+parses with `;` or tab instead is refused, naming that delimiter). `labels.json` maps each id to a list of class
+names.
 Class names come from `dataset.class_names`, or, when unset, are the sorted names the labels file uses (the
 run writes them into its config). Without `splits/`, every image is in `train` (WSSS makes pseudo labels for
 the images the classifier trained on) except a seeded `dataset.val_fraction` of them, held out as `val`; the
@@ -27,6 +29,7 @@ Bad input (a labels row naming an image that does not exist, an image without a 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -127,16 +130,40 @@ def _add_row(out: LabelsFile, name: str, labels: list[str], where: str) -> None:
         out.where[key] = where
 
 
+# Delimiters a spreadsheet may have written labels.csv with: `;` where the decimal separator is a comma, tab for
+# "tab-separated" exports. Named in the error only; reading with them would split a names-form label list.
+OTHER_DELIMITERS = {";": "';'", "\t": "tab"}
+
+
+def _is_header(header: list[str]) -> bool:
+    """Whether a parsed first row is a header of either form: `image` and at least one more column."""
+    return len(header) >= 2 and header[0].lower() == "image"
+
+
+def _delimiter_hint(text: str) -> str:
+    """`; ...` naming the delimiter the first line parses with, when another one than the comma does."""
+    first = text.splitlines()[:1]
+    for delimiter, name in OTHER_DELIMITERS.items():
+        header = [h.strip() for h in next(csv.reader(first, delimiter=delimiter), [])]
+        if _is_header(header):
+            return (
+                f"; it parses as {header} with {name} between the fields: save it comma-separated (CSV with ',', "
+                "the names of one image still separated by ';')"
+            )
+    return ""
+
+
 def read_labels_csv(path: Path) -> LabelsFile:
     """Parse labels.csv in either form (the header decides); bad rows become problems, named by line."""
     out = LabelsFile(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     header = [h.strip() for h in rows[0]] if rows else []
-    if len(header) < 2 or header[0].lower() != "image":
+    if not _is_header(header):
         raise ValueError(
             f"{path} line 1: header {header} must be `image,labels` (names separated by ';') or "
-            "`image,<class>,<class>,...` (one 0/1 column per class)"
+            f"`image,<class>,<class>,...` (one 0/1 column per class){_delimiter_hint(text)}"
         )
     names_form = len(header) == 2 and header[1].lower() == "labels"
     if not names_form:
