@@ -28,7 +28,8 @@ from hydra import compose, initialize_config_dir
 
 from wsss.config import register_configs
 from wsss.data import build_source
-from wsss.stages import segment as S
+from wsss.stages import segment as P
+from wsss.stages import segment_train as S
 from wsss.stages import train as T
 from wsss.stages.base import StageContext, environment
 
@@ -63,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = StageContext("segment", split, cfg, {}, Path(tmp), device)
         start = time.perf_counter()
-        scored, records = S.predict_and_score(ctx, seg_loop.final_model().eval())
+        scored, records = P.predict_and_score(ctx, seg_loop.final_model().eval())
         predict_s = time.perf_counter() - start
     env = environment(device)
     print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}")

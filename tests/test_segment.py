@@ -21,7 +21,8 @@ from tests.tiny import error_line, kill_when, loop_iou, run_cli, tiny_cfg
 from wsss.config import validate
 from wsss.errors import ConfigError
 from wsss.models.segmenter import Segmenter
-from wsss.stages.segment import predict_probs, segmentation_loss
+from wsss.stages.segment import predict_probs
+from wsss.stages.segment_train import segmentation_loss
 
 COLOURS = {1: (200, 40, 40), 2: (40, 40, 200)}  # class 1 "blue" is blue, class 2 "red" is red (sorted names)
 
@@ -217,6 +218,42 @@ def test_wsss_table_names_seeds_masks_segmenter_and_bound_with_their_splits(tmp_
     assert "| fully supervised bound | val |" in (tmp_path / "b" / "summary.md").read_text()
 
 
+@pytest.mark.slow
+def test_inference_settings_predict_again_from_the_trained_networks(tmp_path):
+    """After a segment run with the bound, changing segment.crf, segment.scales, segment.rle_json and
+    evaluate.bootstrap trains nothing (no epoch logged, one artifact per training stage, the same training keys)
+    and predicts again; a training setting (segment.lr) trains both again (the bound follows the recipe)."""
+    pytest.importorskip("pydensecrf")
+    common = ["stage=segment", "segment.epochs=2", "segment.batch_size=8", "segment.compare_gt=true"]
+    first = run_cli(tmp_path, [*common, f"hydra.run.dir={tmp_path / 'a'}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = first.stdout + first.stderr
+    assert log.count("segment: epoch ") == 4, log[-3000:]  # 2 epochs of the segmenter, 2 of the bound
+    cache = tmp_path / "cache"
+    keys = {
+        s: sorted(p.parent.name for p in cache.glob(f"{s}/*/manifest.json"))
+        for s in ("segment_train", "segment_gt_train")
+    }
+    assert [len(k) for k in keys.values()] == [1, 1]
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    inference = ["segment.crf=true", "segment.scales=[1]", "segment.rle_json=true", "evaluate.bootstrap=50"]
+    second = run_cli(tmp_path, [*common, *inference, f"hydra.run.dir={tmp_path / 'b'}"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "segment: epoch " not in log, log[-3000:]
+    assert "segment_train: reusing" in log
+    assert "segment_gt_train: reusing" in log
+    assert {s: sorted(p.parent.name for p in cache.glob(f"{s}/*/manifest.json")) for s in keys} == keys
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert b["training"]["key"] == a["training"]["key"] == keys["segment_train"][0]
+    assert len(list(cache.glob("segment/*/manifest.json"))) == 2  # predicted again
+    assert len(list(cache.glob("segment_gt/*/manifest.json"))) == 2
+    third = run_cli(tmp_path, [*common, "segment.lr=1e-3", f"hydra.run.dir={tmp_path / 'c'}"])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (third.stdout + third.stderr).count("segment: epoch ") == 4  # the same recipe: both train again
+    assert len(list(cache.glob("segment_train/*/manifest.json"))) == 2
+
+
 def _digest(path: Path) -> str:
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     h = hashlib.sha256()
@@ -236,16 +273,16 @@ def test_kill_9_mid_training_then_rerun_gives_the_uninterrupted_weights(tmp_path
     killed = tmp_path / "killed"
 
     def saved() -> bool:
-        return any(killed.glob("cache/segment/*/segment_state.pt"))
+        return any(killed.glob("cache/segment_train/*/segment_state.pt"))
 
     kill_when(killed, [*args, f"hydra.run.dir={killed / 'run0'}"], saved, env=env1)
-    assert any(killed.glob("cache/segment/*/segment_state.pt"))
-    assert not any(killed.glob("cache/segment/*/manifest.json"))
+    assert any(killed.glob("cache/segment_train/*/segment_state.pt"))
+    assert not any(killed.glob("cache/segment_train/*/manifest.json"))
     again = run_cli(killed, [*args, f"hydra.run.dir={killed / 'run'}"], env=env1)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "segment: resuming after epoch" in again.stdout + again.stderr
-    a = next((tmp_path / "clean" / "cache").glob("segment/*/segment.pt"))
-    b = next((killed / "cache").glob("segment/*/segment.pt"))
+    a = next((tmp_path / "clean" / "cache").glob("segment_train/*/segment.pt"))
+    b = next((killed / "cache").glob("segment_train/*/segment.pt"))
     assert _digest(a) == _digest(b)
     ma = json.loads((tmp_path / "clean_run" / "metrics.json").read_text())
     mb = json.loads((killed / "run" / "metrics.json").read_text())
@@ -262,7 +299,7 @@ def test_two_ranks_give_the_single_process_masks_and_metrics(tmp_path):
     base += ["segment.eval_split=train", "segment.epochs=1", *FAST]
     trained = _cli(tmp_path, [*base, f"hydra.run.dir={tmp_path / 'trained'}"])
     assert trained.returncode == 0, trained.stderr[-3000:]
-    ckpt = next((tmp_path / "cache").glob("segment/*/segment.pt"))
+    ckpt = next((tmp_path / "cache").glob("segment_gt_train/*/segment.pt"))
     given = [*base, f"segment.checkpoint={ckpt}", "segment.batch_size_eval=3"]
     one = _cli(tmp_path, [*given, f"hydra.run.dir={tmp_path / 'one'}"], cache="c1")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -308,7 +345,7 @@ def test_crf_predictions_equal_pydensecrf_on_the_softmax_and_rle_decodes_to_the_
     base += ["segment.eval_split=train", "segment.epochs=6", *FAST]  # soft enough at boundaries for the CRF
     trained = _cli(tmp_path, [*base, f"hydra.run.dir={tmp_path / 'trained'}"])
     assert trained.returncode == 0, trained.stderr[-3000:]
-    ckpt = next((tmp_path / "cache").glob("segment/*/segment.pt"))
+    ckpt = next((tmp_path / "cache").glob("segment_gt_train/*/segment.pt"))
     given = [*base, f"segment.checkpoint={ckpt}", "segment.scales=[1]", "segment.flip=false"]
     given += ["segment.crf=true", "segment.rle_json=true", "segment.batch_size_eval=1"]
     proc = _cli(tmp_path, [*given, f"hydra.run.dir={tmp_path / 'crf'}"])
@@ -381,7 +418,7 @@ def test_pseudo_masks_outside_the_class_list_are_refused_naming_the_file(tmp_pat
     from wsss.data import build_source
     from wsss.data.base import SampleError
     from wsss.data.transforms import TrainTransform
-    from wsss.stages.segment import SegmentationDataset, check_label_maps
+    from wsss.stages.segment_train import SegmentationDataset, check_label_maps
 
     root = colour_folder(tmp_path / "colours", n=3)
     masks = tmp_path / "pseudo"

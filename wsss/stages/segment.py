@@ -1,14 +1,13 @@
-"""Stages `segment` and `segment_gt`: train a segmentation network on the train split's masks, predict
-`segment.eval_split` with multi-scale + flip inference, and score it with evaluate's scorer.
+"""Stages `segment` and `segment_gt`: predict `segment.eval_split` with a trained segmentation network
+(multi-scale + flip inference) and score it with evaluate's scorer.
 
-`segment` trains on the pseudo masks of `dataset.train_split` (`segment.labels=pseudo`, whichever
-`pseudo.refine` made them; 255 is ignored by the loss) or on its ground truth (`segment.labels=gt`).
-`segment_gt` is the fully supervised bound: the same network and recipe on the ground truth, an artifact whose
-key holds no pseudo-label setting, so every pseudo-label variant reuses it (`segment.compare_gt=true`).
+The network is the `segment_train` artifact (trained on the pseudo masks of `dataset.train_split`), the
+`segment_gt_train` one (trained on its ground truth: `segment.labels=gt`, and `segment_gt`, the fully supervised
+bound), or `segment.checkpoint`. Training lives upstream, keyed by the training settings alone: the settings read
+here (`segment.scales`, `flip`, `crf`, `rle_json`, `batch_size_eval`, `evaluate.bootstrap`) predict and score again
+from the same network. `segment_gt` holds no pseudo-label setting, so every pseudo-label variant reuses it
+(`segment.compare_gt=true`).
 
-Training is the shared loop (`wsss.training`: DDP, AMP, EMA, per-epoch resume, history.csv, curves,
-TensorBoard), with the classifier's optimizer and poly schedule (`build_optimizer`, `build_scheduler`) and
-IRN's joint image + mask augmentation (`TrainTransform`: random rescale, flip, crop padded with 255).
 Inference averages the softmax over `segment.scales` and their flips, one scale at a time (`predict_probs`);
 `segment.crf=true` adds a dense CRF on those probabilities with the `refine.crf_*` settings. Predictions are
 palette PNGs (and COCO RLE with `segment.rle_json`), sharded across ranks like the CAMs; the scores are a
@@ -31,78 +30,22 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from wsss import dist
-from wsss.artifacts import IGNORE_INDEX, atomic_open, read_json, rle_results, write_json, write_mask
-from wsss.data import InferenceDataset, SegmentationSource, collate_list, dataset_identity
-from wsss.data.base import read_label_mask
+from wsss.artifacts import atomic_open, read_json, rle_results, write_json, write_mask
+from wsss.data import InferenceDataset, collate_list, dataset_identity
 from wsss.data.loader import Loader
-from wsss.data.transforms import TrainTransform, normalize
+from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.fingerprint import FileGroup
 from wsss.metrics import ConfusionMatrix, confusion_matrix, image_record, scores
 from wsss.models.segmenter import Segmenter
-from wsss.stages.affinity import load_network, save_network
+from wsss.stages.affinity import load_network
 from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, environment, plain
 from wsss.stages.evaluate import bootstrap_block, image_stats, named_scores
-from wsss.stages.train import build_optimizer, build_scheduler, default_crop_size
-from wsss.training import AMP_DTYPES, BatchLoss, Loop, distributed_loader, loader_workers, resolve_amp_dtype, wrap
+from wsss.training import AMP_DTYPES, loader_workers, resolve_amp_dtype
 
 log = logging.getLogger(__name__)
-
-STATE = "segment_state.pt"
-NETWORK = "segment.pt"
-
-
-class SegmentationDataset(Dataset):
-    """(image, label map) pairs augmented together: the pseudo masks of a folder, or the split's ground truth."""
-
-    def __init__(self, source: SegmentationSource, masks_dir: Path | None, transform: TrainTransform) -> None:
-        self.source, self.masks_dir, self.transform = source, masks_dir, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def label_map(self, image_id: str) -> np.ndarray:
-        """(H, W) uint8: 0 background, c + 1 class c, 255 ignored."""
-        if self.masks_dir is None:
-            return self.source.load_mask(image_id)
-        size = self.source.image_size(image_id)
-        return read_label_mask(self.masks_dir / f"{image_id}.png", self.source.num_classes, size)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        image_id = self.source.ids[i]
-        mask = torch.from_numpy(self.label_map(image_id))
-        image, mask = self.transform(self.source.load_image(image_id), mask)  # (3, S, S), (S, S)
-        return image, mask.long()
-
-
-def check_label_maps(dataset: SegmentationDataset) -> int:
-    """Read every label map once before training: a value outside the class list, a size other than its
-    image's or a missing file stops the run naming the file. Returns the labelled (non-255) pixel count."""
-    labelled = 0
-    for image_id in progress(dist.shard(dataset.source.ids), desc="segment: check masks", unit="img"):
-        labelled += int((dataset.label_map(image_id) != IGNORE_INDEX).sum())
-    return dist.sum_int(labelled)
-
-
-def segmentation_loss(logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy over the labelled pixels (255 ignored), averaged over them; a batch without any labelled
-    pixel gives 0, not NaN. Returns the loss and [correct, labelled] pixel counts."""
-    labelled = masks != IGNORE_INDEX
-    n = labelled.sum()
-    loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / n.clamp(min=1)
-    correct = ((logits.detach().argmax(1) == masks) & labelled).sum()
-    return loss, torch.stack([correct.double(), n.double()])
-
-
-def _summarise(sums: Tensor) -> dict[str, float]:
-    """[loss * n, n, correct pixels, labelled pixels] -> mean loss and pixel accuracy on labelled pixels."""
-    return {
-        "loss": round(sums[0].item() / max(sums[1].item(), 1), 6),
-        "pixel_accuracy": round(100.0 * sums[2].item() / max(sums[3].item(), 1), 4),
-    }
 
 
 @torch.no_grad()
@@ -132,85 +75,6 @@ def predict_probs(
         total = p if total is None else total + p
     assert total is not None, "no scale"
     return total / (len(scales) * (2 if flip else 1))
-
-
-def build_run(
-    cfg: DictConfig, source: SegmentationSource, masks_dir: Path | None, device: torch.device
-) -> tuple[SegmentationDataset, DataLoader, Loop, BatchLoss]:
-    """The dataset (masks from `masks_dir`, or the ground truth when None), loader, loop and batch loss of one
-    segmenter training; `_train` fits them, `scripts/bench_segment.py` times their epochs."""
-    sc = cfg.segment
-    crop = sc.crop_size or default_crop_size(source)
-    dataset = SegmentationDataset(source, masks_dir, TrainTransform(crop, tuple(sc.scale_range)))
-    batch = min(sc.batch_size, len(dataset))
-    loader = distributed_loader(dataset, batch, cfg.seed, cfg.dataset.num_workers, device)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = Segmenter(
-        source.num_classes + 1, str(sc.network), str(sc.backbone), sc.output_stride, sc.weights, sc.frozen_bn
-    )
-    model = model.to(device)
-    if sc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model, net = wrap(model, device)
-    optimizer = build_optimizer(model, sc)
-    scheduler = build_scheduler(optimizer, sc.epochs * len(loader), round(sc.warmup_epochs * len(loader)))
-    amp = resolve_amp_dtype(sc.amp_dtype, device)
-    loop = Loop("segment", model, net, optimizer, scheduler, amp, device, cfg.seed, sc.epochs, sc.ema_decay)
-
-    def batch_loss(b: tuple[Tensor, Tensor]) -> tuple[Tensor, int, Tensor]:
-        images, targets = (t.to(device, non_blocking=True) for t in b)
-        loss, counts = segmentation_loss(net(images), targets)
-        return loss, images.shape[0], counts
-
-    return dataset, loader, loop, batch_loss
-
-
-def _train(ctx: StageContext, labels: str) -> dict[str, Any]:
-    """Fit the network on the train split's masks (resuming after the last finished epoch); write segment.pt."""
-    cfg, sc = ctx.cfg, ctx.cfg.segment
-    source = ctx.source(str(cfg.dataset.train_split))
-    masks_dir = None
-    if labels == "pseudo":
-        masks = ctx.inputs["masks"]
-        check_classes(masks, source.class_names)
-        masks_dir = masks.path("masks_dir")
-    dataset, loader, loop, batch_loss = build_run(cfg, source, masks_dir, ctx.device)
-    labelled = check_label_maps(dataset)
-    log.info(
-        "segment: %s on %s at output stride %d, trained on %d %s masks of %s (%.1f %% of pixels labelled), crop %d, "
-        "%d epochs, batch %d over %d rank(s), %s",
-        sc.network,
-        sc.backbone if sc.network != "lraspp" else "mobilenet_v3_large",
-        sc.output_stride,
-        len(dataset),
-        "ground-truth" if labels == "gt" else "pseudo",
-        source.split,
-        100.0 * labelled / max(1, sum(int(np.prod(source.image_size(i))) for i in source.ids)),
-        dataset.transform.crop_size,
-        sc.epochs,
-        loader.batch_size,
-        dist.world_size(),
-        f"autocast {amp}" if (amp := resolve_amp_dtype(sc.amp_dtype, ctx.device)) else "float32",
-    )
-
-    start = time.perf_counter()
-    done = loop.fit(loader, batch_loss, _summarise, ctx.out_dir, STATE)
-    if dist.is_main():
-        from wsss import viz
-
-        viz.plot_training_curves(loop.history, ctx.out_dir / "curves.png")
-        save_network(ctx.out_dir / NETWORK, loop.final_model().cpu())
-        (ctx.out_dir / STATE).unlink()
-    dist.barrier()
-    return {
-        "images": len(dataset),
-        "labels": labels,
-        "labelled_pixels": labelled,
-        "steps": sc.epochs * len(loader),
-        "losses": [r["loss"] for r in loop.history],
-        "resumed_after_epoch": done,
-        "train_seconds": round(time.perf_counter() - start, 2),
-    }
 
 
 def _crf(image: Tensor, probs: Tensor, rc: DictConfig) -> Tensor:
@@ -333,17 +197,19 @@ def _summary_md(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _model(ctx: StageContext, labels: str) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """The trained network (trained here, found from a killed run's finished training, or given)."""
+def _model(ctx: StageContext) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained network (the upstream training artifact's, or `segment.checkpoint`) and what trained it."""
     sc = ctx.cfg.segment
     if sc.checkpoint:
         path = Path(sc.checkpoint).resolve()
         log.info("segment: using %s", path)
-        return load_network(path, Segmenter, ctx.device), {"checkpoint": str(path)}
-    training = None
-    if not (ctx.out_dir / NETWORK).is_file():  # written last by training: present means trained
-        training = _train(ctx, labels)
-    model = load_network(ctx.out_dir / NETWORK, Segmenter, ctx.device)
+        training: dict[str, Any] = {"checkpoint": str(path)}
+    else:
+        network = ctx.inputs["network"]
+        check_classes(network, ctx.source().class_names)
+        path = network.path("network")
+        training = {**network.manifest["training"], "artifact": network.stage, "key": network.key}
+    model = load_network(path, Segmenter, ctx.device)
     if sc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, training
@@ -353,7 +219,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """Train (or load) the segmenter, predict and score the eval split; write masks/, metrics.json, summary.md."""
     labels = "gt" if ctx.stage == "segment_gt" else str(ctx.cfg.segment.labels)
     source = ctx.source()
-    model, training = _model(ctx, labels)
+    model, training = _model(ctx)
     n = model.kwargs["num_classes"]
     if n != source.num_classes + 1:
         raise ValueError(f"segment.checkpoint has {n - 1} classes, the dataset {source.num_classes}")
@@ -366,7 +232,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "masks_dir": "masks",
         "metrics": "metrics.json",
         "rle_json": "masks.rle.json" if ctx.cfg.segment.rle_json else None,
-        "network": NETWORK if not ctx.cfg.segment.checkpoint else ctx.cfg.segment.checkpoint,
+        "network": str(training.get("checkpoint") or ctx.inputs["network"].path("network")),
         "training": training,
         "predict_seconds": round(predict_s, 2),
     }
@@ -416,40 +282,39 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
         log.info("%s: wrote %s", artifact.stage, Path(run_dir) / "metrics.json")
 
 
-def _settings(cfg: DictConfig) -> dict[str, Any]:
-    """The segment section as it shapes the network and its predictions (not which bound to show)."""
-    s = plain(cfg.segment)
-    for k in ("labels", "compare_gt", "eval_split", "batch_size_eval"):
-        s.pop(k)
-    if s["amp_dtype"] == "auto":
-        s["amp_dtype"] = resolve_amp_dtype("auto", dist.local_device(str(cfg.device)))
-    if s["checkpoint"]:
-        s["checkpoint"] = str(Path(s["checkpoint"]).resolve())
-    out = {"segment": s, "seed": cfg.seed, "bootstrap": [cfg.evaluate.bootstrap, cfg.evaluate.bootstrap_seed]}
-    if not s["checkpoint"]:
-        out["ranks"] = dist.world_size()  # N ranks split every batch: another training, another network
-    if s["crf"]:
+def _params(cfg: DictConfig, split: str, labels: str) -> dict[str, Any]:
+    """What shapes the predictions and scores beyond the network (whose training key is the input's)."""
+    sc = cfg.segment
+    predict = {k: v for k, v in plain(sc).items() if k in ("scales", "flip", "amp_dtype", "channels_last")}
+    if predict["amp_dtype"] == "auto":
+        predict["amp_dtype"] = resolve_amp_dtype("auto", dist.local_device(str(cfg.device)))
+    out = {
+        "dataset": dataset_identity(cfg.dataset, split),
+        "train_split": str(cfg.dataset.train_split),  # named in the table
+        "labels": labels,
+        "predict": predict,
+        "rle_json": sc.rle_json,
+        "bootstrap": [cfg.evaluate.bootstrap, cfg.evaluate.bootstrap_seed],
+        "checkpoint": str(Path(sc.checkpoint).resolve()) if sc.checkpoint else None,
+    }
+    if sc.crf:
         out["crf"] = {k: v for k, v in plain(cfg.refine).items() if k.startswith("crf_")}
     return out
 
 
-def _params(cfg: DictConfig, split: str, labels: str) -> dict[str, Any]:
-    train_split = str(cfg.dataset.train_split)
-    return {
-        "dataset": dataset_identity(cfg.dataset, split),
-        "train_dataset": dataset_identity(cfg.dataset, train_split),
-        "labels": labels,
-        **_settings(cfg),
-    }
+def _network(cfg: DictConfig, labels: str) -> dict[str, Need]:
+    """The training artifact of the network (none with `segment.checkpoint`)."""
+    if cfg.segment.checkpoint:
+        return {}
+    return {"network": Need("segment_gt_train" if labels == "gt" else "segment_train", str(cfg.dataset.train_split))}
 
 
 def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
     sc, train_split = cfg.segment, str(cfg.dataset.train_split)
-    needs: dict[str, Need] = {}
+    needs = _network(cfg, str(sc.labels))
     if sc.checkpoint:  # a trained network: nothing to train on, no table of what it was trained on
         return needs
     if sc.labels == "pseudo":
-        needs["masks"] = Need("pseudo_masks", train_split)
         needs["train_scores"] = Need("evaluate", train_split)  # the seeds' and masks' own scores, for the table
         if sc.compare_gt:
             needs["bound"] = Need("segment_gt")
@@ -458,7 +323,6 @@ def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
 
 def _files(cfg: DictConfig, split: str, fp: Fingerprints) -> dict[str, FileGroup]:
     files = dict(fp.dataset(split))
-    files.update({f"train/{k}": v for k, v in fp.dataset(str(cfg.dataset.train_split)).items()})
     if cfg.segment.checkpoint:
         files["checkpoint"] = fp.content(cfg.segment.checkpoint, "segment.checkpoint")
     return files
@@ -477,7 +341,6 @@ STAGE = Stage(
     files=_files,
     split=_eval_split,
     report=report,
-    ground_truth=lambda cfg, split: cfg.segment.labels == "gt" and not cfg.segment.checkpoint,
 )
 
 GT_STAGE = Stage(
@@ -485,10 +348,8 @@ GT_STAGE = Stage(
     run=run,
     config=("dataset", "segment", "refine", "evaluate", "seed"),
     params=lambda cfg, split: _params(cfg, split, "gt"),
+    needs=lambda cfg, split: _network(cfg, "gt"),
     files=_files,
     split=_eval_split,
     report=report,
-    summary="The fully supervised bound: `segment`'s network and recipe trained on the train split's ground truth, "
-    "predicted and scored the same way (every pseudo-label variant reuses it).",
-    ground_truth=lambda cfg, split: not cfg.segment.checkpoint,
 )
