@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf.errors import InterpolationKeyError
+
 from wsss.data.base import ClassificationDataset, ImageBoxes, InferenceDataset, SegmentationSource, collate_list
 from wsss.fingerprint import FileGroup
 
@@ -62,9 +64,23 @@ def resolve_class_names(cfg: Any) -> list[str] | None:
     return resolve(cfg) if resolve is not None and cfg.dataset.class_names is None else None
 
 
+def void_classes(cfg: Any) -> list[str]:
+    """`dataset.void_classes` of a dataset config; [] for a dataset node composed without a model section."""
+    if "void_classes" not in cfg:
+        return []
+    try:
+        return list(cfg.void_classes or [])
+    except InterpolationKeyError:  # the default reads model.class_map, which a bare dataset node lacks
+        return []
+
+
 def build_source(cfg: Any, split: str) -> SegmentationSource:
     """The split `split` of the dataset described by a `DatasetConfig` (generating the synthetic one if needed)."""
-    return _entry(cfg).load().from_config(cfg, split)
+    source = _entry(cfg).load().from_config(cfg, split)
+    void = void_classes(cfg)
+    if void:
+        source.set_void_classes(void)
+    return source
 
 
 def dataset_fingerprint(cfg: Any, split: str) -> dict[str, FileGroup]:
@@ -83,6 +99,8 @@ def dataset_identity(cfg: Any, split: str) -> dict[str, Any]:
         "on_error": str(cfg.on_error),
         "max_pixels": cfg.max_pixels,
     }
+    if void_classes(cfg):  # only when set, so the keys of every other run stay what they were
+        ident["void_classes"] = void_classes(cfg)
     for k in entry.identity_keys:
         v = cfg[k]
         ident[k] = dict(v) if hasattr(v, "keys") else v

@@ -234,6 +234,7 @@ class SegmentationSource(ABC):
     class_names: list[str]
     ids: list[str]
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    void_labels: tuple[int, ...] = ()  # mask values read as 255 (`set_void_classes`)
 
     def __init__(
         self, root: str | Path, name: str, split: str, on_error: str, max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -295,8 +296,18 @@ class SegmentationSource(ABC):
         return decode_rgb(self.image_path(image_id), self.max_pixels)
 
     def load_mask(self, image_id: str) -> np.ndarray:
-        """The ground-truth mask as (H, W) uint8: 0 background, c + 1 class c, 255 ignore."""
-        return self._mask(image_id, self.image_size(image_id))
+        """The ground-truth mask as (H, W) uint8: 0 background, c + 1 class c, 255 ignore (and `void_classes`)."""
+        mask = self._mask(image_id, self.image_size(image_id))
+        if self.void_labels:
+            mask = np.where(np.isin(mask, self.void_labels), np.uint8(255), mask)
+        return mask
+
+    def set_void_classes(self, names: Sequence[str]) -> None:
+        """Score none of these classes: their ground-truth pixels read as 255 (ignore) everywhere masks are read."""
+        unknown = [n for n in names if n not in self.class_names]
+        if unknown:
+            raise ValueError(f"dataset.void_classes: {unknown} are not classes of {self.name} ({self.class_names})")
+        self.void_labels = tuple(self.class_names.index(n) + 1 for n in names)
 
     def has_boxes(self) -> bool:
         """Whether `load_boxes` can work: the source carries ground-truth boxes."""
