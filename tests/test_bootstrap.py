@@ -142,3 +142,17 @@ def test_save_and_load_round_trip(tmp_path):
     w = resample_weights(5, 20, 0)
     for k, v in resampled_metrics(stats, w).items():
         np.testing.assert_array_equal(resampled_metrics(back, w)[k], v)
+
+
+def test_resampled_maxboxacc_v2_takes_each_delta_at_its_own_best_threshold():
+    """MaxBoxAccV2 of a resample is the mean over IoU levels of (max over thresholds), wsolevaluation's
+    `BoxEvaluator.compute`; here each level peaks at another threshold, so max-of-the-mean would differ.
+    Hand-counted hits (columns largest@0.5, all@0.3, all@0.5, all@0.7) of two images with 2 pairs each."""
+    a = np.array([[1, 2, 1, 0], [1, 2, 2, 1], [0, 1, 1, 1]])  # (T, 4)
+    b = np.array([[0, 2, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    s = ImageStats(["a", "b"], np.array([0.2, 0.4, 0.6]), box_hits=np.stack([a, b]), box_pairs=np.array([2, 2]))
+    got = resampled_metrics(s, np.array([[1.0, 1.0], [0.0, 2.0]]))
+    # both: all@0.3 4/4 at t0, all@0.5 3/4 at t1, all@0.7 2/4 at t2; largest@0.5 2/4 at t1
+    # b twice: all@0.3 2/2 at t0, all@0.5 1/2 at t1, all@0.7 1/2 at t2; largest@0.5 1/2 at t1
+    np.testing.assert_allclose(got["maxboxacc_v2"], [(100 + 75 + 50) / 3, (100 + 50 + 50) / 3])
+    np.testing.assert_allclose(got["maxboxacc"], [50.0, 50.0])

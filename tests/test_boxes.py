@@ -76,12 +76,50 @@ def test_several_components_and_several_gt_boxes():
     gt = np.array([[26, 20, 32, 27], [1, 1, 16, 14]])
     got = pair_ious(m, THRESHOLDS, gt)
     np.testing.assert_allclose(got, _ref_pair(m, THRESHOLDS, gt), rtol=0, atol=1e-12)
-    # At 0.5 the big blob is largest, but the small one matches its gt box better: V2 sees it, V1 does not.
+    # At 0.5 two blobs: the big one is the largest and also the better match (its gt box: 15 x 13 of 16 x 14
+    # shared, IoU 195 / 253; the small one's: 6 x 7 of 7 x 7 and 7 x 8, IoU 42 / 63), so V1 and V2 agree.
     j = THRESHOLDS.index(0.5)
-    assert got[j, 0] == pytest.approx(_ref_iou((2, 2, 17, 15), (1, 1, 16, 14), shape))
-    assert got[j, 1] == pytest.approx(_ref_iou((2, 2, 17, 15), (1, 1, 16, 14), shape))
-    j = THRESHOLDS.index(0.25)
-    assert got[j, 1] >= got[j, 0]
+    assert got[j].tolist() == pytest.approx([195 / 253, 195 / 253])
+    # At 0.25 the third blob joins, far from every gt box: one more candidate, no better match.
+    assert got[THRESHOLDS.index(0.25)].tolist() == pytest.approx([195 / 253, 195 / 253])
+    # Above 0.6 only the big blob is left; above 0.9 nothing.
+    assert got[THRESHOLDS.index(0.65)].tolist() == pytest.approx([195 / 253, 195 / 253])
+    assert got[THRESHOLDS.index(0.95)].tolist() == [0.0, 0.0]
+
+
+def _cv2_largest_box(binary: np.ndarray) -> tuple[int, int, int, int] | None:
+    """wsolevaluation's estimate (`compute_bboxes_from_scoremaps`): the outer contour of the largest
+    `cv2.contourArea`, its bounding rectangle (here ending on the last pixel, inclusive)."""
+    import cv2
+
+    contours = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0]
+    if not contours:
+        return None
+    x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea))
+    return x, y, x + w - 1, y + h - 1
+
+
+def test_largest_component_is_the_largest_contour_area_not_box_or_pixel_count():
+    """A one-pixel-wide diagonal (120 px, box 120 x 120, contour area 0) beside a 10 x 10 square (100 px,
+    contour area 81): wsolevaluation's `max(contours, key=cv2.contourArea)` picks the square, which a box-area or
+    a pixel-count rule would not."""
+    m = np.zeros((130, 150), np.float32)
+    m[np.arange(120), np.arange(120)] = 0.9
+    m[5:15, 135:145] = 0.8
+    square = (135, 5, 144, 14)
+    gt = np.array([square])
+    got = pair_ious(m, THRESHOLDS, gt)
+    for j, t in enumerate(THRESHOLDS):
+        if t == 0.0:
+            continue  # the whole image
+        want = _cv2_largest_box(m >= t)
+        expected = 0.0 if want is None else _ref_iou(want, square, m.shape)
+        assert got[j, 0] == pytest.approx(expected), t
+    assert got[THRESHOLDS.index(0.8), 0] == 1.0  # the square, by contour area
+    assert got[THRESHOLDS.index(0.85), 0] == 0.0  # the square is gone: the diagonal is all there is
+    acc = BoxAccuracy(THRESHOLDS)
+    acc.image_hits(m[None], [0], {0: gt})
+    assert acc.compute()["maxboxacc"] == 100.0
 
 
 def test_random_maps_match_reference():

@@ -96,6 +96,24 @@ def test_column_form_and_json_give_the_same_labels(tmp_path):
     assert {k: v.tolist() for k, v in from_json.label_table().items()} == {k: v.tolist() for k, v in names_form.items()}
 
 
+@pytest.mark.parametrize("value", ["2", "yes", "", "1.0"])
+def test_a_0_1_column_holding_another_value_is_a_malformed_row(tmp_path, value):
+    """docs/own-data.md: "a 0/1 column holding something else" is the bad row `malformed_row`: raised naming
+    the line, the column and the value, or skipped and counted (the row's image dropped)."""
+    root = build_folder(tmp_path, masks="none")
+    rows = _rows(root / "labels.csv")[1:]
+    cols = ["image", *SORTED]
+    table = [[r[0], *("1" if c in r[1].split(";") else "0" for c in SORTED)] for r in rows]
+    table[4][1 + SORTED.index("ring")] = value
+    _write_csv(root / "labels.csv", [cols, *table])
+    with pytest.raises(SampleError, match=rf"labels.csv line 6: column 'ring' is {value!r}, not 0 or 1"):
+        FolderSource(root, "train")
+    src = FolderSource(root, "train", on_error="skip")
+    assert src.skipped == {"malformed_row": 1}
+    assert len(src) == 23
+    assert image_id(table[4][0]) not in src.ids
+
+
 @pytest.mark.parametrize(("delimiter", "named"), [(";", "';'"), ("\t", "tab")])
 @pytest.mark.parametrize("form", ["names", "columns"])
 def test_a_labels_file_delimited_otherwise_is_refused_naming_the_delimiter(tmp_path, delimiter, named, form):
