@@ -111,7 +111,8 @@ def test_help_lists_every_stage_with_a_whole_sentence_and_what_it_needs(rendered
             doc = " ".join((sys.modules[stage.run.__module__].__doc__ or "").split())
             assert doc.startswith(f"Stage `{name}`: ") or doc.startswith("Stages "), (name, doc[:80])
             assert f": {what[0].lower()}{what[1:]}" in doc or f": {what}" in doc, (name, what)
-    assert rows["segment_gt"].endswith("the dataset's ground truth."), rows["segment_gt"]
+    assert rows["segment_gt_train"].endswith(" Needs the dataset's ground truth."), rows["segment_gt_train"]
+    assert rows["segment_gt"].endswith(" Needs segment_gt_train."), rows["segment_gt"]
     assert rows["faithfulness"].startswith("Do the stored CAMs show what the classifier used? Needs "), rows
 
 

@@ -352,4 +352,6 @@ GT_STAGE = Stage(
     files=_files,
     split=_eval_split,
     report=report,
+    summary="The fully supervised bound: `segment_gt_train`'s network, fitted on the ground truth, predicting and "
+    "scoring `segment.eval_split` as `segment` does (every pseudo-label variant reuses it).",
 )

@@ -235,4 +235,7 @@ GT_STAGE = Stage(
     files=_files,
     split=_train_split,
     report=report,
+    summary="Fit the segmentation network on the train split's ground truth (the fully supervised bound, and "
+    "`segment.labels=gt`).",
+    ground_truth=lambda cfg, split: True,
 )
