@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--masks", type=Path, help="pseudo masks to train the segmenter on (default: ground truth)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs of each, after one warm-up epoch")
     parser.add_argument("--out", type=Path, help="also write the times and projections as JSON here")
+    parser.add_argument(
+        "--predictions", type=Path, help="keep the timed prediction's PNGs in DIR/masks (default: dropped)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of both (e.g. segment.network=lraspp)")
     args = parser.parse_args()
     register_configs()
@@ -62,7 +65,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     split = str(cfg.segment.eval_split)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = StageContext("segment", split, cfg, {}, Path(tmp), device)
+        ctx = StageContext("segment", split, cfg, {}, args.predictions or Path(tmp), device)
         start = time.perf_counter()
         scored, records = P.predict_and_score(ctx, seg_loop.final_model().eval())
         predict_s = time.perf_counter() - start

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import REPO
-from tests.tiny import TINY
+from tests.tiny import TINY, ground_truth, loop_iou
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +187,8 @@ def test_bench_segment_projects_the_segment_stage_against_train(tmp_path):
     """Tiny train and segment runs, epochs interleaved: train = median epoch x train.epochs, segment = median
     epoch x segment.epochs + one timed prediction of the eval split (every image scored); ratio segment / train."""
     out = tmp_path / "segment.json"
-    args = ["--epochs", "3", "--out", str(out), *TINY, "train.epochs=4", "segment.epochs=6", "segment.batch_size=8"]
+    args = ["--epochs", "3", "--out", str(out), "--predictions", str(tmp_path / "pred"), *TINY, "train.epochs=4"]
+    args += ["segment.epochs=6", "segment.batch_size=8"]
     proc = _script("bench_segment.py", *args, env={"WSSS_DATA": str(tmp_path / "data")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -198,7 +200,11 @@ def test_bench_segment_projects_the_segment_stage_against_train(tmp_path):
     assert r["projected_seconds"]["segment"] == pytest.approx(med["segment"] * 6 + r["predict_seconds"], rel=1e-12)
     assert r["ratio"] == pytest.approx(r["projected_seconds"]["segment"] / r["projected_seconds"]["train"], rel=1e-12)
     assert proc.stdout.strip().splitlines()[-1] == f"{r['ratio']:.3f}"
-    assert 0 <= r["miou_after_timed_epochs"] <= 100
+    # the score is the pixel count over the PNGs it predicted and val's ground truth
+    masks = sorted((tmp_path / "pred" / "masks").glob("*.png"))
+    assert len(masks) == 8
+    pairs = [(ground_truth(tmp_path, p.stem), np.array(Image.open(p))) for p in masks]
+    assert r["miou_after_timed_epochs"] == pytest.approx(loop_iou(pairs, 7)[1], abs=1e-4)
 
 
 def test_figures_faithfulness_puts_every_method_and_metric_of_one_model_in_one_leaderboard(tmp_path):

@@ -115,3 +115,15 @@ def assert_reported_iou(block: dict, iou: list[float | None], miou: float, names
         got = block["iou"][name]
         same = got is None if value is None else got is not None and got == pytest.approx(value, abs=1e-4)
         assert same, f"IoU of {name} reported {got}, counted {value}"
+
+
+def assert_miou_counted(metrics: dict, gt_dir: Path) -> None:
+    """A metrics.json's mIoU and per-label IoU equal a pixel count (`loop_iou`) over the masks it names and the
+    ground-truth PNGs in `gt_dir`, both read with PIL: a value that can be wrong, unlike `0 <= miou <= 100`."""
+    names = ["background", *metrics["class_names"]]
+    ids = list(metrics["per_image_miou"])
+    assert ids, "no image was scored"
+    masks = Path(metrics["masks_dir"])
+    pairs = [(np.array(Image.open(gt_dir / f"{i}.png")), np.array(Image.open(masks / f"{i}.png"))) for i in ids]
+    iou, miou = loop_iou(pairs, len(names))
+    assert_reported_iou(metrics, iou, miou, names)
