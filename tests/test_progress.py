@@ -128,3 +128,32 @@ def test_a_run_written_to_a_file_has_no_redraws_and_few_progress_lines(tmp_path)
     bars = _run_to_file(tmp_path, ["progress=bar", "stage=pseudo_masks", "pseudo.threshold=0.3"], "bars.out")
     assert b"\r" in bars
     assert b"[wsss.progress]" not in bars  # bars, not log lines
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_weight_download_off_a_terminal_is_log_lines_or_nothing(tmp_path, caplog, capfd, mode):
+    """torch.hub.download_url_to_file, through which torchvision downloads its weights, on a stub download (a
+    file:// URL, no network): off a terminal, `auto` reports it as a log line and `off` not at all; stderr holds
+    no tqdm redraw either way."""
+    import torch.hub
+
+    src = tmp_path / "weights.pth"
+    src.write_bytes(os.urandom(300_000))
+    before = progress._mode
+    try:
+        progress.set_mode(mode)
+        assert progress.resolved_mode() == ("log" if mode == "auto" else "off")  # pytest's stderr is no terminal
+        with caplog.at_level(logging.INFO, logger="wsss.progress"):
+            torch.hub.download_url_to_file(src.as_uri(), str(tmp_path / "got.pth"), progress=True)
+    finally:
+        progress.set_mode(before)
+    assert (tmp_path / "got.pth").read_bytes() == src.read_bytes()
+    err = capfd.readouterr().err
+    assert "\r" not in err, err
+    assert "B/s" not in err, err
+    lines = [r.getMessage() for r in caplog.records if r.name == "wsss.progress"]
+    if mode == "off":
+        assert lines == []
+    else:
+        assert len(lines) == 1, lines
+        assert re.fullmatch(r"torch\.hub download: 300000 B done in \d+ s \([\d.e+]+ B/s\)", lines[0]), lines

@@ -26,11 +26,28 @@ _mode = "auto"
 
 
 def set_mode(mode: str) -> None:
-    """`progress=` of the run: auto | bar | log | off."""
+    """`progress=` of the run: auto | bar | log | off; also for torch.hub's downloads (`download_bar`)."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"progress={mode}: must be one of {MODES}")
     _mode = mode
+    import torch.hub
+
+    torch.hub.tqdm = download_bar  # torchvision's weights come through torch.hub.download_url_to_file
+
+
+def download_bar(*args: Any, **kwargs: Any) -> Any:
+    """torch.hub's download progress as the run's mode says: its tqdm bar (`bar`), log lines (`log`), or
+    nothing (`off`), so a run written to a file holds no carriage-return redraws of a weight download."""
+    mode = resolved_mode()
+    if mode == "bar":
+        from tqdm import tqdm
+
+        return tqdm(*args, **kwargs)
+    kwargs.setdefault("desc", "torch.hub download")
+    if mode == "off":
+        kwargs["disable"] = True
+    return LogProgress(*args, **kwargs)
 
 
 def resolved_mode() -> str:
