@@ -1,10 +1,13 @@
 """Benchmark wsss.cam.metrics: the faithfulness metrics' cost against plain forwards, and against the peers.
 
-On a trained wsss classifier and the first `--images` images of a split (their image-level classes as the
+On a trained wsss classifier read as the faithfulness stage reads it (`cam.output_stride`, default 8, and
+`cam.channels_last`, eval mode) and the first `--images` images of a split (their image-level classes as the
 targets, CAM maps from `wsss.cam`, one scale), it times, in interleaved rounds after one untimed warm-up:
 
-- Deletion + Insertion with `--steps` steps (2 (steps + 1) perturbed inputs per pair) against the same number
-  of plain batched forwards of the unperturbed images: the issue's bound is 1.3x;
+- Deletion + Insertion with `--steps` steps and the stage's baseline (`faithfulness.baseline`, blur by default;
+  2 (steps + 1) perturbed inputs per pair) against plain forwards of the unperturbed images in the same batches:
+  the same pairs per batch, the same number of inputs per forward (recorded and checked), so the ratio is the
+  perturbation's own cost;
 - `average_drop_increase` against torchcam's `ClassificationMetric` (one pair per update, as it scores one
   class per image) on the same maps;
 - `road` at `--percentiles` against pytorch-grad-cam's `ROADMostRelevantFirst` + `ROADLeastRelevantFirst`
@@ -12,7 +15,7 @@ targets, CAM maps from `wsss.cam`, one scale), it times, in interleaved rounds a
 
 Medians over `--repeats` rounds, written as ratios; a JSON with the command, commit and machine goes to `--out`.
 
-    python scripts/bench_faithfulness.py --checkpoint PATH --images 32 --steps 32 --repeats 3
+    python scripts/bench_faithfulness.py --checkpoint PATH --images 16 --repeats 2
 """
 
 from __future__ import annotations
@@ -46,7 +49,15 @@ def _pairs(args):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(args.overrides))
     model, names = load_checkpoint(args.checkpoint)
+    if cfg.cam.output_stride is not None:  # as the faithfulness stage reads the classifier (cams.cam_model)
+        model.set_output_stride(cfg.cam.output_stride)
+    if cfg.cam.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = model.eval()
+    args.steps = cfg.faithfulness.steps if args.steps is None else args.steps
+    args.batch = cfg.faithfulness.batch_size if args.batch is None else args.batch
+    args.baseline = str(cfg.faithfulness.baseline) if args.baseline is None else args.baseline
+    args.output_stride = model.output_stride
     source = build_source(cfg.dataset, args.split)
     if source.class_names != names:
         raise SystemExit(f"the checkpoint's classes {names} differ from the dataset's {source.class_names}")
@@ -61,12 +72,27 @@ def _pairs(args):
     return model, images, targets, torch.stack(maps).clamp(0, 1)
 
 
-def _plain(model, images, targets, n, batch):
-    """`n` plain forwards per pair, batched like the metrics."""
-    inputs = images[targets[:, 0]].repeat_interleave(n, 0)
+def _plain(model, images, targets, steps, batch):
+    """The forwards of `deletion_insertion` without its perturbation: per group of batch // (steps + 1) pairs, a
+    deletion and an insertion pass over steps + 1 copies of each pair's image, in chunks of `batch`."""
+    pairs_per_batch = max(1, batch // (steps + 1))
     with torch.no_grad():
-        for i in range(0, len(inputs), batch):
-            model(inputs[i : i + batch])
+        for p in range(0, len(targets), pairs_per_batch):
+            inputs = images[targets[p : p + pairs_per_batch, 0]].repeat_interleave(steps + 1, 0)
+            for _ in ("deletion", "insertion"):
+                for i in range(0, len(inputs), batch):
+                    model(inputs[i : i + batch])
+
+
+def _forward_batches(model, job) -> list[int]:
+    """The number of inputs of every forward of `job()`, in order."""
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, inputs: seen.append(len(inputs[0])))
+    try:
+        job()
+    finally:
+        handle.remove()
+    return seen
 
 
 def _torchcam(model, images, targets, maps):
@@ -108,8 +134,9 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="a wsss classifier checkpoint (model.pt)")
     p.add_argument("--split", default="val")
     p.add_argument("--images", type=int, default=32)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, help="default: faithfulness.steps")
+    p.add_argument("--batch", type=int, help="perturbed images per forward (default: faithfulness.batch_size)")
+    p.add_argument("--baseline", choices=["zeros", "blur"], help="default: faithfulness.baseline")
     p.add_argument("--percentiles", type=int, nargs="+", default=[20, 50, 80])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench_faithfulness.json"))
@@ -117,17 +144,19 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     model, images, targets, maps = _pairs(args)
-    forwards = 2 * (args.steps + 1)
     jobs = {
         "deletion_insertion": lambda: deletion_insertion(
-            model, images, targets, maps, args.steps, batch_size=args.batch
+            model, images, targets, maps, args.steps, args.baseline, batch_size=args.batch
         ),
-        "plain_forwards": lambda: _plain(model, images, targets, forwards, args.batch),
+        "plain_forwards": lambda: _plain(model, images, targets, args.steps, args.batch),
         "average_drop_increase": lambda: average_drop_increase(model, images, targets, maps, batch_size=args.batch),
         "torchcam_average_drop": lambda: _torchcam(model, images, targets, maps),
         "road": lambda: road(model, images, targets, maps, tuple(args.percentiles), batch_size=args.batch),
         "grad_cam_road": lambda: _grad_cam_road(model, images, targets, maps, args.percentiles),
     }
+    batches = {k: _forward_batches(model, jobs[k]) for k in ("deletion_insertion", "plain_forwards")}
+    if batches["deletion_insertion"] != batches["plain_forwards"]:
+        raise SystemExit(f"plain forwards are not batched like Deletion + Insertion: {batches}")
     times: dict[str, list[float]] = {k: [] for k in jobs}
     for r in range(args.repeats + 1):
         for name, job in jobs.items():
@@ -145,9 +174,13 @@ def main() -> None:
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "pairs": len(targets),
         "image_size": list(images.shape[-2:]),
+        "steps": args.steps,
+        "baseline": args.baseline,
+        "output_stride": args.output_stride,
+        "forward_batches": batches["deletion_insertion"],  # inputs per forward, the same for the plain forwards
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "ratios": {
-            "deletion_insertion / plain forwards (same count)": round(
+            "deletion_insertion / plain forwards (same batches)": round(
                 med["deletion_insertion"] / med["plain_forwards"], 3
             ),
             "torchcam average drop / ours": round(med["torchcam_average_drop"] / med["average_drop_increase"], 3),

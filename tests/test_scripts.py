@@ -228,3 +228,41 @@ def test_figures_faithfulness_puts_every_method_and_metric_of_one_model_in_one_l
     part = json.loads((out / "faithfulness.json").read_text())
     assert part["stamp"]["command"].startswith("python scripts/figures.py faithfulness")
     assert "## Faithfulness of the CAM methods on seed 0's model (val split)" in (out / "figures.md").read_text()
+
+
+def test_bench_faithfulness_times_deletion_insertion_against_plain_forwards_in_the_same_batches(tmp_path):
+    """On a tiny model: the classifier read at cam.output_stride (8) and the stage's blur baseline, the plain
+    forwards batched exactly as Deletion + Insertion (2 (steps + 1) inputs per pair, batch // (steps + 1) pairs
+    per forward), every job timed."""
+    import torch
+
+    from tests.tiny import tiny_cfg
+    from wsss.data import build_source
+    from wsss.data.synthetic import SYNTHETIC_CLASSES
+    from wsss.models import Classifier, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, Classifier(len(SYNTHETIC_CLASSES)), SYNTHETIC_CLASSES)
+    out = tmp_path / "faith.json"
+    args = ["--checkpoint", str(ckpt), "--images", "3", "--steps", "4", "--batch", "12", "--repeats", "1"]
+    args += ["--out", str(out), *TINY]
+    proc = _script("bench_faithfulness.py", *args, env={"WSSS_DATA": str(tmp_path / "data")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    source = build_source(tiny_cfg(tmp_path).dataset, "val")
+    pairs = sum(len(source.labels(i)) for i in [i for i in source.ids if len(source.labels(i))][:3])
+    assert (r["pairs"], r["steps"], r["baseline"], r["output_stride"]) == (pairs, 4, "blur", 8)
+    # 12 // 5 = 2 pairs per group: a deletion and an insertion forward of 10 inputs each (5 for a last lone pair)
+    want = [10, 10] * (pairs // 2) + [5, 5] * (pairs % 2)
+    assert r["forward_batches"] == want
+    assert set(r["seconds"]) == {
+        "deletion_insertion",
+        "plain_forwards",
+        "average_drop_increase",
+        "torchcam_average_drop",
+        "road",
+        "grad_cam_road",
+    }
+    ratio = r["seconds"]["deletion_insertion"] / r["seconds"]["plain_forwards"]
+    assert r["ratios"]["deletion_insertion / plain forwards (same batches)"] == pytest.approx(ratio, rel=1e-2, abs=2e-3)
