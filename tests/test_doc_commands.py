@@ -1,4 +1,5 @@
-"""Every command in README.md and docs/*.md runs as written.
+"""Every command in README.md and docs/*.md is checked as far as a test can afford: most are composed and
+validated in-process, a few run for real (the list below says how each kind is checked).
 
 The commands are read from the documents themselves: the fenced `bash` / `sh` blocks (line continuations, `&&`
 chains and `#` comments handled) and the inline code spans that start like a command (`python ...`,

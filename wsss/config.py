@@ -235,7 +235,7 @@ class IrnConfig:
     lr: float = 0.1  # --irn_learning_rate
     momentum: float = 1.0e-4  # PolyOptimizer passes weight_decay as SGD's third positional argument: momentum
     weight_decay: float = 1.0e-4  # --irn_weight_decay
-    crop_size: int | None = None  # null: as train (IRN: --irn_crop_size 512); also the inference padding
+    crop_size: int | None = None  # training crop; null: as train (IRN: --irn_crop_size 512). Padding: refine.irn_pad
     scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # uniform, Pillow bicubic (rescale=)
 
 

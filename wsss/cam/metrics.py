@@ -19,8 +19,8 @@ single-label model.
 
 - `road` (Rong et al. 2022, pytorch-grad-cam's ROAD): MoRF / LeRF score changes when the pixels above a
   percentile of the map (or of 1 - map) are removed and imputed from their neighbours (`impute`: ROAD's
-  linear system, solved by batched conjugate gradients instead of a sparse solve per image), and their
-  combination (LeRF - MoRF) / 2.
+  linear system, one sparse LU factorisation per image on the CPU, batched conjugate gradients on a GPU), and
+  their combination (LeRF - MoRF) / 2.
 
 A constant map (all zeros included) is defined: every pixel ties, so the order is the pixel index order, and
 the image times an all-zero map is the zero image; no metric is ever NaN.
@@ -174,7 +174,8 @@ def deletion_insertion(
 
 # ROAD's noisy linear imputation (Rong et al. 2022): each removed pixel becomes the weighted mean of its 8
 # neighbours (edges 1/6, corners 1/12, the weights of neighbours outside the image left out), a sparse linear
-# system per image and channel, solved here by conjugate gradients, batched.
+# system per image and channel, solved by `impute`: a sparse LU factorisation per image (CPU) or batched
+# conjugate gradients (GPU).
 ROAD_KERNEL = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 IMPUTE_SOLVERS = ("auto", "direct", "cg")
