@@ -10,6 +10,7 @@ other jobs share the CPU.
     python scripts/bench_cam.py --repeats 3 --device cpu --size 448
     python scripts/bench_cam.py --model vit_b_16 --methods gradcam hirescam    # 224 px, the last block's ln_1
     python scripts/bench_cam.py --model swin_t --methods gradcam hirescam      # 224 px, the final norm
+    python scripts/bench_cam.py --model efficientnet_lite0                     # 320 px, bn2 and blocks.5
 
 For the transformers the peers get their documented reshape transforms (pytorch-grad-cam's `reshape_transform`
 for ViT and Swin); torchcam reads (B, C, h, w) maps only, so it does not apply there.
@@ -30,11 +31,21 @@ import torchvision
 
 from wsss.cam import METHODS, build_cam
 
+
+def _lite0(weights: object = None) -> torch.nn.Module:
+    from wsss.models.efficientnet import build_lite
+
+    return build_lite("efficientnet_lite0", weights)
+
+
 DEFAULT_METHODS = ["cam", "gradcam", "gradcampp", "xgradcam", "layercam", "guided_gradcam"]
 MODELS = {  # --model -> (builder, default layers, default size)
     "resnet50": (torchvision.models.resnet50, ["layer4", "layer3"], 448),
     "vit_b_16": (torchvision.models.vit_b_16, ["encoder.layers.encoder_layer_11.ln_1"], 224),
     "swin_t": (torchvision.models.swin_t, ["norm"], 224),
+    # timm's network (the `.[pretrained]` extra): bn2 (BN + ReLU6 after the 1x1 head conv) feeds GAP and the
+    # ImageNet classifier (closed form); blocks.5 is the last stride-32 stage (autograd)
+    "efficientnet_lite0": (_lite0, ["bn2", "blocks.5"], 320),
 }
 PEER_METHODS = {  # ours -> (pytorch-grad-cam class, torchcam class)
     "gradcam": ("GradCAM", "GradCAM"),

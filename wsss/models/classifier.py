@@ -185,6 +185,9 @@ class Classifier(nn.Module):
             `wsss.models.class_map`): the head is then the trunk's own ImageNet layer, grouped. None: a new
             bias-free 1x1 head.
         class_combine: how a group's ImageNet logits combine: "max", "logsumexp" or "mean".
+        head_init: per class, ImageNet indices: the new head starts as the mean of their rows of the trunk's
+            ImageNet layer (classes without any keep their random start). Fine-tuning then starts from the
+            zero-shot maps; not in `kwargs` (the checkpoint carries the trained head).
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class Classifier(nn.Module):
         frozen_bn: bool = False,
         class_map: list[list[int]] | None = None,
         class_combine: str = "max",
+        head_init: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         if stride_mode not in STRIDE_MODES:
@@ -251,8 +255,19 @@ class Classifier(nn.Module):
         else:
             self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
             nn.init.kaiming_normal_(self.head.weight)
+            if head_init is not None:
+                self._head_from_imagenet(trunk, head_init)
         if frozen_bn:
             self.train(self.training)
+
+    def _head_from_imagenet(self, trunk: nn.Module, groups: list[list[int]]) -> None:
+        if len(groups) != self.head.out_channels or not hasattr(trunk, "classifier"):
+            raise ValueError(f"head_init needs one group per class ({self.head.out_channels}) and an ImageNet head")
+        rows = trunk.classifier.weight.detach()  # (1000, C)
+        with torch.no_grad():
+            for k, g in enumerate(groups):
+                if g:
+                    self.head.weight[k, :, 0, 0] = rows[g].mean(0)
 
     def train(self, mode: bool = True) -> Classifier:
         """Set train / eval mode; with `frozen_bn` the trunk's BatchNorms stay in eval mode."""

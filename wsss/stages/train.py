@@ -102,11 +102,15 @@ def _loader(source: SegmentationSource, cfg: DictConfig, device: torch.device) -
     return distributed_loader(dataset, batch_size, cfg.seed, cfg.dataset.num_workers, device)
 
 
-def _model(cfg: DictConfig, num_classes: int, device: torch.device) -> tuple[Classifier, nn.Module]:
+def _model(cfg: DictConfig, class_names: list[str], device: torch.device) -> tuple[Classifier, nn.Module]:
     """The classifier and what the loop calls: itself, or its DDP wrapper (SyncBatchNorm if asked)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     m = cfg.model
-    model = Classifier(num_classes, str(m.backbone), m.output_stride, m.weights, m.stride_mode, m.frozen_bn)
+    num_classes = len(class_names)
+    init = None if m.head_init is None else class_groups(str(m.head_init), class_names)
+    model = Classifier(
+        num_classes, str(m.backbone), m.output_stride, m.weights, m.stride_mode, m.frozen_bn, head_init=init
+    )
     if cfg.train.freeze:  # IRN: `self.stage2(x).detach()`, conv1 .. layer2 get no gradient
         frozen = model.freeze_through(str(cfg.train.freeze))
         log.info("train: %d parameter tensors frozen through %s", len(frozen), cfg.train.freeze)
@@ -165,7 +169,7 @@ def build_run(cfg: DictConfig, source: SegmentationSource, device: torch.device)
     """The loader, the loop (model, optimizer, schedule, precision, EMA) and the batch loss of one training run;
     `run` fits them, `scripts/bench_train.py` times their epochs."""
     loader = _loader(source, cfg, device)
-    model, net = _model(cfg, source.num_classes, device)
+    model, net = _model(cfg, source.class_names, device)
     tc = cfg.train
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc.epochs * len(loader), round(tc.warmup_epochs * len(loader)))
@@ -256,8 +260,9 @@ def _files(cfg: DictConfig, split: str, fp: Fingerprints) -> dict[str, FileGroup
     m = cfg.model
     if str(m.backbone) in LITE and m.weights is not None:  # the installed package's weight file, by content
         files["weights"] = fp.content(Path(weight_file(str(m.backbone))), "model.weights")
-    if m.class_map is not None:
-        files["class_map"] = fp.content(table_path(str(m.class_map)), "model.class_map")
+    for key in ("class_map", "head_init"):
+        if m[key] is not None:
+            files[key] = fp.content(table_path(str(m[key])), f"model.{key}")
     return files
 
 
