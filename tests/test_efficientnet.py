@@ -299,3 +299,34 @@ def test_head_init_starts_at_the_mean_imagenet_rows():
     torch.testing.assert_close(w[2].double(), imagenet[404], rtol=0, atol=1e-6)
     torch.testing.assert_close(w[1], random[1], rtol=0, atol=0)
     assert "head_init" not in model.kwargs  # not a rebuild argument: the checkpoint carries the trained head
+
+
+@pytest.mark.slow
+def test_fine_tuned_run_on_the_voc_sample_ends_with_metrics(tmp_path):
+    """experiment=real_voc_finetune, one epoch at stride 32: the pretrained trunk and a head started at the
+    zero-shot rows train on the labels, and the run ends with scores. The void classes' ground truth is ignored,
+    but this model still learns and predicts them, so their IoU is 0, not undefined (docs/real-photos.md)."""
+    from tests.tiny import run_cli
+
+    _weights_or_skip("efficientnet_lite0")
+    if not VOC.is_dir():
+        pytest.skip(f"real dataset samples not found at {VOC}")
+    out = run_cli(
+        tmp_path,
+        [
+            "experiment=real_voc_finetune",
+            f"dataset.root={VOC}",
+            "train.epochs=1",
+            "train.crop_size=160",
+            "train.long_side=[160,224]",
+            "model.output_stride=32",
+            "cam.output_stride=32",
+            "evaluate.overlays=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_images"] == 35
+    assert metrics["iou"]["person"] == 0.0  # predicted somewhere, never right: its ground truth is void
+    assert metrics["iou"]["cat"] is not None
