@@ -251,32 +251,35 @@ def test_zero_shot_cam_overlaps_the_mask():
     assert iou > 0.4, iou
 
 
-@pytest.mark.slow
-def test_zero_shot_run_on_the_voc_sample_ends_with_metrics(tmp_path):
-    """The documented command, at one scale and stride 32 to keep seconds: an mIoU with its interval, person and
-    pottedplant left out (not scored as 0)."""
+def _voc_sample_run(tmp_path, overrides: list[str]) -> dict:
+    """`python -m wsss.run` on the shared VOC sample at stride 32 without overlays; its metrics.json."""
     from tests.tiny import run_cli
 
     _weights_or_skip("efficientnet_lite0")
     if not VOC.is_dir():
         pytest.skip(f"real dataset samples not found at {VOC}")
-    out = run_cli(
+    fast = ["model.output_stride=32", "cam.output_stride=32", "evaluate.overlays=0"]
+    args = [*overrides, f"dataset.root={VOC}", *fast, f"hydra.run.dir={tmp_path / 'run'}"]
+    out = run_cli(tmp_path, args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_zero_shot_run_on_the_voc_sample_ends_with_metrics(tmp_path):
+    """The documented command, at one scale and stride 32 to keep seconds: an mIoU with its interval, person and
+    pottedplant left out (not scored as 0)."""
+
+    metrics = _voc_sample_run(
         tmp_path,
         [
             "dataset=voc12",
-            f"dataset.root={VOC}",
             "dataset.eval_split=val",
             "model=efficientnet_lite0",
             "model.class_map=imagenet_to_voc",
-            "model.output_stride=32",
-            "cam.output_stride=32",
-            "evaluate.overlays=0",
             "stage=evaluate",
-            f"hydra.run.dir={tmp_path / 'run'}",
         ],
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["num_images"] == 27
     assert metrics["iou"]["person"] is None
     assert metrics["iou"]["pottedplant"] is None
@@ -306,27 +309,10 @@ def test_fine_tuned_run_on_the_voc_sample_ends_with_metrics(tmp_path):
     """experiment=real_voc_finetune, one epoch at stride 32: the pretrained trunk and a head started at the
     zero-shot rows train on the labels, and the run ends with scores. The void classes' ground truth is ignored,
     but this model still learns and predicts them, so their IoU is 0, not undefined (docs/real-photos.md)."""
-    from tests.tiny import run_cli
 
-    _weights_or_skip("efficientnet_lite0")
-    if not VOC.is_dir():
-        pytest.skip(f"real dataset samples not found at {VOC}")
-    out = run_cli(
-        tmp_path,
-        [
-            "experiment=real_voc_finetune",
-            f"dataset.root={VOC}",
-            "train.epochs=1",
-            "train.crop_size=160",
-            "train.long_side=[160,224]",
-            "model.output_stride=32",
-            "cam.output_stride=32",
-            "evaluate.overlays=0",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
+    metrics = _voc_sample_run(
+        tmp_path, ["experiment=real_voc_finetune", "train.epochs=1", "train.crop_size=160", "train.long_side=[160,224]"]
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["num_images"] == 35
     assert metrics["iou"]["person"] == 0.0  # predicted somewhere, never right: its ground truth is void
     assert metrics["iou"]["cat"] is not None
