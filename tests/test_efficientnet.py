@@ -21,6 +21,7 @@ from tests.conftest import REPO
 timm = pytest.importorskip("timm", reason="the EfficientNet-Lite backbones need timm: pip install -e '.[pretrained]'")
 
 from wsss.cam import CAM  # noqa: E402
+from wsss.data.base import InferenceDataset, SegmentationSource  # noqa: E402
 from wsss.data.transforms import normalize, pil_resize  # noqa: E402
 from wsss.models import Classifier  # noqa: E402
 from wsss.models.class_map import ABSENT, ClassMapHead, class_groups, read_table  # noqa: E402
@@ -198,6 +199,40 @@ def test_void_classes_default_to_the_unmapped_ones(tmp_path):
     assert list(tiny_cfg(tmp_path).dataset.void_classes) == []
 
 
+class _Labelled(SegmentationSource):
+    """Three classes, one image labelled with all of them; no pixels (the labels are what is tested)."""
+
+    def __init__(self, root):
+        super().__init__(root, "labelled", "train", "raise")
+        self.class_names, self.ids = ["cat", "person", "dog"], ["a"]
+
+    def image_path(self, image_id):
+        return self.root / f"{image_id}.jpg"
+
+    def labels(self, image_id):
+        return np.array([0, 1, 2], dtype=np.int64)
+
+    def label_table(self):
+        return {i: self.labels(i) for i in self.ids}
+
+    def _mask(self, image_id, size):
+        return np.zeros(size, np.uint8)
+
+
+def test_void_classes_leave_the_image_labels(tmp_path):
+    """A void class is scored nowhere, so it is no training target and gets no CAM: `multi_hot`, the CAM
+    dataset's labels and a predicted label set all lose it; the raw `labels` keep it."""
+    source = _Labelled(tmp_path)
+    assert source.multi_hot("a").tolist() == [1.0, 1.0, 1.0]
+    source.set_void_classes(["person"])
+    assert source.labels("a").tolist() == [0, 1, 2]
+    assert source.image_labels("a").tolist() == [0, 2]
+    assert source.multi_hot("a").tolist() == [1.0, 0.0, 1.0]
+    assert source.drop_void(torch.tensor([1, 2])).tolist() == [2]
+    source.load_image = lambda image_id: torch.zeros(3, 2, 2, dtype=torch.uint8)
+    assert InferenceDataset(source)[0]["labels"].tolist() == [0, 2]
+
+
 def test_class_map_needs_an_imagenet_head(tmp_path):
     from tests.tiny import tiny_cfg
     from wsss.config import ConfigError, validate
@@ -307,12 +342,13 @@ def test_head_init_starts_at_the_mean_imagenet_rows():
 @pytest.mark.slow
 def test_fine_tuned_run_on_the_voc_sample_ends_with_metrics(tmp_path):
     """experiment=real_voc_finetune, one epoch at stride 32: the pretrained trunk and a head started at the
-    zero-shot rows train on the labels, and the run ends with scores. The void classes' ground truth is ignored,
-    but this model still learns and predicts them, so their IoU is 0, not undefined (docs/real-photos.md)."""
+    zero-shot rows train on the labels, and the run ends with scores. The void classes leave the labels as they
+    leave the ground truth, so they are neither learnt nor scored: the same classes as the zero-shot run."""
 
     metrics = _voc_sample_run(
         tmp_path, ["experiment=real_voc_finetune", "train.epochs=1", "train.crop_size=160", "train.long_side=[160,224]"]
     )
     assert metrics["num_images"] == 35
-    assert metrics["iou"]["person"] == 0.0  # predicted somewhere, never right: its ground truth is void
+    assert metrics["iou"]["person"] is None  # not a target, so never predicted; its ground truth is void
+    assert metrics["iou"]["pottedplant"] is None
     assert metrics["iou"]["cat"] is not None

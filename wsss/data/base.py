@@ -302,8 +302,22 @@ class SegmentationSource(ABC):
             mask = np.where(np.isin(mask, self.void_labels), np.uint8(255), mask)
         return mask
 
+    def image_labels(self, image_id: str) -> np.ndarray:
+        """`labels` without the `void_classes`: what training and the CAMs see (a void class is never a target)."""
+        labels = self.labels(image_id)
+        if not self.void_labels:
+            return labels
+        return labels[~np.isin(labels + 1, self.void_labels)]
+
+    def drop_void(self, labels: Tensor) -> Tensor:
+        """Class indices (a predicted label set) without the `void_classes`."""
+        if not self.void_labels:
+            return labels
+        return labels[~torch.isin(labels + 1, torch.as_tensor(self.void_labels, dtype=labels.dtype))]
+
     def set_void_classes(self, names: Sequence[str]) -> None:
-        """Score none of these classes: their ground-truth pixels read as 255 (ignore) everywhere masks are read."""
+        """Score none of these classes: their ground-truth pixels read as 255 (ignore) everywhere masks are read,
+        and they leave the image labels (`image_labels`) that training and the CAMs use."""
         unknown = [n for n in names if n not in self.class_names]
         if unknown:
             raise ValueError(f"dataset.void_classes: {unknown} are not classes of {self.name} ({self.class_names})")
@@ -340,9 +354,9 @@ class SegmentationSource(ABC):
         }
 
     def multi_hot(self, image_id: str) -> Tensor:
-        """Image-level labels as a (C,) float multi-hot vector."""
+        """Image-level labels (without the void classes) as a (C,) float multi-hot vector."""
         y = torch.zeros(self.num_classes)
-        y[torch.as_tensor(self.labels(image_id), dtype=torch.long)] = 1.0
+        y[torch.as_tensor(self.image_labels(image_id), dtype=torch.long)] = 1.0
         return y
 
     def _skip(self, reason: str, image_id: str, message: str) -> None:
@@ -404,7 +418,7 @@ class InferenceDataset(Dataset):
         return {
             "id": image_id,
             "image": self.source.load_image(image_id),
-            "labels": torch.as_tensor(self.source.labels(image_id) if self.with_labels else [], dtype=torch.long),
+            "labels": torch.as_tensor(self.source.image_labels(image_id) if self.with_labels else [], dtype=torch.long),
         }
 
 

@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 images = normalize(raw.to(ctx.device))
                 if predicted:
                     for it, (labels, row) in zip(group, _predict(model, images, cc.score_threshold, amp), strict=True):
-                        it["labels"] = labels
+                        it["labels"] = labels = source.drop_void(labels)
                         scores[it["id"]] = {source.class_names[c]: round(float(row[c]), 4) for c in labels.tolist()}
                 classes = _class_table(group).to(ctx.device)
                 t0 = _clock(ctx.device)
