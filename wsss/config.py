@@ -158,6 +158,14 @@ class CamConfig:
     channels_last: bool = True  # channels-last weights: convolutions 1.3-1.6x faster on this CPU and on CUDA
     labels: str = "given"  # given: each image's labels | predicted: the classes the classifier scores above
     score_threshold: float = 0.5  # (sigmoid) this, for images without labels (dataset=folder without a labels file)
+    # Another method's maps instead of wsss's classifier (no training; docs/external-maps.md):
+    source: str | None = None  # a folder of <id>.npy / .npz files; null: wsss's classifier makes the maps
+    source_format: str = "irn"  # irn | psa | clip_es | npz | wsss (wsss.external)
+    source_key: str | None = None  # the array read: irn high_res (default) or cam; clip_es attn_highres (default)
+    source_index: int = 0  # psa / npz integer names: 0 = 0-based foreground classes, 1 = 1-based, 0 the background
+    source_resize: bool = False  # maps of another size than their image: resized bilinearly (else an error)
+    source_bg_power: float | None = None  # background (1 - max) ** this (CLIP-ES cam_eval_thres >= 1); null: the
+    # constant pseudo.threshold (IRN's cam_eval_thres, PSA's 0.2)
 
 
 @dataclass
@@ -169,6 +177,7 @@ class PseudoConfig:
     conf_bg: float | None = None
     refine: RefineMethod = RefineMethod["none"]  # none | crf | par | superpixel | rw | irn (wsss.refine; README)
     rle_json: bool = False  # also write masks.rle.json: COCO-style results with pycocotools RLE
+    source: str | None = None  # a folder of another method's label PNGs (0 background, c + 1 class c, 255 ignore)
 
 
 @dataclass
@@ -707,7 +716,28 @@ def _problems(cfg: DictConfig) -> list[str]:
     _irn(cfg, out)
     _segment(cfg, out)
     _faithfulness(cfg.faithfulness, out)
+    _imported(cfg, out)
     return list(out)
+
+
+def _imported(cfg: DictConfig, out: _Problems) -> None:
+    """`cam.source` / `pseudo.source`: another method's maps or masks; what cannot work with them is refused."""
+    from wsss.external import FORMATS
+
+    c, p = cfg.cam, cfg.pseudo
+    out.need(c.source_format in FORMATS, "cam.source_format", c.source_format, f"must be one of {', '.join(FORMATS)}")
+    out.need(c.source_index in (0, 1), "cam.source_index", c.source_index, "must be 0 or 1")
+    if c.source_bg_power is not None:
+        out.need(c.source_bg_power > 0, "cam.source_bg_power", c.source_bg_power, "must be > 0 or null")
+    if c.source is not None:
+        why = "needs the classifier that made the maps, and imported maps have none"
+        out.need(not cfg.faithfulness.enabled, "faithfulness.enabled", True, f"must be false with cam.source: it {why}")
+        out.need(c.labels == "given", "cam.labels", c.labels, "must be given with cam.source (the files carry them)")
+        learnt = str(p.refine) in ("rw", "irn")
+        out.need(not learnt, "pseudo.refine", p.refine, "must be none, crf, par or superpixel with cam.source")
+    if p.source is not None:
+        out.need(str(p.refine) == "none", "pseudo.refine", p.refine, "must be none with pseudo.source (no maps)")
+        out.need(c.source is None, "cam.source", c.source, "must be null with pseudo.source (masks, not maps)")
 
 
 def _faithfulness(f: DictConfig, out: _Problems) -> None:

@@ -263,6 +263,32 @@ def _faithfulness(r: Run, ref: Run | None, resamples: int, seed: int, level: flo
     return out
 
 
+def _common_ids(runs: list[Run]) -> tuple[list[str], dict[str, list[str]]]:
+    """The images every run scored (in the first run's order), and per run the images it alone scored: a run
+    of imported maps may lack some (skipped at import), and those images leave every row, named."""
+    shared = set.intersection(*(set(r.stats.ids) for r in runs))
+    ids = [i for i in runs[0].stats.ids if i in shared]
+    if not ids:
+        raise ReportError(f"{runs[0].dir} and the other runs share no scored image; report them separately")
+    left_out = {r.name: [i for i in r.stats.ids if i not in shared] for r in runs if len(r.stats.ids) > len(ids)}
+    for name, missing in left_out.items():
+        log.warning("report: %s: %d images not scored by every run, left out: %s", name, len(missing), missing[:10])
+    return ids, left_out
+
+
+def _reference_of(r: Run, refs: list[Run]) -> Run | None:
+    """The row `r` is paired with: the reference of its own model; a run of imported maps (no wsss model)
+    pairs with the first reference row, on the same images."""
+    same = next((x for x in refs if x.model_key == r.model_key), None)
+    if same is not None or not _imported(r):
+        return same
+    return refs[0] if refs else None
+
+
+def _imported(r: Run) -> bool:
+    return "imported" in (r.metrics.get("cam") or {}) or "imported" in (r.metrics.get("model") or {})
+
+
 def _miou_at(r: Run) -> int | None:
     """The sweep index of a threshold chosen on another split, as evaluate bootstraps it."""
     m = r.metrics
@@ -288,19 +314,29 @@ def build(
     _check_comparable(runs)
     varying = _name_runs(runs)
     refs = _reference_rows(runs, reference, varying)
-    ids = runs[0].stats.ids
+    ids, left_out = _common_ids(runs)
     weights = resample_weights(len(ids), resamples, seed)
-    values = {}
+    values, points = {}, {}
     for r in runs:
-        if r.stats.ids != ids:
-            raise ReportError(f"{r.dir}: scored other images than {runs[0].dir}; report them separately")
         miou_at = _miou_at(r)
-        cached = r.stats.cached_resampled(resamples, seed, miou_at)  # evaluate's, when made with these resamples
-        values[r.dir] = cached if cached is not None else resampled_metrics(r.stats, weights, miou_at)
+        if r.stats.ids == ids:
+            cached = r.stats.cached_resampled(resamples, seed, miou_at)  # evaluate's, with these resamples
+            values[r.dir] = cached if cached is not None else resampled_metrics(r.stats, weights, miou_at)
+            points[r.dir] = _point(r)
+        else:  # scored more images than every run shares: its rows on the shared ones only (weight 0 elsewhere)
+            pos = {i: n for n, i in enumerate(r.stats.ids)}
+            cols = np.array([pos[i] for i in ids])
+            wide = np.zeros((len(weights), r.stats.num_images))
+            wide[:, cols] = weights
+            values[r.dir] = resampled_metrics(r.stats, wide, miou_at)
+            ones = np.zeros((1, r.stats.num_images))
+            ones[0, cols] = 1.0
+            full = resampled_metrics(r.stats, ones, miou_at)
+            points[r.dir] = {k: (float(full[k][0]) if k in full else None) for k in _point(r)}
     rows = []
     for r in runs:
-        point, res = _point(r), values[r.dir]
-        ref = next((x for x in refs if x.model_key == r.model_key), None)
+        point, res = points[r.dir], values[r.dir]
+        ref = _reference_of(r, refs)
         row: dict[str, Any] = {
             "name": r.name,
             "dir": os.path.relpath(r.dir.resolve(), (base or Path.cwd()).resolve()),
@@ -316,10 +352,10 @@ def build(
             if point[k] is None or k not in res:
                 continue
             entry: dict[str, Any] = {"value": round(point[k], 4), "ci": [round(x, 4) for x in interval(res[k], level)]}
-            if ref is not None and k in values[ref.dir] and _point(ref)[k] is not None:
+            if ref is not None and k in values[ref.dir] and points[ref.dir][k] is not None:
                 diff = res[k] - values[ref.dir][k]
                 lo, hi = interval(diff, level)
-                entry["diff"] = round(point[k] - _point(ref)[k], 4)
+                entry["diff"] = round(point[k] - points[ref.dir][k], 4)
                 entry["diff_ci"] = [round(lo, 4), round(hi, 4)]
                 entry["diff_excludes_0"] = bool(lo > 0 or hi < 0)
             row["metrics"][k] = entry
@@ -328,6 +364,7 @@ def build(
         "dataset": runs[0].metrics["dataset"].get("dataset"),
         "split": runs[0].metrics["dataset"].get("split"),
         "num_images": len(ids),
+        "left_out": left_out,
         "resamples": resamples,
         "seed": seed,
         "level": level,
@@ -412,6 +449,16 @@ def _cost(row: dict) -> str:
     return "-" if not c else f"{c['cam_seconds_per_image'] * 1000:.1f} ms ({c['ratio_to_forward']:.1f}x)"
 
 
+def _left_out_lines(board: dict) -> list[str]:
+    """Runs that scored images another run lacks: those images are out of every row, named here."""
+    out = []
+    for name, ids in (board.get("left_out") or {}).items():
+        shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+        out += [f"Left out of every row (another run has no result for them): {len(ids)} images of {name}: {shown}."]
+        out.append("")
+    return out
+
+
 def to_markdown(board: dict) -> str:
     """leaderboard.md: the table, the paired differences and the seed folds."""
     cols = _columns(board)
@@ -422,6 +469,7 @@ def to_markdown(board: dict) -> str:
         f"Each value with its {pct} % bootstrap interval over images ({board['resamples']} resamples, seed "
         f"{board['seed']}); the interval covers the sampling of images, not training randomness.",
         "",
+        *_left_out_lines(board),
         "| run | " + " | ".join(NAMES[k] for k in cols) + " | best t | CAM cost (per image, x forward) |",
         "|---|" + "---|" * len(cols) + "---|---|",
     ]

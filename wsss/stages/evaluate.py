@@ -303,16 +303,33 @@ def _model_provenance(ctx: StageContext) -> dict[str, Any] | None:
     if cams is None:
         return None
     model = dict(ctx.inputs["maps"].manifest.get("model") or {})
-    model.setdefault("key", cams.manifest["inputs"]["train"]["key"])
+    if "key" not in model:  # imported maps carry key None: no wsss model made them
+        model["key"] = cams.manifest["inputs"]["train"]["key"]
     return model
+
+
+def _not_imported(ctx: StageContext, ids: list[str]) -> list[str]:
+    """Of `ids`, those an imported `cams` or `pseudo_masks` artifact left out (`dataset.on_error=skip`)."""
+    imported = [a for a in ctx.inputs.values() if a.stage in ("cams", "pseudo_masks") and _is_imported(a)]
+    have = set.intersection(*(set(a.manifest["ids"]) for a in imported)) if imported else None
+    return [] if have is None else [i for i in ids if i not in have]
+
+
+def _is_imported(artifact: Artifact) -> bool:
+    return "imported" in (artifact.manifest.get("model") or {})
 
 
 def _cam_provenance(ctx: StageContext) -> dict[str, Any] | None:
     """The CAM method and its cost (from the cams artifact the scored maps or seeds come from)."""
     cams = _cams_input(ctx)
     if cams is None:
-        return None
-    return {"method": cams.manifest["config"]["cam"]["method"], "key": cams.key, "cost": cams.manifest.get("cost")}
+        imported = (ctx.inputs["masks"].manifest.get("model") or {}) if "masks" in ctx.inputs else {}
+        return {"imported": imported["imported"]} if "imported" in imported else None
+    cam = cams.manifest["config"]["cam"]
+    out = {"method": cam.get("method"), "key": cams.key, "cost": cams.manifest.get("cost")}
+    if cam.get("source") is not None:  # another method's maps: which folder and format, not a wsss method
+        out.update(method=None, imported=(cams.manifest.get("model") or {}).get("imported"))
+    return out
 
 
 def _mask_rule(pseudo: dict[str, Any]) -> dict[str, Any]:
@@ -332,10 +349,13 @@ def _inputs(ctx: StageContext) -> tuple[Path, Path | None, dict[str, Any] | None
         if not masks_dir.is_dir():
             raise FileNotFoundError(f"evaluate.masks_dir not found: {masks_dir}")
         return masks_dir, None, None, None
-    masks, maps = ctx.inputs["masks"], ctx.inputs["maps"]
+    masks = ctx.inputs["masks"]
     check_classes(masks, ctx.source().class_names)
+    if "maps" not in ctx.inputs:  # pseudo.source: another method's masks, no maps to sweep
+        return masks.path("masks_dir"), None, {"imported": masks.manifest["model"]["imported"]}, None
     seeds = ctx.inputs["seeds"].path("maps_dir") if "seeds" in ctx.inputs else None
-    return masks.path("masks_dir"), maps.path("maps_dir"), _mask_rule(masks.manifest["config"]["pseudo"]), seeds
+    rule = _mask_rule(masks.manifest["config"]["pseudo"])
+    return masks.path("masks_dir"), ctx.inputs["maps"].path("maps_dir"), rule, seeds
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -345,6 +365,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     names = ["background", *source.class_names]
     masks_dir, maps_dir, rule, seeds_dir = _inputs(ctx)
     scored = [i for i in source.ids if source.has_mask(i)]
+    not_imported = _not_imported(ctx, scored)
+    if not_imported:  # another method's output lacks these images (skipped at import): named, not scored as empty
+        log.warning(
+            "evaluate: %d images have no imported maps or masks and are not scored: %s",
+            len(not_imported),
+            ", ".join(not_imported[:10]) + (" ..." if len(not_imported) > 10 else ""),
+        )
+        scored = [i for i in scored if i not in set(not_imported)]
     if not scored:
         return _nothing_to_score(ctx, source, masks_dir, maps_dir)
     no_gt = len(source.ids) - len(scored)
@@ -369,7 +397,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "class_names": source.class_names,
         "masks_dir": str(masks_dir),
         "masks_rule": rule,
-        "refine": None if ev.masks_dir else ctx.inputs["maps"].manifest.get("method"),
+        "refine": ctx.inputs["maps"].manifest.get("method") if "maps" in ctx.inputs else None,
+        "not_imported": not_imported,
         "model": _model_provenance(ctx),
         "cam": _cam_provenance(ctx),
         "environment": environment(ctx.device),
@@ -539,6 +568,8 @@ def _copy_reports(out_dir: Path, run_dir: Path | None) -> None:
 def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
     if cfg.evaluate.masks_dir:
         return {}
+    if cfg.pseudo.source is not None:  # another method's masks: nothing to sweep
+        return {"masks": Need("pseudo_masks")}
     maps = "cams" if cfg.pseudo.refine == "none" else "refine"  # the sweep reads the maps the masks come from
     needs = {"masks": Need("pseudo_masks"), "maps": Need(maps)}
     if maps != "cams":

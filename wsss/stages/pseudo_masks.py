@@ -10,8 +10,10 @@ import torch
 
 from wsss import dist
 from wsss.artifacts import read_cams, rle_results, write_json, write_mask
+from wsss.data import dataset_identity
 from wsss.dist import progress
 from wsss.pseudo import threshold_mask
+from wsss.stages import cams_import
 from wsss.stages.base import Artifact, Need, Stage, StageContext, plain
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,31 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
     )
 
 
+def _run(ctx: StageContext) -> dict[str, Any]:
+    return cams_import.run_masks(ctx) if ctx.cfg.pseudo.source is not None else run(ctx)
+
+
+def _params(cfg: Any, split: str) -> dict[str, Any]:
+    p = plain(cfg.pseudo)
+    if p["source"] is None:
+        return {"pseudo": {k: v for k, v in p.items() if k != "source"}}
+    return {"dataset": dataset_identity(cfg.dataset, split), "pseudo": {"source": str(Path(p["source"]).resolve())}}
+
+
+def _needs(cfg: Any, split: str) -> dict[str, Need]:
+    if cfg.pseudo.source is not None:
+        return {}
+    return {"maps": Need("cams" if cfg.pseudo.refine == "none" else "refine")}
+
+
 STAGE = Stage(
     name="pseudo_masks",
-    run=run,
-    config=("pseudo",),
-    params=lambda cfg, split: {"pseudo": plain(cfg.pseudo)},
-    needs=lambda cfg, split: {"maps": Need("cams" if cfg.pseudo.refine == "none" else "refine")},
+    run=_run,
+    config=("dataset", "pseudo"),
+    params=_params,
+    needs=_needs,
+    files=cams_import.masks_files,
     report=report,
+    summary="Pseudo masks as palette PNGs: the maps thresholded (0 background, 255 ignore), or another method's "
+    "label PNGs read from `pseudo.source`.",
 )
