@@ -332,3 +332,19 @@ def test_leaderboard_pairs_an_imported_irn_folder_with_wsss_cam(tmp_path):
     assert entry["value"] == pytest.approx(metrics["miou"], abs=1e-4)
     assert entry["diff"] == pytest.approx(entry["value"] - own["metrics"]["miou"]["value"], abs=1e-3)
     assert own["metrics"]["miou"]["value"] != json.loads((sweep / "0" / "metrics.json").read_text())["miou"]
+
+
+def test_imported_maps_refine_and_train_the_segmenter(tmp_path):
+    """Imported IRN maps through `pseudo.refine=superpixel` and `stage=segment`: no classifier is trained, the
+    refined masks' mIoU is the evaluate artifact's, and the segmenter is scored on val."""
+    source = _source(tmp_path)
+    write_irn(tmp_path / "irn", source, seed=6)
+    args = [f"cam.source={tmp_path / 'irn'}", "pseudo.refine=superpixel", "stage=segment", "segment.epochs=1"]
+    out = run_cli(tmp_path, [*args, "segment.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["name"] for r in m["table"]][:3] == ["seeds (CAMs)", "pseudo masks (superpixel)", "segmenter (deeplabv2)"]
+    ev = json.loads(next((tmp_path / "cache").glob("evaluate/*/metrics.json")).read_text())
+    assert m["table"][1]["miou"] == ev["miou"]
+    assert ev["refine"] == "superpixel"
+    assert not list((tmp_path / "cache").glob("train/*"))  # no classifier trained

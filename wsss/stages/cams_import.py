@@ -100,7 +100,7 @@ def run_cams(ctx: StageContext) -> dict[str, Any]:
             continue
         bg = None if cc.source_bg_power is None else power_background(maps, float(cc.source_bg_power))
         maps = maps.astype(np.float32)  # kept at float32 whatever cam.store says: a float16 file's values exactly
-        write_cams(maps_dir / f"{image_id}.npz", keys, maps, _strided(maps), store="float32", background=bg)
+        write_cams(maps_dir / f"{image_id}.npz", keys, maps, strided_maps(maps), store="float32", background=bg)
         kept.append(image_id)
     kept = [i for part in dist.gather(kept) for i in part]
     order = {i: n for n, i in enumerate(source.ids)}
@@ -120,7 +120,7 @@ def run_cams(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _strided(maps: np.ndarray) -> np.ndarray:
+def strided_maps(maps: np.ndarray) -> np.ndarray:
     """The maps at a quarter of the size (ceil), as wsss's own `strided` maps are."""
     h, w = maps.shape[1:]
     if not len(maps):
