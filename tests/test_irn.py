@@ -231,8 +231,8 @@ def test_refine_irn_end_to_end_labels_walk_and_masks(tmp_path):
     from tests.tiny import tiny_cfg
     from wsss.artifacts import read_cams, read_mask
     from wsss.models import load_checkpoint
+    from wsss.models.irn import load_irn
     from wsss.pipeline import Pipeline
-    from wsss.stages.irn import load_irn
 
     overrides = [
         "pseudo.refine=irn",

@@ -338,7 +338,7 @@ def test_crf_predictions_equal_pydensecrf_on_the_softmax_and_rle_decodes_to_the_
     from pydensecrf.utils import unary_from_softmax
 
     from wsss.data.transforms import normalize
-    from wsss.stages.affinity import load_network
+    from wsss.models.io import load_network
 
     root = colour_folder(tmp_path / "colours")
     base = ["dataset=folder", f"dataset.root={root}", "stage=segment", "segment.labels=gt"]

@@ -23,6 +23,7 @@ from wsss.errors import ConfigError
 from wsss.help import register_help
 from wsss.models import BACKBONES
 from wsss.models.segmenter import NETWORKS
+from wsss.refine import REFINERS
 
 
 class Choice(str, Enum):
@@ -46,7 +47,7 @@ AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
 TrainAmpDtype = _choice("TrainAmpDtype", ("auto", "bfloat16", "float16"))
 OnError = _choice("OnError", ("raise", "skip"))
 CamStore = _choice("CamStore", ("float32", "float16", "uint8", "quarter"))
-RefineMethod = _choice("RefineMethod", ("none", "crf", "par", "superpixel", "rw", "irn"))
+RefineMethod = _choice("RefineMethod", REFINERS)
 IrnTrunk = _choice("IrnTrunk", ("classifier", "weights"))
 SuperpixelMethod = _choice("SuperpixelMethod", ("slic", "felzenszwalb"))
 SegmentNetwork = _choice("SegmentNetwork", NETWORKS)

@@ -127,9 +127,9 @@ def stage_rows(cfg: DictConfig | None) -> list[tuple[str, str]]:
 def group_options() -> dict[str, list[str]]:
     """Every config group (and the one choice key, pseudo.refine) with its options, from the registries."""
     from wsss.cam import METHODS
-    from wsss.config import RefineMethod
     from wsss.data import DATASETS
     from wsss.models import BACKBONES
+    from wsss.refine import REFINERS
     from wsss.stages import STAGES
 
     return {
@@ -138,7 +138,7 @@ def group_options() -> dict[str, list[str]]:
         "model": sorted(BACKBONES),
         "cam": sorted(METHODS),
         "experiment": sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")),
-        "pseudo.refine": [m.value for m in RefineMethod],
+        "pseudo.refine": list(REFINERS),
     }
 
 

@@ -10,11 +10,14 @@ resolution of the stored strided CAMs the random walk refines.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.models.classifier import Classifier
+from wsss.models.io import load_network
 
 # Output channels of stages 1-4 of each backbone.
 STAGE_CHANNELS = {
@@ -109,3 +112,8 @@ def affinity_loss(features: Tensor, labels: Tensor, radius: int) -> tuple[Tensor
             counts[i] = counts[i] + m.sum()
     means = sums / counts.clamp(min=1)
     return means[0] / 4 + means[1] / 4 + means[2] / 2, counts.detach()
+
+
+def load_affinity(path: Path, device: torch.device) -> AffinityNet:
+    """The trained AffinityNet of an affinity artifact, in eval mode on `device`."""
+    return load_network(path, AffinityNet, device)

@@ -12,11 +12,14 @@ displacement branch (instance segmentation) is not built.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss.models.classifier import Classifier
+from wsss.models.io import load_network
 
 # Output channels of the stem and of layers 1-4.
 STAGE_CHANNELS = {
@@ -113,3 +116,8 @@ class BoundaryNet(nn.Module):
             x = F.pad(x, (0, max(pad_to, w) - w, 0, max(pad_to, h) - h))
         logits = self(x)[:, 0, :fh, :fw]
         return torch.sigmoid(logits[:bsz] / 2 + logits[bsz:].flip(-1) / 2)
+
+
+def load_irn(path: Path, device: torch.device) -> BoundaryNet:
+    """The trained boundary network of an irn artifact, in eval mode on `device`."""
+    return load_network(path, BoundaryNet, device)

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from wsss import dist
-from wsss.artifacts import atomic_open, read_cams
+from wsss.artifacts import read_cams
 from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import TrainTransform
 from wsss.models import AffinityNet, load_checkpoint
 from wsss.models.affinity import affinity_loss
+from wsss.models.io import save_network
 from wsss.pseudo import pseudo_mask
 from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
 from wsss.stages.train import default_crop_size
@@ -36,7 +37,6 @@ from wsss.training import Loop, distributed_loader, wrap
 log = logging.getLogger(__name__)
 
 STATE = "affinity_state.pt"
-T = TypeVar("T", bound=torch.nn.Module)
 
 
 class AffinityDataset(Dataset):
@@ -61,25 +61,6 @@ class AffinityDataset(Dataset):
         size = (math.ceil(labels.shape[0] / 4), math.ceil(labels.shape[1] / 4))
         quarter = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
         return image, quarter
-
-
-def save_network(path: Path, model: torch.nn.Module) -> None:
-    """What rebuilds a network whose constructor kwargs it keeps in `.kwargs`: state_dict and kwargs (atomic)."""
-    with atomic_open(path, "wb") as f:
-        torch.save({"state_dict": model.state_dict(), "model_kwargs": dict(model.kwargs)}, f)
-
-
-def load_network(path: Path, cls: type[T], device: torch.device) -> T:
-    """The network `save_network` wrote, rebuilt as `cls`, in eval mode on `device`."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = cls(**payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval()
-
-
-def load_affinity(path: Path, device: torch.device) -> AffinityNet:
-    """The trained AffinityNet of an affinity artifact, in eval mode on `device`."""
-    return load_network(path, AffinityNet, device)
 
 
 def summarise_pairs(sums: Tensor) -> dict[str, float]:

@@ -32,11 +32,12 @@ from wsss.artifacts import read_cams, read_mask, write_mask
 from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import TrainTransform, pil_resize
 from wsss.models import load_checkpoint
+from wsss.models.io import save_network
 from wsss.models.irn import BoundaryNet
+from wsss.parallel import WORKER, pool_map
 from wsss.refine.irn import boundary_loss, ir_label
-from wsss.stages.affinity import load_network, save_network, summarise_pairs
+from wsss.stages.affinity import summarise_pairs
 from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
-from wsss.stages.refine import WORKER, pool_map
 from wsss.stages.train import default_crop_size
 from wsss.training import Loop, distributed_loader, wrap
 
@@ -94,11 +95,6 @@ def build_boundary_net(cfg: DictConfig, train: Any, class_names: list[str]) -> B
     net = BoundaryNet(str(k["backbone"]), k["output_stride"], str(k["stride_mode"]))
     net.backbone.load_state_dict(classifier.backbone.state_dict())
     return net
-
-
-def load_irn(path: Path, device: torch.device) -> BoundaryNet:
-    """The trained boundary network of an irn artifact, in eval mode on `device`."""
-    return load_network(path, BoundaryNet, device)
 
 
 def build_run(

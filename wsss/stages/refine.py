@@ -11,9 +11,7 @@ PSA's background map beside the classes, then upsamples bilinearly; IRN's walk (
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,21 +26,13 @@ from wsss.artifacts import read_cams, write_cams
 from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.dist import progress
+from wsss.parallel import WORKER, pool_map
 from wsss.refine import dense_crf, par_refine, random_walk, superpixel_vote
 from wsss.refine.random_walk import background_alpha, background_map
 from wsss.refine.superpixel import segments
 from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
 
 log = logging.getLogger(__name__)
-
-# What a pool worker needs, set once per worker by `_init_worker` (a COCO source is too large to send per image).
-WORKER: dict[str, Any] = {}
-
-
-def _init_worker(state: dict[str, Any]) -> None:
-    """Pool worker start: keep the shared state, one torch thread (the pool is the parallelism)."""
-    torch.set_num_threads(1)
-    WORKER.update(state)
 
 
 def _cpu_one(image_id: str) -> str:
@@ -104,23 +94,6 @@ def _run_cpu(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo
     pool_map(_cpu_one, todo, state, ctx.cfg.refine.workers, f"refine {ctx.cfg.pseudo.refine}")
 
 
-def pool_map(fn: Callable[[str], str], todo: list[str], state: dict[str, Any], workers: int, desc: str) -> None:
-    """`fn(image_id)` for every id of `todo`, `fn` reading its shared state from `WORKER` (set to `state`): in
-    `workers` processes started from a fork server, or in this process with one worker."""
-    bar = progress(total=len(todo), desc=desc, unit="img")
-    if workers <= 1 or len(todo) <= 1:
-        WORKER.update(state)
-        for image_id in todo:
-            fn(image_id)
-            bar.update()
-    else:
-        context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(state,)) as pool:
-            for _ in pool.map(fn, todo, chunksize=8):
-                bar.update()
-    bar.close()
-
-
 def _run_par(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
     """PAR over `todo`, images of one size batched on the device."""
     rc = ctx.cfg.refine
@@ -165,7 +138,7 @@ def _run_rw(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo:
     """The random walk over `todo` with the affinity network: images of one size batched on the device, the
     background walking beside the classes (PSA); the maps and the background are written divided by the
     image's largest class score (IRN's one normalisation for all classes, so their argmax is unchanged)."""
-    from wsss.stages.affinity import load_affinity
+    from wsss.models.affinity import load_affinity
 
     rc = ctx.cfg.refine
     alpha = rw_alpha(ctx.cfg)
@@ -198,8 +171,8 @@ def _run_irn(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo
     maps times (1 - boundary) walked on path affinities, upsampled x4 (by factor, cropped), divided by the
     image's largest value; the background is the constant `refine.irn_bg_threshold`. Images of one size are
     batched on the device."""
+    from wsss.models.irn import load_irn
     from wsss.refine.irn import boundary_walk
-    from wsss.stages.irn import load_irn
 
     rc = ctx.cfg.refine
     store = "float32" if ctx.cfg.cam.store == "float32" else "float16"

@@ -39,8 +39,8 @@ from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.fingerprint import FileGroup
 from wsss.metrics import ConfusionMatrix, confusion_matrix, image_record, scores
+from wsss.models.io import load_network
 from wsss.models.segmenter import Segmenter
-from wsss.stages.affinity import load_network
 from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, environment, plain
 from wsss.stages.evaluate import bootstrap_block, image_stats, named_scores
 from wsss.training import AMP_DTYPES, loader_workers, resolve_amp_dtype

@@ -32,8 +32,8 @@ from wsss.data.base import read_label_mask
 from wsss.data.transforms import TrainTransform
 from wsss.dist import progress
 from wsss.fingerprint import FileGroup
+from wsss.models.io import save_network
 from wsss.models.segmenter import Segmenter
-from wsss.stages.affinity import save_network
 from wsss.stages.base import Artifact, Fingerprints, Need, Stage, StageContext, check_classes, plain
 from wsss.stages.train import build_optimizer, build_scheduler, default_crop_size
 from wsss.training import BatchLoss, Loop, distributed_loader, resolve_amp_dtype, wrap
