@@ -221,7 +221,7 @@ def test_pil_rescale_is_pillow_bicubic_and_nearest_at_the_drawn_size():
 )
 def test_irn_settings_are_checked_before_any_stage(tmp_path, overrides, needle):
     from tests.tiny import tiny_cfg
-    from wsss.config import _problems
+    from wsss.config.checks import _problems
 
     problems = _problems(tiny_cfg(tmp_path, overrides))
     assert any(needle in p for p in problems), problems

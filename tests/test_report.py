@@ -15,9 +15,10 @@ import yaml
 
 from tests.conftest import REPO
 from tests.tiny import error_line, run_cli, tiny_cfg
+from wsss.leaderboard import OUTPUTS, to_markdown
 from wsss.metrics.bootstrap import ImageStats, interval, resample_weights, resampled_metrics
 from wsss.pipeline import Pipeline
-from wsss.report import OUTPUTS, ReportError, build, main, to_markdown
+from wsss.report import ReportError, build, main
 from wsss.stages.evaluate import _copy_reports
 from wsss.stages.faithfulness import summarise
 

@@ -13,7 +13,9 @@ Insertion, ROAD: the mean over (image, class) pairs, resampled over images as a 
 Rows of the same trained model (same train key) scored on the same images are compared paired: the same
 resamples of the images give each row's difference from its reference row (`--reference KEY=VALUE`: the
 rows with that override; by default the first row's values of every varying key but `seed`), and a
-difference whose interval excludes 0 is marked. Rows that differ only by `seed` fold into mean +- std over
+difference whose interval excludes 0 is marked. A run of imported maps (`cam.source`, no wsss model) pairs
+with the first reference row. Images that some run lacks (skipped at import) leave every row, named in the
+outputs (`left_out`). Rows that differ only by `seed` fold into mean +- std over
 seeds, of the values and of each seed's paired difference on its own model. Runs of different datasets or
 splits are refused.
 
@@ -25,160 +27,26 @@ atomically and depend only on the runs read, so rerunning the command rewrites t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from hydra.experimental.callback import Callback
 
-from wsss.artifacts import atomic_open, read_json
-from wsss.errors import WsssError
+from wsss.leaderboard import FAITHFULNESS, write
 from wsss.metrics.bootstrap import (
     BOOTSTRAP_METRICS,
-    ImageStats,
     interval,
     resample_weights,
     resampled_metrics,
 )
 from wsss.rundir import sweep_summary
-from wsss.stages.faithfulness import image_sums
+from wsss.runs import ReportError, Run, load_run, run_dirs
 
 log = logging.getLogger(__name__)
-
-NAMES = {
-    "miou": "mIoU",
-    "sweep_best_miou": "best mIoU",
-    "pxap": "PxAP",
-    "maxboxacc": "MaxBoxAcc",
-    "maxboxacc_v2": "MaxBoxAccV2",
-}
-FAITHFULNESS = {  # the faithfulness stage's summary (evaluate's `faithfulness` block): name, better, decimals shown
-    "average_drop": ("AD", "lower", 2),
-    "increase_in_confidence": ("IC", "higher", 2),
-    "deletion_auc": ("Deletion AUC", "lower", 3),
-    "insertion_auc": ("Insertion AUC", "higher", 3),
-    "road": ("ROAD", "higher", 3),
-}
-OUTPUTS = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.png")
-
-
-class ReportError(WsssError, ValueError):
-    """A report that cannot be made: the message names the directory, run or option."""
-
-
-@dataclass
-class Run:
-    """One run directory's results."""
-
-    dir: Path
-    overrides: dict[str, str]
-    metrics: dict[str, Any]
-    stats: ImageStats
-    faith: FaithPairs | None = None
-    name: str = ""
-
-    @property
-    def model_key(self) -> str | None:
-        return (self.metrics.get("model") or {}).get("key")
-
-    @property
-    def data(self) -> tuple:
-        """What must agree between runs of one report: dataset, root, split, class list."""
-        d = self.metrics["dataset"]
-        return (d.get("dataset"), d.get("root"), d.get("split"), tuple(d.get("class_names", [])))
-
-
-@dataclass
-class FaithPairs:
-    """A run's faithfulness values per image: the scored images in order, each one's classes, and per metric
-    of the summary the per-image sum of its pairs' values (scaled as the summary is: percent for AD / IC)."""
-
-    ids: list[str]
-    classes: list[list[str]]
-    pairs: np.ndarray
-    sums: dict[str, np.ndarray]
-
-    def pairs_like(self, other: FaithPairs) -> bool:
-        return self.ids == other.ids and self.classes == other.classes
-
-
-def load_faith_pairs(run_dir: Path, block: dict[str, Any]) -> FaithPairs | None:
-    """`faithfulness_per_image.json` of a run whose metrics.json has a faithfulness block (None without one);
-    refused, naming the file, when unreadable or when its values do not give the block's means (a stale copy)."""
-    path = run_dir / "faithfulness_per_image.json"
-    if not block or not path.is_file():
-        return None
-    try:
-        records = read_json(path)
-        ids = list(records)
-        classes = [list(records[i]["classes"]) for i in ids]
-        pairs, sums = image_sums(records, ids)
-        sums = {k: v for k, v in sums.items() if k in block}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ReportError(f"{path}: unreadable ({e!r})") from e
-    total = pairs.sum()
-    for name, s in sums.items():
-        mean = block[name].get("mean")
-        if len(ids) != block.get("images") or (mean is not None and total and abs(s.sum() / total - mean) > 1e-3):
-            raise ReportError(
-                f"{path}: its {name} ({len(ids)} images, mean {s.sum() / max(total, 1):.4f}) is not metrics.json's "
-                f"({block.get('images')} images, mean {mean}); a stale copy: rerun the run's evaluate"
-            )
-    return FaithPairs(ids, classes, pairs, sums)
-
-
-def _run_dirs(paths: list[Path]) -> list[Path]:
-    """Run directories: each path that holds metrics.json, else its subfolders that do (numeric names in order)."""
-    out = []
-    for p in paths:
-        if not p.is_dir():
-            raise ReportError(f"{p}: not a directory")
-        if (p / "metrics.json").is_file():
-            out.append(p)
-            continue
-        subs = [d for d in p.iterdir() if d.is_dir() and (d / "metrics.json").is_file()]
-        if not subs:
-            raise ReportError(f"{p}: no metrics.json (not a run directory, and no run directory under it)")
-        out += sorted(subs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
-    return out
-
-
-def _overrides(run_dir: Path) -> dict[str, str]:
-    """The run's command-line overrides (Hydra's `.hydra/overrides.yaml`), key -> value; {} without it."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    out = {}
-    for item in yaml.safe_load(path.read_text()) or []:
-        key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = value
-    return out
-
-
-def load_run(run_dir: Path) -> Run:
-    """Read one run directory; errors name the missing or unreadable file."""
-    metrics_path, stats_path = run_dir / "metrics.json", run_dir / "per_image.npz"
-    if not metrics_path.is_file():
-        raise ReportError(f"{metrics_path}: not found (the run has no evaluate results)")
-    try:
-        metrics = read_json(metrics_path)
-    except ValueError as e:
-        raise ReportError(f"{metrics_path}: unreadable ({e})") from e
-    if not stats_path.is_file():
-        raise ReportError(f"{stats_path}: not found (written by evaluate since the leaderboard exists; rerun it)")
-    try:
-        stats = ImageStats.load(stats_path)
-    except (OSError, ValueError, KeyError) as e:
-        raise ReportError(f"{stats_path}: unreadable ({e})") from e
-    return Run(run_dir, _overrides(run_dir), metrics, stats, load_faith_pairs(run_dir, metrics.get("faithfulness")))
 
 
 def _name_runs(runs: list[Run]) -> list[str]:
@@ -297,6 +165,29 @@ def _miou_at(r: Run) -> int | None:
     return None
 
 
+def _values(runs: list[Run], ids: list[str], weights: np.ndarray, resamples: int, seed: int) -> tuple[dict, dict]:
+    """Each run's resampled metric values and its point values, on the images `ids` every run shares (a run
+    that scored more gets weight 0 on the others, and its point values recomputed on the shared ones)."""
+    values, points = {}, {}
+    for r in runs:
+        miou_at = _miou_at(r)
+        if r.stats.ids == ids:
+            cached = r.stats.cached_resampled(resamples, seed, miou_at)  # evaluate's, with these resamples
+            values[r.dir] = cached if cached is not None else resampled_metrics(r.stats, weights, miou_at)
+            points[r.dir] = _point(r)
+            continue
+        pos = {i: n for n, i in enumerate(r.stats.ids)}
+        cols = np.array([pos[i] for i in ids])
+        wide = np.zeros((len(weights), r.stats.num_images))
+        wide[:, cols] = weights
+        values[r.dir] = resampled_metrics(r.stats, wide, miou_at)
+        ones = np.zeros((1, r.stats.num_images))
+        ones[0, cols] = 1.0
+        full = resampled_metrics(r.stats, ones, miou_at)
+        points[r.dir] = {k: (float(full[k][0]) if k in full else None) for k in _point(r)}
+    return values, points
+
+
 def build(
     paths: list[Path],
     reference: str | None = None,
@@ -310,29 +201,13 @@ def build(
     however the folders were named on the command line."""
     if resamples < 1:
         raise ReportError(f"--resamples {resamples}: must be >= 1")
-    runs = [load_run(d) for d in _run_dirs(paths)]
+    runs = [load_run(d) for d in run_dirs(paths)]
     _check_comparable(runs)
     varying = _name_runs(runs)
     refs = _reference_rows(runs, reference, varying)
     ids, left_out = _common_ids(runs)
     weights = resample_weights(len(ids), resamples, seed)
-    values, points = {}, {}
-    for r in runs:
-        miou_at = _miou_at(r)
-        if r.stats.ids == ids:
-            cached = r.stats.cached_resampled(resamples, seed, miou_at)  # evaluate's, with these resamples
-            values[r.dir] = cached if cached is not None else resampled_metrics(r.stats, weights, miou_at)
-            points[r.dir] = _point(r)
-        else:  # scored more images than every run shares: its rows on the shared ones only (weight 0 elsewhere)
-            pos = {i: n for n, i in enumerate(r.stats.ids)}
-            cols = np.array([pos[i] for i in ids])
-            wide = np.zeros((len(weights), r.stats.num_images))
-            wide[:, cols] = weights
-            values[r.dir] = resampled_metrics(r.stats, wide, miou_at)
-            ones = np.zeros((1, r.stats.num_images))
-            ones[0, cols] = 1.0
-            full = resampled_metrics(r.stats, ones, miou_at)
-            points[r.dir] = {k: (float(full[k][0]) if k in full else None) for k in _point(r)}
+    values, points = _values(runs, ids, weights, resamples, seed)
     rows = []
     for r in runs:
         point, res = points[r.dir], values[r.dir]
@@ -420,215 +295,6 @@ def _fold(entries: list[dict[str, Any]], diffs: bool = True) -> dict[str, Any]:
 
 
 # -- writers ---------------------------------------------------------------------------------------------------
-
-
-def _columns(board: dict) -> list[str]:
-    return [k for k in BOOTSTRAP_METRICS if any(k in r["metrics"] for r in board["rows"])]
-
-
-def _faith_columns(board: dict) -> list[str]:
-    return [k for k in FAITHFULNESS if any(k in r.get("faithfulness", {}) for r in board["rows"])]
-
-
-def _faith_cell(e: dict | None, digits: int = 2) -> str:
-    if e is None:
-        return "-"
-    ci = f" [{e['ci'][0]:.{digits}f}, {e['ci'][1]:.{digits}f}]" if e.get("ci") else ""
-    return f"{e['value']:.{digits}f}{ci}"
-
-
-def _diff_cell(e: dict, digits: int = 2) -> str:
-    if "diff" not in e:
-        return "-"
-    star = " *" if e["diff_excludes_0"] else ""
-    return f"{e['diff']:+.{digits}f} [{e['diff_ci'][0]:+.{digits}f}, {e['diff_ci'][1]:+.{digits}f}]{star}"
-
-
-def _cost(row: dict) -> str:
-    c = row["cam_cost"]
-    return "-" if not c else f"{c['cam_seconds_per_image'] * 1000:.1f} ms ({c['ratio_to_forward']:.1f}x)"
-
-
-def _left_out_lines(board: dict) -> list[str]:
-    """Runs that scored images another run lacks: those images are out of every row, named here."""
-    out = []
-    for name, ids in (board.get("left_out") or {}).items():
-        shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
-        out += [f"Left out of every row (another run has no result for them): {len(ids)} images of {name}: {shown}."]
-        out.append("")
-    return out
-
-
-def to_markdown(board: dict) -> str:
-    """leaderboard.md: the table, the paired differences and the seed folds."""
-    cols = _columns(board)
-    pct = round(100 * board["level"])
-    lines = [
-        f"# Leaderboard: {board['dataset']} / {board['split']}, {board['num_images']} images",
-        "",
-        f"Each value with its {pct} % bootstrap interval over images ({board['resamples']} resamples, seed "
-        f"{board['seed']}); the interval covers the sampling of images, not training randomness.",
-        "",
-        *_left_out_lines(board),
-        "| run | " + " | ".join(NAMES[k] for k in cols) + " | best t | CAM cost (per image, x forward) |",
-        "|---|" + "---|" * len(cols) + "---|---|",
-    ]
-    for r in board["rows"]:
-        cells = []
-        for k in cols:
-            e = r["metrics"].get(k)
-            cells.append("-" if e is None else f"{e['value']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]")
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['best_threshold']} | {_cost(r)} |")
-    faith = _faith_columns(board)
-    if faith:
-        lines += [
-            "",
-            f"## Faithfulness (the faithfulness stage; mean over (image, class) pairs, {pct} % interval over images)",
-            "",
-            "| run | " + " | ".join(f"{FAITHFULNESS[k][0]} ({FAITHFULNESS[k][1]} is better)" for k in faith) + " |",
-            "|---|" + "---|" * len(faith),
-        ]
-        for r in board["rows"]:
-            cells = [_faith_cell(r.get("faithfulness", {}).get(k), FAITHFULNESS[k][2]) for k in faith]
-            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-        paired = [r for r in board["rows"] if any("diff" in e for e in r.get("faithfulness", {}).values())]
-        if paired:
-            lines += [
-                "",
-                f"Faithfulness, paired differences from the reference (same pairs, same resamples; * = the {pct} % "
-                "interval excludes 0):",
-                "",
-                "| run | reference | " + " | ".join(f"{FAITHFULNESS[k][0]} diff" for k in faith) + " |",
-                "|---|---|" + "---|" * len(faith),
-            ]
-            for r in paired:
-                cells = [_diff_cell(r["faithfulness"].get(k, {}), FAITHFULNESS[k][2]) for k in faith]
-                lines.append(f"| {r['name']} | {r['reference']} | " + " | ".join(cells) + " |")
-    diffs = [r for r in board["rows"] if r["reference"] is not None and r["reference"] != r["name"]]
-    if diffs:
-        lines += [
-            "",
-            f"## Paired differences (same model, same images, same resamples; * = the {pct} % interval excludes 0)",
-            "",
-            "| run | reference | " + " | ".join(f"{NAMES[k]} diff" for k in cols) + " |",
-            "|---|---|" + "---|" * len(cols),
-        ]
-        for r in diffs:
-            cells = [_diff_cell(r["metrics"].get(k, {})) for k in cols]
-            lines.append(f"| {r['name']} | {r['reference']} | " + " | ".join(cells) + " |")
-    unpaired = [r["name"] for r in board["rows"] if r["reference"] is None]
-    if unpaired:
-        lines += ["", "No reference row of the same trained model, so no paired difference: " + ", ".join(unpaired)]
-    if board["seed_folds"]:
-        heads = [NAMES[k] for k in cols] + [FAITHFULNESS[k][0] for k in faith]
-        lines += [
-            "",
-            "## Over seeds (mean +- sample std of the point values; covers training randomness)",
-            "",
-            "| runs | seeds | " + " | ".join(heads) + " |",
-            "|---|---|" + "---|" * len(heads),
-        ]
-        for f in board["seed_folds"]:
-            cells = [_fold_cell(f["metrics"].get(k), "mean", "std", 2) for k in cols]
-            cells += [_fold_cell(f.get("faithfulness", {}).get(k), "mean", "std", FAITHFULNESS[k][2]) for k in faith]
-            lines.append(f"| {f['name']} | {', '.join(map(str, f['seeds']))} | " + " | ".join(cells) + " |")
-        paired = [f for f in board["seed_folds"] if _fold_has_diff(f)]
-        if paired:
-            lines += [
-                "",
-                "Paired differences over seeds (each seed's difference on its own model, mean +- sample std; "
-                "n/N: the seeds whose paired interval excludes 0):",
-                "",
-                "| runs | seeds | " + " | ".join(f"{h} diff" for h in heads) + " |",
-                "|---|---|" + "---|" * len(heads),
-            ]
-            for f in paired:
-                n = len(f["seeds"])
-                cells = [_fold_diff_cell(f["metrics"].get(k), n, 2) for k in cols]
-                cells += [_fold_diff_cell(f.get("faithfulness", {}).get(k), n, FAITHFULNESS[k][2]) for k in faith]
-                lines.append(f"| {f['name']} | {', '.join(map(str, f['seeds']))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fold_has_diff(fold: dict) -> bool:
-    return any("diff_mean" in e for e in [*fold["metrics"].values(), *fold.get("faithfulness", {}).values()])
-
-
-def _fold_cell(e: dict | None, mean: str, std: str, digits: int) -> str:
-    return "-" if e is None or mean not in e else f"{e[mean]:.{digits}f} +- {e[std]:.{digits}f}"
-
-
-def _fold_diff_cell(e: dict | None, seeds: int, digits: int) -> str:
-    if e is None or "diff_mean" not in e:
-        return "-"
-    return f"{e['diff_mean']:+.{digits}f} +- {e['diff_std']:.{digits}f} ({e['diff_seeds_excluding_0']}/{seeds})"
-
-
-def to_csv(board: dict) -> str:
-    """leaderboard.csv: one row per run, value / interval / paired difference per metric, CAM cost."""
-    cols = _columns(board)
-    header = ["run", "dir", "model_key", "reference", "best_threshold"]
-    for k in cols:
-        header += [k, f"{k}_lo", f"{k}_hi", f"{k}_diff", f"{k}_diff_lo", f"{k}_diff_hi"]
-    faith = _faith_columns(board)
-    for k in faith:
-        header += [k, f"{k}_lo", f"{k}_hi", f"{k}_diff", f"{k}_diff_lo", f"{k}_diff_hi"]
-    header += ["cam_seconds_per_image", "cam_ratio_to_forward"]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in board["rows"]:
-        line = [r["name"], r["dir"], r["model_key"], r["reference"], r["best_threshold"]]
-        for k in cols:
-            e = r["metrics"].get(k, {})
-            line += [e.get("value"), *(e.get("ci") or [None, None]), e.get("diff"), *(e.get("diff_ci") or [None, None])]
-        for k in faith:
-            e = r.get("faithfulness", {}).get(k, {})
-            line += [e.get("value"), *(e.get("ci") or [None, None]), e.get("diff"), *(e.get("diff_ci") or [None, None])]
-        c = r["cam_cost"] or {}
-        line += [c.get("cam_seconds_per_image"), c.get("ratio_to_forward")]
-        w.writerow(["" if v is None else v for v in line])
-    return buf.getvalue()
-
-
-def plot(board: dict, path: Path) -> None:
-    """leaderboard.png: each metric's value per run with its interval."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = _columns(board)
-    rows = board["rows"]
-    fig = Figure(figsize=(3.2 * len(cols), 0.45 * len(rows) + 1.2), dpi=100)
-    FigureCanvasAgg(fig)
-    y = np.arange(len(rows))[::-1]
-    for i, k in enumerate(cols):
-        ax = fig.add_subplot(1, len(cols), i + 1)
-        for yy, r in zip(y, rows, strict=True):
-            e = r["metrics"].get(k)
-            if e is None:
-                continue
-            ax.errorbar(e["value"], yy, xerr=[[e["value"] - e["ci"][0]], [e["ci"][1] - e["value"]]], fmt="o", capsize=3)
-        ax.set_yticks(y, [r["name"] for r in rows] if i == 0 else [""] * len(rows), fontsize=8)
-        ax.set_title(NAMES[k], fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", metadata={"Software": None})
-
-
-def write(board: dict, out_dir: Path) -> list[Path]:
-    """Write the four outputs into `out_dir`, each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    texts = {
-        "leaderboard.md": to_markdown(board),
-        "leaderboard.csv": to_csv(board),
-        "leaderboard.json": json.dumps(board, indent=1, sort_keys=True) + "\n",
-    }
-    for name, text in texts.items():
-        with atomic_open(out_dir / name, "w") as f:
-            f.write(text)
-    plot(board, out_dir / "leaderboard.png")
-    return [out_dir / n for n in OUTPUTS]
 
 
 def report(
