@@ -267,8 +267,8 @@ def test_two_refine_workers_write_the_bytes_of_one(tmp_path, monkeypatch, method
     from concurrent.futures import ProcessPoolExecutor
 
     from tests.tiny import tiny_cfg
+    from wsss import parallel
     from wsss.pipeline import Pipeline
-    from wsss.stages import refine as refine_stage
 
     pools: list[int] = []
 
@@ -277,7 +277,7 @@ def test_two_refine_workers_write_the_bytes_of_one(tmp_path, monkeypatch, method
             pools.append(max_workers)
             super().__init__(max_workers, *args, **kwargs)
 
-    monkeypatch.setattr(refine_stage, "ProcessPoolExecutor", CountedPool)
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", CountedPool)
     written = {}
     for workers in (1, 2):
         pipe = Pipeline(tiny_cfg(tmp_path, [f"pseudo.refine={method}", "stage=refine", f"refine.workers={workers}"]))

@@ -19,7 +19,7 @@ from wsss.leaderboard import OUTPUTS, to_markdown
 from wsss.metrics.bootstrap import ImageStats, interval, resample_weights, resampled_metrics
 from wsss.pipeline import Pipeline
 from wsss.report import ReportError, build, main
-from wsss.stages.evaluate import _copy_reports
+from wsss.stages.evaluate_report import _copy_reports
 from wsss.stages.faithfulness import summarise
 
 

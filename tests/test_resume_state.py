@@ -286,14 +286,14 @@ def test_every_rank_makes_the_same_decision(tmp_path):
 
 def _interrupt_after(monkeypatch, name: str, epochs: int) -> None:
     """Stop the loop `name` like a kill once `epochs` epochs are saved (history is written after the state)."""
-    write = training._write_history
+    write = training.write_history
 
     def stop(out_dir, history, writer, loop_name):
         write(out_dir, history, writer, loop_name)
         if loop_name == name and len(history) == epochs:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(training, "_write_history", stop)
+    monkeypatch.setattr(training, "write_history", stop)
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,7 @@ else starts afresh. Rank 0 makes that decision and every rank follows it, or all
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import importlib.util
 import io
 import logging
 import os
@@ -41,6 +39,7 @@ from wsss import dist
 from wsss.artifacts import atomic_open
 from wsss.data.loader import Loader
 from wsss.dist import progress
+from wsss.history import fmt, tensorboard, write_history
 from wsss.progress import duration
 from wsss.state import (
     StateError,
@@ -405,16 +404,16 @@ class Loop:
         """Every remaining epoch: train, log, save the state, write history.csv and TensorBoard; returns the
         number of epochs found done at the start (resumed)."""
         done = self.resume(out_dir / state_name)
-        writer = _tensorboard(out_dir)
+        writer = tensorboard(out_dir)
         for epoch in range(done, self.epochs):
             lr, start = self.optimizer.param_groups[0]["lr"], time.perf_counter()
             row = {"epoch": epoch + 1, **summarise(self.epoch(loader, epoch, batch_loss)), "lr": lr}
             row["seconds"] = round(time.perf_counter() - start, 2)
             self.history.append(row)
             left = duration(row["seconds"] * (self.epochs - epoch - 1))  # at this epoch's pace
-            log.info("%s: epoch %d/%d %s (%s left)", self.name, epoch + 1, self.epochs, _fmt(row), left)
+            log.info("%s: epoch %d/%d %s (%s left)", self.name, epoch + 1, self.epochs, fmt(row), left)
             self.save(out_dir / state_name, epoch + 1)
-            _write_history(out_dir, self.history, writer, self.name)
+            write_history(out_dir, self.history, writer, self.name)
         if writer is not None:
             writer.close()
         if dist.is_main():  # the last state is written (the stage removes it once its model is final)
@@ -422,32 +421,3 @@ class Loop:
         # Every rank logs a digest of its final weights: under DDP they must agree.
         log.info("%s: final weights sha256 %s (rank %d)", self.name, weights_digest(self.final_model()), dist.rank())
         return done
-
-
-def _fmt(row: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds"))
-
-
-def _write_history(out_dir: Path, history: list[dict[str, float]], writer: Any, name: str) -> None:
-    """history.csv (rewritten whole, atomically) and the epoch's TensorBoard scalars (rank 0)."""
-    if not dist.is_main():
-        return
-    with atomic_open(out_dir / "history.csv", "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[-1]))
-        w.writeheader()
-        w.writerows(history)
-    if writer is not None:
-        row = history[-1]
-        for k, v in row.items():
-            if k not in ("epoch", "seconds"):
-                writer.add_scalar(f"{name}/{k}", v, row["epoch"])
-        writer.flush()
-
-
-def _tensorboard(out_dir: Path) -> Any:
-    """A SummaryWriter into `tensorboard/` on rank 0 when tensorboard is installed, else None."""
-    if not dist.is_main() or importlib.util.find_spec("tensorboard") is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out_dir / "tensorboard"))

@@ -240,25 +240,14 @@ class BaseCAM(ABC):
             ``(highres, strided)``: (B, K, H, W) and (B, K, ceil(H/stride), ceil(W/stride)) maps in [0, 1].
         """
         images, classes = self._check_inputs(images, classes)
-        if not scales or any(not s > 0 for s in scales):
-            raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
-        if stride < 1 or (canvas_stride is not None and canvas_stride < 1):
-            raise ValueError(f"stride and canvas_stride must be >= 1, got {stride!r}, {canvas_stride!r}")
+        _check_multiscale(images, scales, stride, canvas_stride, scaled)
         batch, _, height, width = images.shape
         strided_size = (math.ceil(height / stride), math.ceil(width / stride))
         canvas = (
             (height, width)
             if canvas_stride is None
-            else (
-                math.ceil(height / canvas_stride) * canvas_stride,
-                math.ceil(width / canvas_stride) * canvas_stride,
-            )
+            else (math.ceil(height / canvas_stride) * canvas_stride, math.ceil(width / canvas_stride) * canvas_stride)
         )
-        if scaled is not None and (
-            len(scaled) != len(scales) or any(t.dim() != 4 or t.shape[:2] != images.shape[:2] for t in scaled)
-        ):
-            shapes = [tuple(t.shape) for t in scaled]
-            raise ValueError(f"scaled must hold one (B, 3, h, w) batch per scale {tuple(scales)}, got {shapes}")
         pair_classes = torch.cat([classes, classes]) if flip else classes  # (2B, K) or (B, K)
         highres: Tensor | None = None
         strided: Tensor | None = None
@@ -386,3 +375,18 @@ class BaseCAM(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_layer={self.layer_name!r}, heads={[h.name for h in self.heads]})"
+
+
+def _check_multiscale(
+    images: Tensor, scales: Sequence[float], stride: int, canvas_stride: int | None, scaled: Sequence[Tensor] | None
+) -> None:
+    """`CAM.multiscale`'s arguments: positive scales and strides, one batch per scale in `scaled`."""
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    if stride < 1 or (canvas_stride is not None and canvas_stride < 1):
+        raise ValueError(f"stride and canvas_stride must be >= 1, got {stride!r}, {canvas_stride!r}")
+    if scaled is not None and (
+        len(scaled) != len(scales) or any(t.dim() != 4 or t.shape[:2] != images.shape[:2] for t in scaled)
+    ):
+        shapes = [tuple(t.shape) for t in scaled]
+        raise ValueError(f"scaled must hold one (B, 3, h, w) batch per scale {tuple(scales)}, got {shapes}")

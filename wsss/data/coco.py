@@ -60,6 +60,7 @@ from wsss.data.base import (
     image_size,
     read_label_mask,
 )
+from wsss.data.coco_boxes import BoxTable
 from wsss.fingerprint import FileGroup, scan_dir, stat_files
 
 log = logging.getLogger(__name__)
@@ -187,22 +188,7 @@ class COCOSource(SegmentationSource):
             SampleError: an annotation of the image has no valid `bbox` (4 finite numbers, w and h >= 0);
                 the message names the json and the annotation (reason "bad_box").
         """
-        h, w = self.json_size(image_id)
-        if image_id in self._bad_bbox:
-            raise SampleError(self._bad_bbox[image_id], "bad_box")
-        start, stop = self._box_rows.get(image_id, (0, 0))
-        x, y, bw, bh = self._box_xywh[start:stop].T  # (A,) each
-        # Continuous coordinates: pixel k covers [k, k + 1), so the box touches pixels floor(x)..ceil(x + w) - 1.
-        x0 = np.clip(np.floor(x), 0, w - 1)
-        y0 = np.clip(np.floor(y), 0, h - 1)
-        x1 = np.maximum(np.clip(np.ceil(x + bw) - 1, 0, w - 1), x0)  # a zero-width box keeps its one column
-        y1 = np.maximum(np.clip(np.ceil(y + bh) - 1, 0, h - 1), y0)
-        return ImageBoxes(
-            np.stack([x0, y0, x1, y1], 1),
-            self._box_class[start:stop],
-            np.zeros(stop - start, bool),
-            self._box_crowd[start:stop],
-        )
+        return self._boxes.image_boxes(image_id, self.json_size(image_id))
 
     def build_mask(self, image_id: str) -> np.ndarray:
         """Rasterise the semantic mask from the json under the rule in the module docstring: (H, W) uint8."""
@@ -337,42 +323,9 @@ class COCOSource(SegmentationSource):
                 "skipped" if self.empty_images == "skip" else "kept as all-background",
                 empty[:3],
             )
-        self._index_boxes(boxes)
-        return ids
-
-    def _index_boxes(self, boxes: list[tuple[int, dict[str, Any], int, bool]]) -> None:
-        """The boxes of the kept images as flat arrays, rows of one image contiguous in json order.
-
-        A few arrays instead of the annotation dicts (41 bytes per annotation and a small tuple per image: some
-        40 MB for train2014 by count, against GBs for the dicts), and they survive freeing the pycocotools
-        index. A malformed `bbox` is recorded per image and raised by `load_boxes`, so it stops only a caller
-        that reads that image's boxes.
-        """
         by_image = {rec["id"]: image_id for image_id, rec in self._images.items()}
-        rows = sorted((r for r in boxes if r[0] in by_image), key=lambda r: r[0])  # stable: json order kept
-        xywh = np.full((len(rows), 4), np.nan)
-        self._bad_bbox: dict[str, str] = {}
-        spans: dict[str, tuple[int, int]] = {}
-        for k, (coco_id, ann, _, _) in enumerate(rows):
-            image_id = by_image[coco_id]
-            start, _ = spans.get(image_id, (k, k))
-            spans[image_id] = (start, k + 1)
-            bbox = ann.get("bbox")
-            try:
-                xywh[k] = np.asarray(bbox, dtype=np.float64).reshape(4)
-                ok = bool(np.isfinite(xywh[k]).all() and (xywh[k, 2:] >= 0).all())
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                self._bad_bbox.setdefault(
-                    image_id,
-                    f"{self.annotation_file}: annotation {ann.get('id')} (image {coco_id}) has bbox {bbox!r}, "
-                    "not [x, y, w, h] with w, h >= 0",
-                )
-        self._box_xywh = xywh  # (A, 4) float64
-        self._box_class = np.array([r[2] for r in rows], dtype=np.int64)  # (A,)
-        self._box_crowd = np.array([r[3] for r in rows], dtype=bool)  # (A,)
-        self._box_rows = spans
+        self._boxes = BoxTable(boxes, by_image, self.annotation_file)
+        return ids
 
     def _resolve_masks(self, masks: str) -> bool:
         """Whether exported PNG masks are used; checks the export's marker against this json."""

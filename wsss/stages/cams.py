@@ -124,6 +124,21 @@ def cam_model(ctx: StageContext, class_names: list[str]) -> torch.nn.Module:
     return model.to(ctx.device).eval()
 
 
+def _timed(cam, model, images, classes, cc, raw, amp, cost: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_multiscale`'s (B, K, H, W) and (B, K, H/4, W/4) maps, its seconds added to `cost`; the first
+    `PROBE_IMAGES` images also go through a plain forward of the same inputs (the cost ratio)."""
+    t0 = _clock(images.device)
+    highres, strided = _multiscale(cam, images, classes, cc, raw)
+    t1 = _clock(images.device)
+    cost["cam_s"] += t1 - t0
+    if cost["probe_images"] < PROBE_IMAGES:
+        _plain_forward(model, images, cc, amp)
+        cost["probe_cam_s"] += t1 - t0
+        cost["probe_forward_s"] += _clock(images.device) - t1
+        cost["probe_images"] += len(images)
+    return highres, strided
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     """Write `maps/<id>.npz` for every image of the split; images already written (a killed run) are kept."""
     cfg, cc = ctx.cfg, ctx.cfg.cam
@@ -164,15 +179,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                         it["labels"] = labels = source.drop_void(labels)
                         scores[it["id"]] = {source.class_names[c]: round(float(row[c]), 4) for c in labels.tolist()}
                 classes = _class_table(group).to(ctx.device)
-                t0 = _clock(ctx.device)
-                highres, strided = _multiscale(cam, images, classes, cc, raw)  # (B, K, H, W), (B, K, H/4, W/4)
-                t1 = _clock(ctx.device)
-                cost["cam_s"] += t1 - t0
-                if cost["probe_images"] < PROBE_IMAGES:  # the same inputs through a plain forward
-                    _plain_forward(model, images, cc, amp)
-                    cost["probe_cam_s"] += t1 - t0
-                    cost["probe_forward_s"] += _clock(ctx.device) - t1
-                    cost["probe_images"] += len(group)
+                highres, strided = _timed(cam, model, images, classes, cc, raw, amp, cost)
                 for row, it in enumerate(group):
                     n = len(it["labels"])
                     empty += n == 0

@@ -8,11 +8,9 @@ it, so the headline number uses no label of the split it describes.
 
 from __future__ import annotations
 
-import collections
 import logging
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,11 @@ from wsss.data import SegmentationSource, dataset_identity
 from wsss.dist import progress
 from wsss.fingerprint import FileGroup
 from wsss.metrics import (
-    BoxAccuracy,
     ConfusionMatrix,
     ImageStats,
     ImageStatsBuilder,
     ThresholdSweep,
     best_threshold,
-    box_scores,
     confusion_matrix,
     image_record,
     interval,
@@ -45,30 +41,22 @@ from wsss.metrics import (
 )
 from wsss.pseudo import threshold_mask
 from wsss.stages.base import (
-    Artifact,
     Fingerprints,
     Need,
     Stage,
     StageContext,
-    check_classes,
     environment,
     plain,
 )
-from wsss.stages.figures import METRIC_NAMES, write_figures, write_overlays
+from wsss.stages.evaluate_boxes import ImageBoxes, box_pass, box_report
+from wsss.stages.evaluate_inputs import cam_provenance, inputs, missing_imports, model_provenance
+from wsss.stages.evaluate_report import report
+from wsss.stages.figures import write_figures, write_overlays
 
 log = logging.getLogger(__name__)
 
 PXAP_BINS = 1000  # thresholds i / 1000, the WSOL protocol's cam_curve_interval = 0.001
 CURVE_KEYS = ("miou", "fg_miou", "mprecision", "mrecall", "mfp_ratio", "mfn_ratio")
-REPORT_FILES = (
-    "metrics.json",
-    "per_image.npz",
-    "summary.md",
-    "threshold_curve.png",
-    "class_iou.png",
-    "overlays.png",
-    "faithfulness_per_image.json",
-)
 
 
 def _named(values: list[float], names: list[str]) -> dict[str, float]:
@@ -127,45 +115,6 @@ class _Seeds:
         self.sweep.update(maps, keys, gt)
 
 
-class _ImageBoxes:
-    """The box metrics' pass: each image's maps against its ground-truth boxes, in a worker thread.
-
-    OpenCV's contour tracing releases the GIL, so the boxes of one image are scored while the main loop reads
-    and sweeps the next ones. The boxes are read (and checked) in the caller's thread, so a bad XML stops the
-    run where it is met; at most `PENDING` images wait, so the queued maps stay few.
-    """
-
-    PENDING = 8
-
-    def __init__(self, source: SegmentationSource, thresholds: list[float]) -> None:
-        self.source = source
-        self.acc = BoxAccuracy(thresholds)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxes")
-        self.pending: collections.deque = collections.deque()  # (record, future)
-
-    def submit(self, image_id: str, maps: np.ndarray, keys: np.ndarray, record: dict[str, Any]) -> None:
-        """Score one image's maps; its hits land in `record` (an `image_record`) when `drain` collects them."""
-        boxes = self.source.load_boxes(image_id)
-        by_class = {int(c): boxes.of_class(int(c)) for c in keys}
-        self.pending.append((record, self.pool.submit(self.acc.score_image, maps, keys, by_class)))
-        if len(self.pending) > self.PENDING:
-            self._collect()
-
-    def _collect(self) -> None:
-        record, future = self.pending.popleft()
-        hits, pairs, without_box = future.result()
-        self.acc.add(hits, pairs, without_box)
-        record.update(image_record(box_hits=hits, box_pairs=pairs))
-
-    def drain(self) -> None:
-        """Wait for every submitted image and stop the worker."""
-        try:
-            while self.pending:
-                self._collect()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _score_pass(
     source: SegmentationSource,
     masks_dir: Path,
@@ -173,7 +122,7 @@ def _score_pass(
     thresholds: list[float],
     device: torch.device,
     seeds: _Seeds | None = None,
-    boxes: _ImageBoxes | None = None,
+    boxes: ImageBoxes | None = None,
 ) -> tuple[ConfusionMatrix, ThresholdSweep | None, dict[str, dict[str, Any]]]:
     """One pass over the split: the masks' confusion matrix, the maps' sweep (and the seeds'), and what each
     image contributes (`records`: its mIoU and the per-image counts the bootstrap resamples)."""
@@ -214,26 +163,6 @@ def image_stats(records: dict[str, dict[str, Any]], ids: list[str], num_labels: 
     for image_id in ids:
         b.add_record(image_id, records[image_id]["stats"])
     return b.build()
-
-
-def _box_pass(source: SegmentationSource, ev: DictConfig, maps_dir: Path | None, thresholds) -> _ImageBoxes | None:
-    """The box pass when it applies; one logged line saying why when it does not."""
-    if maps_dir is None or not ev.boxes:
-        return None
-    if not source.has_boxes():
-        log.info("evaluate: %s/%s has no ground-truth boxes: box metrics skipped", source.name, source.split)
-        return None
-    return _ImageBoxes(source, thresholds)
-
-
-def _box_report(stats: ImageStats, pairs_without_box: int) -> dict[str, Any]:
-    """metrics.json's "boxes" entry from the summed per-image hits."""
-    out = box_scores(stats.box_hits.sum(0), int(stats.box_pairs.sum()), list(stats.thresholds))
-    out["pairs_without_box"] = pairs_without_box
-    out["curves"] = {k: [round(v, 4) for v in c] for k, c in out["curves"].items()}
-    for k in ("maxboxacc", "maxboxacc_v2"):
-        out[k] = round(out[k], 4)
-    return out
 
 
 def bootstrap_block(stats: ImageStats, ev: DictConfig, miou_at: int | None) -> dict[str, Any] | None:
@@ -291,71 +220,43 @@ def _sweep_report(sweep: ThresholdSweep, thresholds: list[float], source: Segmen
     }
 
 
-def _cams_input(ctx: StageContext) -> Artifact | None:
-    """The cams artifact the scored maps (or the refined maps' seeds) come from; None for a masks folder."""
-    return next((ctx.inputs[k] for k in ("maps", "seeds") if k in ctx.inputs and ctx.inputs[k].stage == "cams"), None)
+def _scored(ctx: StageContext, source: SegmentationSource) -> tuple[list[str], list[str]]:
+    """The ids to score (a ground-truth mask and, for another method's output, its map or mask), and the ids
+    an import left out: named, never scored as empty."""
+    scored = [i for i in source.ids if source.has_mask(i)]
+    not_imported = missing_imports(ctx, scored)
+    if not_imported:
+        log.warning(
+            "evaluate: %d images have no imported maps or masks and are not scored: %s",
+            len(not_imported),
+            ", ".join(not_imported[:10]) + (" ..." if len(not_imported) > 10 else ""),
+        )
+        scored = [i for i in scored if i not in set(not_imported)]
+    return scored, not_imported
 
 
-def _model_provenance(ctx: StageContext) -> dict[str, Any] | None:
-    """Which model made the maps: the maps' record, with the train artifact's key also for a given checkpoint
-    (that key covers the checkpoint's bytes), so runs of one model can be told from runs of another."""
-    cams = _cams_input(ctx)
-    if cams is None:
-        return None
-    model = dict(ctx.inputs["maps"].manifest.get("model") or {})
-    if "key" not in model:  # imported maps carry key None: no wsss model made them
-        model["key"] = cams.manifest["inputs"]["train"]["key"]
-    return model
-
-
-def _not_imported(ctx: StageContext, ids: list[str]) -> list[str]:
-    """Of `ids`, those an imported `cams` or `pseudo_masks` artifact left out (`dataset.on_error=skip`)."""
-    imported = [a for a in ctx.inputs.values() if a.stage in ("cams", "pseudo_masks") and _is_imported(a)]
-    have = set.intersection(*(set(a.manifest["ids"]) for a in imported)) if imported else None
-    return [] if have is None else [i for i in ids if i not in have]
-
-
-def _is_imported(artifact: Artifact) -> bool:
-    return "imported" in (artifact.manifest.get("model") or {})
-
-
-def _cam_provenance(ctx: StageContext) -> dict[str, Any] | None:
-    """The CAM method and its cost (from the cams artifact the scored maps or seeds come from)."""
-    cams = _cams_input(ctx)
-    if cams is None:
-        imported = (ctx.inputs["masks"].manifest.get("model") or {}) if "masks" in ctx.inputs else {}
-        return {"imported": imported["imported"]} if "imported" in imported else None
-    cam = cams.manifest["config"]["cam"]
-    out = {"method": cam.get("method"), "key": cams.key, "cost": cams.manifest.get("cost")}
-    if cam.get("source") is not None:  # another method's maps: which folder and format, not a wsss method
-        out.update(method=None, imported=(cams.manifest.get("model") or {}).get("imported"))
-    return out
-
-
-def _mask_rule(pseudo: dict[str, Any]) -> dict[str, Any]:
-    """How the masks were made: one background threshold, or the confident fg / bg band (no threshold then)."""
-    if pseudo.get("conf_fg") is not None:
-        return {"conf_fg": pseudo["conf_fg"], "conf_bg": pseudo["conf_bg"]}
-    if str(pseudo.get("refine", "none")) in ("crf", "rw", "irn"):  # the threshold makes the seeds only
-        return {"threshold": pseudo["threshold"], "refined_against": f"the {pseudo['refine']} background map"}
-    return {"threshold": pseudo["threshold"]}
-
-
-def _inputs(ctx: StageContext) -> tuple[Path, Path | None, dict[str, Any] | None, Path | None]:
-    """masks dir, maps dir (CAMs or refined maps), the masks' rule, and the seeds' CAM dir when refined."""
+def _headline(ctx, result, sweep, seeds, thresholds, source, masks_scores) -> tuple[dict, str | None, Any]:
+    """The sweep's blocks into `result` (and the seeds' beside the refined masks'); the scores reported as the
+    headline, the split their threshold was chosen on (None: the masks as written) and that threshold."""
+    headline, chosen_on, headline_t = masks_scores, None, (result["masks_rule"] or {}).get("threshold")
+    if sweep is None:
+        return headline, chosen_on, headline_t
+    names = ["background", *source.class_names]
+    cms, entries = _sweep_report(sweep, thresholds, source)
+    result.update(entries)
+    if seeds is not None:  # refined: the seeds and the masks side by side, on the same split
+        _, seed_entries = _sweep_report(seeds.sweep, thresholds, source)
+        result["seeds"] = _side_by_side("seeds", source.split, seeds.cm.scores(), seed_entries, names)
+        result["masks"] = _side_by_side(f"masks ({result['refine']})", source.split, masks_scores, entries, names)
     ev = ctx.cfg.evaluate
-    if ev.masks_dir:
-        masks_dir = Path(ev.masks_dir)
-        if not masks_dir.is_dir():
-            raise FileNotFoundError(f"evaluate.masks_dir not found: {masks_dir}")
-        return masks_dir, None, None, None
-    masks = ctx.inputs["masks"]
-    check_classes(masks, ctx.source().class_names)
-    if "maps" not in ctx.inputs:  # pseudo.source: another method's masks, no maps to sweep
-        return masks.path("masks_dir"), None, {"imported": masks.manifest["model"]["imported"]}, None
-    seeds = ctx.inputs["seeds"].path("maps_dir") if "seeds" in ctx.inputs else None
-    rule = _mask_rule(masks.manifest["config"]["pseudo"])
-    return masks.path("masks_dir"), ctx.inputs["maps"].path("maps_dir"), rule, seeds
+    if ev.select_on:
+        sel_source = ctx.source(ev.select_on)
+        sel_maps = ctx.inputs["select_maps"].path("maps_dir")
+        sel = sweep_split(sel_source, sel_maps, thresholds, ctx.device, f"select on {ev.select_on}")
+        headline_t, _ = best_threshold(sel.compute(), thresholds)
+        headline = scores(cms[thresholds.index(headline_t)])
+        chosen_on = ev.select_on
+    return headline, chosen_on, headline_t
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -363,16 +264,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ev = ctx.cfg.evaluate
     source = ctx.source()
     names = ["background", *source.class_names]
-    masks_dir, maps_dir, rule, seeds_dir = _inputs(ctx)
-    scored = [i for i in source.ids if source.has_mask(i)]
-    not_imported = _not_imported(ctx, scored)
-    if not_imported:  # another method's output lacks these images (skipped at import): named, not scored as empty
-        log.warning(
-            "evaluate: %d images have no imported maps or masks and are not scored: %s",
-            len(not_imported),
-            ", ".join(not_imported[:10]) + (" ..." if len(not_imported) > 10 else ""),
-        )
-        scored = [i for i in scored if i not in set(not_imported)]
+    masks_dir, maps_dir, rule, seeds_dir = inputs(ctx)
+    scored, not_imported = _scored(ctx, source)
     if not scored:
         return _nothing_to_score(ctx, source, masks_dir, maps_dir)
     no_gt = len(source.ids) - len(scored)
@@ -388,7 +281,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         source = source.subset(scored)
     thresholds = parse_thresholds(ev.thresholds)
     seeds = _Seeds(seeds_dir, rule, len(names), thresholds, ctx.device) if seeds_dir else None
-    boxes = _box_pass(source, ev, maps_dir, thresholds)
+    boxes = box_pass(source, ev, maps_dir, thresholds)
     cm, sweep, records = _score_pass(source, masks_dir, maps_dir, thresholds, ctx.device, seeds, boxes)
     masks_scores = cm.scores()
     result: dict[str, Any] = {
@@ -399,29 +292,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "masks_rule": rule,
         "refine": ctx.inputs["maps"].manifest.get("method") if "maps" in ctx.inputs else None,
         "not_imported": not_imported,
-        "model": _model_provenance(ctx),
-        "cam": _cam_provenance(ctx),
+        "model": model_provenance(ctx),
+        "cam": cam_provenance(ctx),
         "environment": environment(ctx.device),
         "num_images": len(source.ids),
         "no_ground_truth": no_gt,  # images of the split without a mask, not scored
         "skipped": dict(source.skipped),
         "pseudo_masks": named_scores(masks_scores, names),
     }
-    headline, chosen_on, headline_t = masks_scores, None, (rule or {}).get("threshold")
-    if sweep is not None:
-        cms, entries = _sweep_report(sweep, thresholds, source)
-        result.update(entries)
-        if seeds is not None:  # refined: the seeds and the masks side by side, on the same split
-            _, seed_entries = _sweep_report(seeds.sweep, thresholds, source)
-            result["seeds"] = _side_by_side("seeds", source.split, seeds.cm.scores(), seed_entries, names)
-            result["masks"] = _side_by_side(f"masks ({result['refine']})", source.split, masks_scores, entries, names)
-        if ev.select_on:
-            sel_source = ctx.source(ev.select_on)
-            sel_maps = ctx.inputs["select_maps"].path("maps_dir")
-            sel = sweep_split(sel_source, sel_maps, thresholds, ctx.device, f"select on {ev.select_on}")
-            headline_t, _ = best_threshold(sel.compute(), thresholds)
-            headline = scores(cms[thresholds.index(headline_t)])
-            chosen_on = ev.select_on
+    headline, chosen_on, headline_t = _headline(ctx, result, sweep, seeds, thresholds, source, masks_scores)
     no_box = dist.sum_int(boxes.acc.pairs_without_box) if boxes is not None else 0
     parts = dist.gather(records)  # every rank's images, on rank 0, which alone writes
     if not dist.is_main():
@@ -436,7 +315,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         reported_threshold=headline_t,
         threshold_chosen_on=chosen_on,
         scores=named_scores(headline, names),
-        boxes=_box_report(stats, no_box) if boxes is not None else None,
+        boxes=box_report(stats, no_box) if boxes is not None else None,
         intervals=intervals,
         per_image_bytes=round((ctx.out_dir / "per_image.npz").stat().st_size / len(source.ids)),
         per_image_miou={i: round(records[i]["miou"], 3) for i in source.ids},
@@ -469,100 +348,6 @@ def _nothing_to_score(ctx: StageContext, source: SegmentationSource, masks_dir: 
     with atomic_open(ctx.out_dir / "summary.md", "w") as f:
         f.write(f"Nothing scored: none of the {len(source.ids)} images of {source.split} has a ground-truth mask.\n")
     return {"class_names": source.class_names, "dataset": source.identity(), "miou": None}
-
-
-def report(artifact: Artifact, run_dir: Path | None) -> None:
-    """Log the per-class table and copy metrics.json and the figures into the run directory."""
-    out_dir = artifact.dir
-    result = read_json(out_dir / "metrics.json")
-    if result["miou"] is None:
-        _copy_reports(out_dir, run_dir)
-        overlays = f"; overlays in {out_dir / 'overlays'}" if result.get("overlays") else ""
-        log.info(
-            "evaluate: nothing to score: none of the %d images of split %r has a ground-truth mask; the pseudo "
-            "masks are in %s%s",
-            result["no_ground_truth"],
-            result["split"],
-            result["masks_dir"],
-            overlays,
-        )
-        return
-    names = ["background", *result["class_names"]]
-    s = result["scores"]
-    lines = [f"{'class':<16} {'IoU':>7} {'prec':>7} {'recall':>7} {'FP':>7} {'FN':>7}"]
-    for n in names:
-        vals = [s[k][n] for k in ("iou", "precision", "recall", "fp_ratio", "fn_ratio")]
-        lines.append(f"{n:<16} " + " ".join(f"{v:7.2f}" if v is not None else f"{'-':>7}" for v in vals))
-    lines.append(f"{'mIoU':<16} {result['miou']:7.2f}")
-    if result["threshold_chosen_on"]:
-        how = f"threshold {result['reported_threshold']} chosen on {result['threshold_chosen_on']}"
-    elif result["masks_rule"]:
-        how = ", ".join(f"{k} {v}" for k, v in result["masks_rule"].items() if v is not None)
-    else:
-        how = f"masks from {result['masks_dir']}"
-    log.info(
-        "evaluate: %s split %r, %d images, %s\n%s",
-        result["dataset"]["dataset"],
-        result["split"],
-        result["num_images"],
-        how,
-        "\n".join(lines),
-    )
-    if "sweep" in result:
-        sw = result["sweep"]
-        log.info(
-            "evaluate: sweep best mIoU %.2f at threshold %.2f (chosen on %s's own labels); PxAP %.2f",
-            sw["best"]["miou"],
-            sw["best_threshold"],
-            sw["best_chosen_on"],
-            result["pxap"]["pxap"],
-        )
-    if result.get("boxes"):
-        b = result["boxes"]
-        log.info(
-            "evaluate: MaxBoxAcc %.2f at threshold %s, MaxBoxAccV2 %.2f, over %d (image, class) pairs",
-            b["maxboxacc"],
-            b["maxboxacc_threshold"],
-            b["maxboxacc_v2"],
-            b["pairs"],
-        )
-    if result.get("intervals"):
-        iv = result["intervals"]
-        log.info(
-            "evaluate: 95 %% intervals over images (%d resamples): %s",
-            iv["resamples"],
-            ", ".join(f"{METRIC_NAMES[k]} [{iv[k][0]:.2f}, {iv[k][1]:.2f}]" for k in METRIC_NAMES if k in iv),
-        )
-    if result.get("no_ground_truth"):
-        log.info("evaluate: %d images without a ground-truth mask were not scored", result["no_ground_truth"])
-    if result.get("faithfulness"):
-        fa = result["faithfulness"]
-        shown = [(k, v) for k, v in fa.items() if isinstance(v, dict) and "mean" in v]
-        log.info(
-            "evaluate: faithfulness over %d (image, class) pairs: %s",
-            fa["pairs"],
-            ", ".join(f"{k} {v['mean']} ({v['better']} is better)" for k, v in shown),
-        )
-    if (out_dir / "overlays").is_dir():
-        log.info(
-            "evaluate: overlays of %d images in %s",
-            len(list((out_dir / "overlays").rglob("*.jpg"))),
-            out_dir / "overlays",
-        )
-    _copy_reports(out_dir, run_dir)
-    if run_dir is not None:
-        log.info("evaluate: wrote %s", Path(run_dir) / "metrics.json")
-
-
-def _copy_reports(out_dir: Path, run_dir: Path | None) -> None:
-    """metrics.json, summary.md and the figures into the run directory; a report file this evaluate did not
-    write (an earlier run's in the same directory) is removed, so that nothing stale sits beside metrics.json."""
-    if run_dir is not None:
-        for name in REPORT_FILES:
-            if (out_dir / name).is_file():
-                shutil.copy2(out_dir / name, Path(run_dir) / name)
-            else:
-                (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 def _needs(cfg: DictConfig, split: str) -> dict[str, Need]:
