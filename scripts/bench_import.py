@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss.artifacts import read_cams, write_cams
+from wsss.artifacts import read_cams, strided_maps, write_cams
 from wsss.data.voc import VOCSource
 from wsss.external import read_external
-from wsss.stages.cams_import import strided_maps
 
 
 def _write_all(source: VOCSource, root: Path, rng: np.random.Generator) -> None:

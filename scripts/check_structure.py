@@ -3,7 +3,7 @@
     python scripts/check_structure.py            # prints every breach; exit 1 if any
 
 - no import cycle among wsss's modules (strongly connected components of the import graph, every import
-  counted, at module level or inside a function; `from pkg import sub` counts as importing `pkg.sub`);
+  counted, at module level or inside a function; `from pkg import sub` imports `pkg` and `pkg.sub`);
 - no module longer than MAX_MODULE_LINES lines;
 - no function or method longer than MAX_FUNCTION_LINES lines (from `def` to its last line, docstring
   included).
@@ -15,41 +15,22 @@ import ast
 import sys
 from pathlib import Path
 
+from wsss.provenance import import_graph
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 70
 
 
 def modules(root: Path = REPO) -> dict[str, Path]:
-    """Dotted name -> file of every module of the wsss package."""
-    out = {}
-    for path in sorted((root / "wsss").rglob("*.py")):
-        parts = list(path.relative_to(root).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        out[".".join(parts)] = path
-    return out
+    """Dotted name -> file of every module of the wsss package under `root`."""
+    return {name: path for name, (path, _) in import_graph(root / "wsss").items()}
 
 
-def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
-    """Module -> the wsss modules it imports."""
-    graph = {}
-    for name, path in mods.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    module = ".".join([*base, *([node.module] if node.module else [])])
-                else:
-                    module = node.module or ""
-                subs = [f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in mods]
-                deps.update(subs if len(subs) == len(node.names) else [module, *subs])
-        graph[name] = {d for d in deps if d in mods and d != name}
-    return graph
+def imports(root: Path = REPO) -> dict[str, set[str]]:
+    """Module -> the wsss modules it imports (`wsss.provenance.import_graph`, whose graph also keys the cache;
+    here without the modules a registry names as strings and imports lazily)."""
+    return {name: set(deps) for name, (_, deps) in import_graph(root / "wsss", by_name=False).items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -116,7 +97,7 @@ def long_functions(mods: dict[str, Path], limit: int = MAX_FUNCTION_LINES) -> li
 
 def breaches(root: Path = REPO) -> list[str]:
     mods = modules(root)
-    out = [f"import cycle: {' <-> '.join(c)}" for c in cycles(import_graph(mods))]
+    out = [f"import cycle: {' <-> '.join(c)}" for c in cycles(imports(root))]
     out += [f"module {m}: {n} lines (at most {MAX_MODULE_LINES})" for m, n in long_modules(mods)]
     out += [f"function {f}: {n} lines (at most {MAX_FUNCTION_LINES})" for f, n in long_functions(mods)]
     return out

@@ -167,6 +167,16 @@ def _rgb_to_index(rgb: np.ndarray, path: Path) -> np.ndarray:
 CAM_STORES = ("float32", "float16", "uint8", "quarter")
 
 
+def strided_maps(maps: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The 1/4-resolution (ceil) maps of full-resolution ones, bilinear as the CAM stage makes them: the
+    `strided` array `write_cams` keeps beside refined or imported maps."""
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+    size = (-(-t.shape[1] // 4), -(-t.shape[2] // 4))
+    if t.shape[0] == 0:
+        return np.zeros((0, *size), np.float32)
+    return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
 def write_cams(
     path: str | Path,
     keys: np.ndarray,

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from wsss.artifacts import read_cams
+from wsss.data.base import SampleError, read_label_mask
 from wsss.errors import WsssError
 
 FORMATS = ("irn", "psa", "clip_es", "npz", "wsss")
@@ -276,16 +276,10 @@ def list_files(folder: str | Path, fmt: str) -> dict[str, Path]:
     return found
 
 
-def read_label_png(path: Path, num_classes: int) -> np.ndarray:
-    """A pseudo-label PNG (palette or plain index: 0 background, c + 1 class c, 255 ignore) as (H, W) uint8."""
+def read_label_png(path: Path, num_classes: int, size: tuple[int, int]) -> np.ndarray:
+    """A pseudo-label PNG (palette, greyscale, or RGB in VOC's colours: 0 background, c + 1 class c, 255
+    ignore) of an image of (H, W) `size`, read and checked as ground-truth masks are (`read_label_mask`)."""
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L", "I", "I;16"):
-                raise ExternalFileError(path, f"a {img.mode} image, not a label PNG (palette or one channel)")
-            mask = np.asarray(img)
-    except OSError as e:
-        raise ExternalFileError(path, f"unreadable PNG ({e})") from e
-    bad = np.setdiff1d(np.unique(mask), [*range(num_classes + 1), 255])
-    if len(bad):
-        raise ExternalFileError(path, f"values {bad[:8].tolist()} are neither 0..{num_classes} nor 255")
-    return mask.astype(np.uint8)
+        return read_label_mask(path, num_classes, size)
+    except (SampleError, OSError, ValueError) as e:
+        raise ExternalFileError(path, str(e).removeprefix(f"{path}: ")) from e

@@ -26,10 +26,12 @@ def digest(obj: Any) -> str:
 
 
 @cache
-def import_graph() -> dict[str, tuple[Path, frozenset[str]]]:
-    """Every module of the wsss package: its file and the wsss modules it imports (anywhere in the file, also by
-    name, as a registry does with importlib)."""
-    root = Path(wsss.__file__).parent
+def import_graph(root: Path | None = None, by_name: bool = True) -> dict[str, tuple[Path, frozenset[str]]]:
+    """Every module of the wsss package (at `root`, default the installed one): its file and the wsss modules
+    it imports (anywhere in the file, also by name, as a registry does with importlib). `from pkg import sub`
+    imports `pkg` (its `__init__` runs first) and `pkg.sub`. `by_name=False` leaves out the modules named only
+    as strings (imported lazily, when called: no circle at import time)."""
+    root = Path(wsss.__file__).parent if root is None else Path(root)
     names = {}
     for path in root.rglob("*.py"):
         parts = path.relative_to(root.parent).with_suffix("").parts
@@ -48,7 +50,7 @@ def import_graph() -> dict[str, tuple[Path, frozenset[str]]]:
                     base = f"{anchor}.{base}" if base else anchor
                 found.add(base)
                 found |= {f"{base}.{a.name}" for a in node.names}  # from wsss import dist -> wsss.dist
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            elif by_name and isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 found.add(node.value)  # importlib.import_module("wsss.data.voc"), as the dataset registry does
         graph[name] = (path, frozenset(f for f in found if f in names))
     return graph

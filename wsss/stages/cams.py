@@ -17,8 +17,8 @@ from wsss.data.loader import Loader
 from wsss.data.transforms import normalize, pil_resize
 from wsss.dist import progress
 from wsss.models import load_checkpoint
-from wsss.stages import cams_import
 from wsss.stages.base import Need, Stage, StageContext, check_classes, model_provenance, plain
+from wsss.stages.cams_import import cam_params, run_cams, source_files
 from wsss.training import loader_workers
 
 log = logging.getLogger(__name__)
@@ -239,13 +239,13 @@ def _cost(cost: dict[str, Any], computed: int) -> dict[str, Any] | None:
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
-    return cams_import.run_cams(ctx) if ctx.cfg.cam.source is not None else run(ctx)
+    return run_cams(ctx) if ctx.cfg.cam.source is not None else run(ctx)
 
 
 def _files(cfg: Any, split: str, fp: Any) -> dict[str, Any]:
     files = dict(fp.dataset(split))
     if cfg.cam.source is not None:  # another method's maps: keyed by their bytes
-        files["cam_source"] = cams_import.source_files(str(cfg.cam.source), str(cfg.cam.source_format), "cam.source")
+        files["cam_source"] = source_files(str(cfg.cam.source), str(cfg.cam.source_format), "cam.source")
     return files
 
 
@@ -255,7 +255,7 @@ STAGE = Stage(
     config=("dataset", "cam"),
     params=lambda cfg, split: {
         "dataset": dataset_identity(cfg.dataset, split),
-        "cam": cams_import.cam_params(plain(cfg.cam)),
+        "cam": cam_params(plain(cfg.cam)),
     },
     needs=lambda cfg, split: {} if cfg.cam.source is not None else {"train": Need("train", cfg.dataset.train_split)},
     files=_files,

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from wsss import dist
-from wsss.artifacts import write_cams, write_mask
+from wsss.artifacts import strided_maps, write_cams, write_mask
 from wsss.dist import progress
 from wsss.external import (
     SUFFIXES,
@@ -120,15 +118,6 @@ def run_cams(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def strided_maps(maps: np.ndarray) -> np.ndarray:
-    """The maps at a quarter of the size (ceil), as wsss's own `strided` maps are."""
-    h, w = maps.shape[1:]
-    if not len(maps):
-        return np.zeros((0, -(-h // 4), -(-w // 4)), np.float32)
-    t = F.interpolate(torch.from_numpy(maps)[None], size=(-(-h // 4), -(-w // 4)), mode="area")
-    return t[0].numpy()
-
-
 def run_masks(ctx: StageContext) -> dict[str, Any]:
     """`pseudo.source`: each split image's label PNG from the folder, checked (size, values), as `masks/<id>.png`."""
     source = ctx.source()
@@ -139,10 +128,7 @@ def run_masks(ctx: StageContext) -> dict[str, Any]:
     for image_id in progress(dist.shard(ids), desc="import label PNGs", unit="img"):
         path = files[image_id]
         try:
-            mask = read_label_png(path, source.num_classes)
-            size = source.image_size(image_id)
-            if mask.shape != tuple(size):
-                raise ExternalFileError(path, f"a {mask.shape[0]}x{mask.shape[1]} mask for a {size[0]}x{size[1]} image")
+            mask = read_label_png(path, source.num_classes, source.image_size(image_id))
         except ExternalFileError as e:
             skips("bad_file", e)
             continue

@@ -231,7 +231,8 @@ def _scored(ctx: StageContext, source: SegmentationSource) -> tuple[list[str], l
             len(not_imported),
             ", ".join(not_imported[:10]) + (" ..." if len(not_imported) > 10 else ""),
         )
-        scored = [i for i in scored if i not in set(not_imported)]
+        left = set(not_imported)
+        scored = [i for i in scored if i not in left]
     return scored, not_imported
 
 

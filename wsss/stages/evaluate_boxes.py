@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from wsss.data import SegmentationSource
 from wsss.metrics import BoxAccuracy, ImageStats, box_scores, image_record
 
-log = logging.getLogger("wsss.stages.evaluate")
+log = logging.getLogger(__name__)
 
 
 class ImageBoxes:

@@ -12,7 +12,7 @@ from wsss.artifacts import read_json
 from wsss.stages.base import Artifact
 from wsss.stages.figures import METRIC_NAMES
 
-log = logging.getLogger("wsss.stages.evaluate")
+log = logging.getLogger(__name__)
 
 REPORT_FILES = (
     "metrics.json",

@@ -13,8 +13,8 @@ from wsss.artifacts import read_cams, rle_results, write_json, write_mask
 from wsss.data import dataset_identity
 from wsss.dist import progress
 from wsss.pseudo import threshold_mask
-from wsss.stages import cams_import
 from wsss.stages.base import Artifact, Need, Stage, StageContext, plain
+from wsss.stages.cams_import import masks_files, run_masks
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def report(artifact: Artifact, run_dir: Path | None) -> None:
 
 
 def _run(ctx: StageContext) -> dict[str, Any]:
-    return cams_import.run_masks(ctx) if ctx.cfg.pseudo.source is not None else run(ctx)
+    return run_masks(ctx) if ctx.cfg.pseudo.source is not None else run(ctx)
 
 
 def _params(cfg: Any, split: str) -> dict[str, Any]:
@@ -95,7 +95,7 @@ STAGE = Stage(
     config=("dataset", "pseudo"),
     params=_params,
     needs=_needs,
-    files=cams_import.masks_files,
+    files=masks_files,
     report=report,
     summary="Pseudo masks as palette PNGs: the maps thresholded (0 background, 255 ignore), or another method's "
     "label PNGs read from `pseudo.source`.",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from wsss import dist
-from wsss.artifacts import read_cams, write_cams
+from wsss.artifacts import read_cams, strided_maps, write_cams
 from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.dist import progress
@@ -57,7 +57,7 @@ def _cpu_one(image_id: str) -> str:
             image, rc.superpixel_method, rc.superpixel_segments, rc.superpixel_compactness, rc.superpixel_scale
         )
         maps = superpixel_vote(cams["maps"], labels)
-    strided = _strided(maps)
+    strided = strided_maps(maps)
     write_cams(w["out"] / f"{image_id}.npz", cams["keys"], maps, strided, background=background)
     return image_id
 
@@ -66,15 +66,6 @@ def crf_sxy(sxy_at_500: float, size: tuple[int, int]) -> float:
     """The bilateral kernel's spatial width for an image: PSA's value holds for VOC's 500-px images and
     scales with the longer side (80 px at 500 px is the whole of a 128-px image; measured in BENCHMARKS.md)."""
     return float(sxy_at_500) * max(size) / 500.0
-
-
-def _strided(maps: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The 1/4-resolution maps (bilinear, as the CAM stage makes them) of refined full-resolution maps."""
-    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
-    if t.shape[0] == 0:
-        return np.zeros((0, -(-t.shape[1] // 4), -(-t.shape[2] // 4)), np.float32)
-    size = (-(-t.shape[1] // 4), -(-t.shape[2] // 4))
-    return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
 
 
 def _run_cpu(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo: list[str]) -> None:
@@ -110,7 +101,7 @@ def _run_par(ctx: StageContext, source: SegmentationSource, maps_dir: Path, todo
         ).cpu()
         for row, (image_id, c) in enumerate(zip(chunk, cams, strict=True)):
             out = refined[row, : len(c["keys"])]
-            write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], out, _strided(out))
+            write_cams(ctx.out_dir / "maps" / f"{image_id}.npz", c["keys"], out, strided_maps(out))
         bar.update(len(chunk))
     bar.close()
 
