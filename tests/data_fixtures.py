@@ -1,4 +1,4 @@
-"""Builders of tiny generated dataset trees for the reader tests: VOC 2012 (+ SBD) and COCO layouts.
+"""Builders of tiny generated dataset trees for the reader tests: VOC 2012 (+ SBD), COCO and folder layouts.
 
 Everything is drawn from rectangles so the expected masks and labels are known exactly. The real samples live
 in `../shared/data` (see `real_data_root`); these trees stand in for what the samples lack (XML, SBD .mat
@@ -7,13 +7,16 @@ files, images without annotations, broken files).
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from wsss.artifacts import write_mask
+from wsss.artifacts import read_mask, write_mask
+from wsss.data.synthetic import SYNTHETIC_CLASSES, SyntheticSpec, ensure_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,3 +255,46 @@ def edit_coco_json(path: Path, edit) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
+
+
+# -- a folder dataset (dataset=folder) ---------------------------------------------------------------------
+
+FOLDER_CLASSES = sorted(SYNTHETIC_CLASSES)  # the class order a labels file gives when dataset.class_names is unset
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    """The rows of a CSV file."""
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def write_csv_rows(path: Path, rows: list[list[str]]) -> None:
+    """Write `rows` as a CSV file."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def build_folder(tmp_path: Path, masks: str = "half", labels: bool = True, n: int = 24) -> Path:
+    """A folder dataset from the synthetic generator's files: images in two nested folders, labels.csv in the
+    names form (the classes of each ground-truth mask), masks for every other image ("half"), all, or none."""
+    src = ensure_synthetic(tmp_path / "syn", SyntheticSpec(num_train=n, num_val=0, image_size=64))
+    root = tmp_path / "mine"
+    rows = [["image", "labels"]]
+    for k, i in enumerate((src / "ImageSets" / "Segmentation" / "train.txt").read_text().split()):
+        sub = "ward_a" if k % 2 else "ward_b/day2"
+        (root / "images" / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "images" / sub / f"{i}.jpg")
+        mask = read_mask(src / "SegmentationClass" / f"{i}.png")
+        names = [SYNTHETIC_CLASSES[v - 1] for v in np.unique(mask) if 0 < v < 255]
+        rows.append([f"{sub}/{i}.jpg" if k % 3 else f"{sub}/{i}", ";".join(names)])  # with and without suffix
+        if masks == "all" or (masks == "half" and k % 2 == 0):
+            # the folder's masks use the sorted class order: remap the generator's values
+            remap = np.full(256, 255, np.uint8)
+            remap[0] = 0
+            for c, name in enumerate(SYNTHETIC_CLASSES):
+                remap[c + 1] = FOLDER_CLASSES.index(name) + 1
+            (root / "masks" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(remap[mask]).save(root / "masks" / sub / f"{i}.png")
+    if labels:
+        write_csv_rows(root / "labels.csv", rows)
+    return root

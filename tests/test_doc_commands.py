@@ -31,17 +31,32 @@ import shlex
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, REPO
+from tests.conftest import REPO
+from tests.doc_commands import (
+    COMMANDS,
+    DOCS,
+    INLINE,
+    STARTS,
+    SYNOPSES,
+    Command,
+    assert_applied,
+    command_ids,
+    commands_of,
+    compose_job,
+    fenced_commands,
+    fill_placeholders,
+    inline_commands,
+    job_config,
+    run_args,
+    shell_blocks,
+    sweep_jobs,
+)
 from tests.tiny import TINY
 from wsss.config import register_configs, validate
 
@@ -52,17 +67,6 @@ else:  # Python 3.10: pytest itself depends on tomli there
 
 register_configs()
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SHELL_BLOCKS = {"bash", "sh", "shell", "console", "zsh"}
-FENCE = re.compile(r"^\s*```+\s*(\S*)")
-INLINE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
-STARTS = ("python ", "torchrun ", "pip ")
-
-# Inline spans written as a synopsis rather than a command, and the commands they stand for.
-SYNOPSES = {
-    "python -m wsss.cache list / prune": ("python -m wsss.cache list", "python -m wsss.cache prune"),
-    "python -m wsss.report DIR [DIR ...]": ("python -m wsss.report DIR DIR",),
-}
 # Commands cheap enough to really run (on the tiny config); each must still be in the docs.
 REAL_RUNS = ("python -m wsss.run", "python -m wsss.run -m stage=pseudo_masks pseudo.threshold=0.2,0.3")
 REAL_CACHE = ("python -m wsss.cache list", "python -m wsss.cache prune --unused-days 30 --dry-run")
@@ -71,127 +75,10 @@ AT_LEAST = {"run": 16, "cache": 6, "report": 6, "script": 7, "pip": 4, "pytest":
 AT_LEAST_FENCED = 18
 
 
-@dataclass(frozen=True)
-class Command:
-    """One command of a document: where it is, its text and its words (as the shell splits them)."""
-
-    where: str  # "README.md:17", with ".2" for the second command of an `&&` chain
-    text: str
-    words: tuple[str, ...]
-    fenced: bool
-
-    @property
-    def kind(self) -> str | None:
-        w = self.words
-        if w[0] == "torchrun":
-            try:
-                return "run" if _torchrun_args(w).training_script == "wsss.run" else None
-            except SystemExit:  # torchrun's parser refused the words
-                return None
-        if w[:2] == ("pip", "install"):
-            return "pip"
-        if w[0] in ("python", "python3") and len(w) > 1:
-            if w[1] == "wsss/run.py":  # the same app as `-m wsss.run`, the form Hydra's tab completion knows
-                return "run"
-            if w[1] == "-m" and len(w) > 2:
-                return {"wsss.run": "run", "wsss.report": "report", "wsss.cache": "cache", "pytest": "pytest"}.get(w[2])
-            if w[1].startswith("scripts/") and w[1].endswith(".py"):
-                return "script"
-        return None
-
-
-def _torchrun_args(words: tuple[str, ...]):
-    from torch.distributed.run import get_args_parser
-
-    return get_args_parser().parse_args(list(words[1:]))
-
-
-def _split(line: str, where: str, fenced: bool) -> list[Command]:
-    """A shell line as commands: comments dropped, `&&` / `;` / `||` chains split."""
-    words = shlex.split(line, comments=True)
-    parts: list[list[str]] = [[]]
-    for w in words:
-        if w in ("&&", ";", "||"):
-            parts.append([])
-        else:
-            parts[-1].append(w)
-    parts = [p for p in parts if p]
-    return [
-        Command(where if len(parts) == 1 else f"{where}.{i}", shlex.join(p), tuple(p), fenced)
-        for i, p in enumerate(parts, 1)
-    ]
-
-
-def _blocks(path: Path) -> list[tuple[str, int, list[str]]]:
-    """The fenced blocks of a Markdown file: (language, line of the first content line, lines)."""
-    blocks, lang, start, body = [], None, 0, []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        m = FENCE.match(line)
-        if m and lang is None:
-            lang, start, body = m.group(1).lower(), n + 1, []
-        elif line.strip().startswith("```") and lang is not None:
-            blocks.append((lang, start, body))
-            lang = None
-        elif lang is not None:
-            body.append(line)
-    assert lang is None, f"{path.name}: a fenced block opened at line {start - 1} is never closed"
-    return blocks
-
-
-def _fenced(path: Path) -> list[Command]:
-    out = []
-    for lang, start, body in _blocks(path):
-        if lang not in SHELL_BLOCKS:
-            continue
-        n, line = 0, ""
-        for i, text in enumerate(body):
-            if not line:
-                n = start + i
-            if text.rstrip().endswith("\\"):
-                line += text.rstrip()[:-1] + " "
-                continue
-            out += _split(line + text, f"{path.name}:{n}", fenced=True)
-            line = ""
-        assert not line, f"{path.name}:{n}: a line continuation runs off the end of its block"
-    return out
-
-
-def _inline(path: Path) -> list[Command]:
-    text = path.read_text()
-    lines = text.splitlines(keepends=True)
-    for _, start, body in _blocks(path):  # blank the fenced blocks, keeping the line numbers
-        for i in range(start - 2, start + len(body)):
-            lines[i] = "\n"
-    text = "".join(lines)
-    out = []
-    for m in INLINE.finditer(text):
-        span = " ".join(m.group(1).split())
-        if not span.startswith(STARTS):
-            continue
-        where = f"{path.name}:{text.count(chr(10), 0, m.start()) + 1}"
-        for i, cmd in enumerate(SYNOPSES.get(span, (span,)), 1):
-            out += _split(cmd, where if len(SYNOPSES.get(span, ())) < 2 else f"{where}.{i}", fenced=False)
-    return out
-
-
-COMMANDS = [c for p in DOCS for c in (*_fenced(p), *_inline(p))]
-
-
-def _of(kind: str) -> list[Command]:
-    return [c for c in COMMANDS if c.kind == kind]
-
-
-def _ids(commands: list[Command]) -> list[str]:
-    return [c.where for c in commands]
-
-
-# ----------------------------------------------------------------------------------------------- extraction
-
-
 def test_every_command_is_found_and_classified() -> None:
     unknown = [f"{c.where}: {c.text}" for c in COMMANDS if c.kind is None]
     assert not unknown, "commands of no known kind (teach this test, or fix the docs):\n" + "\n".join(unknown)
-    counts = {k: len(_of(k)) for k in AT_LEAST}
+    counts = {k: len(commands_of(k)) for k in AT_LEAST}
     assert all(counts[k] >= n for k, n in AT_LEAST.items()), f"found {counts}, expected at least {AT_LEAST}"
     fenced = sum(c.fenced for c in COMMANDS)
     assert fenced >= AT_LEAST_FENCED, f"{fenced} commands in fenced blocks, expected at least {AT_LEAST_FENCED}"
@@ -207,7 +94,7 @@ def test_untagged_blocks_hold_no_commands() -> None:
     found = [
         f"{p.name}:{start + i}: {line.strip()}"
         for p in DOCS
-        for lang, start, body in _blocks(p)
+        for lang, start, body in shell_blocks(p)
         if lang == ""
         for i, line in enumerate(body)
         if line.strip().startswith(("$ ", *STARTS))
@@ -221,7 +108,7 @@ def test_the_extraction_reads_shell_as_the_shell_does(tmp_path) -> None:
         "x\n```bash\n# a comment\npip install -e '.[test]' && python -m wsss.run a=1   # why\n"
         "python -m wsss.run -m b=1,2 \\\n    'c=[x,y]'\n```\n`python scripts/f.py all` and `ls`\n"
     )
-    got = [(c.where, c.words, c.kind) for c in (*_fenced(doc), *_inline(doc))]
+    got = [(c.where, c.words, c.kind) for c in (*fenced_commands(doc), *inline_commands(doc))]
     assert got == [
         ("doc.md:4.1", ("pip", "install", "-e", ".[test]"), "pip"),
         ("doc.md:4.2", ("python", "-m", "wsss.run", "a=1"), "run"),
@@ -233,113 +120,31 @@ def test_the_extraction_reads_shell_as_the_shell_does(tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------- placeholders
 
 
-def _fill(words: tuple[str, ...], tmp: Path) -> list[str]:
-    """The words with placeholders made real: a file for PATH, a folder for DIR / ROOT / <...>, every option for
-    `group=NAME`; `...` (more overrides) dropped. Composition reads no file, but the values are real anyway."""
-    (tmp / "model.pt").touch()
-    (tmp / "dir").mkdir(exist_ok=True)
-    real = {"PATH": str(tmp / "model.pt"), "DIR": str(tmp / "dir"), "ROOT": str(tmp / "dir")}
-    out = []
-    for w in words:
-        if w == "...":
-            continue
-        key, eq, value = w.rpartition("=")
-        if eq and value == "NAME" and (CONF_DIR / key).is_dir():
-            value = ",".join(sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml")))
-        elif value in real or re.fullmatch(r"<[^>]+>", value):
-            value = real.get(value, str(tmp / "dir"))
-        out.append(f"{key}{eq}{value}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- wsss.run
-
-HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p")
-HYDRA_FLAGS = ("--resolve", "--help")
-
-
-def _run_args(words: list[str]) -> tuple[bool, list[str]]:
-    """(multirun, overrides) of a `python -m wsss.run` or `torchrun ... -m wsss.run` command."""
-    if words[0] == "torchrun":
-        args = _torchrun_args(tuple(words))
-        assert args.module, "torchrun runs wsss.run as a module: `-m wsss.run`"
-        words = ["python", "-m", "wsss.run", *args.training_script_args]
-    elif words[1] == "wsss/run.py":
-        words = ["python", "-m", "wsss.run", *words[2:]]
-    multirun, overrides, rest = False, [], iter(words[3:])
-    for w in rest:
-        if w in ("-m", "--multirun"):
-            multirun = True
-        elif w in HYDRA_FLAGS_WITH_VALUE:
-            next(rest)
-        elif w.startswith("-"):
-            assert w in HYDRA_FLAGS, f"a wsss.run flag this test does not know: {w}"
-        else:
-            overrides.append(w)
-    return multirun, overrides
-
-
-def _jobs(multirun: bool, overrides: list[str]) -> list[list[str]]:
-    """The jobs a command launches: one, or with `-m` what Hydra's BasicSweeper makes of the comma lists."""
-    if not multirun:
-        return [overrides]
-    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
-    return batch
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
-
-
-def _job_config(cfg: DictConfig) -> DictConfig:
-    """What `--cfg job` prints: the config without its `hydra` node."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-def _assert_applied(cfg: DictConfig, overrides: list[str]) -> None:
-    """Each override's value is in the composed config: a group's choice, or the value at the key."""
-    choices = cfg.hydra.runtime.choices
-    for o in OverridesParser.create().parse_overrides(overrides):
-        if o.is_delete():
-            continue
-        key, value = o.key_or_group, o.value()
-        if key in choices:
-            assert choices[key] == value, f"{o.input_line}: the config chose {key}={choices[key]}"
-        else:
-            got = OmegaConf.select(cfg, key)
-            got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
-            assert got == value, f"{o.input_line}: the composed config has {key}={got!r}"
-
-
-@pytest.mark.parametrize("cmd", _of("run"), ids=_ids(_of("run")))
+@pytest.mark.parametrize("cmd", commands_of("run"), ids=command_ids(commands_of("run")))
 def test_run_command_composes_and_validates(cmd: Command, tmp_path) -> None:
-    multirun, overrides = _run_args(_fill(cmd.words, tmp_path))
+    multirun, overrides = run_args(fill_placeholders(cmd.words, tmp_path))
     synopsis = any(w.endswith("=NAME") for w in cmd.words)  # `stage=NAME`: every stage, one job each
-    jobs = _jobs(multirun or synopsis, overrides)
+    jobs = sweep_jobs(multirun or synopsis, overrides)
     assert jobs, cmd.text
     for job in jobs:
-        cfg = _compose(job)
-        _assert_applied(cfg, job)
-        validate(_job_config(cfg))
+        cfg = compose_job(job)
+        assert_applied(cfg, job)
+        validate(job_config(cfg))
 
 
 def _cli_checked() -> list[Command]:
     """The commands also put through the real command line: fenced ones with shell quoting, and the first `-m`."""
-    fenced = [c for c in _of("run") if c.fenced and c.words[0] == "python"]
+    fenced = [c for c in commands_of("run") if c.fenced and c.words[0] == "python"]
     quoted = [c for c in fenced if c.text != " ".join(c.words)]
     sweep = [c for c in fenced if "-m" in c.words[3:]][:1]
     return quoted + [c for c in sweep if c not in quoted]
 
 
-@pytest.mark.parametrize("cmd", _cli_checked(), ids=_ids(_cli_checked()))
+@pytest.mark.parametrize("cmd", _cli_checked(), ids=command_ids(_cli_checked()))
 def test_run_command_prints_the_same_config_with_cfg_job(cmd: Command, tmp_path) -> None:
     """`python -m wsss.run <its first job> --cfg job` exits 0 and prints what compose gives in-process."""
-    multirun, overrides = _run_args(_fill(cmd.words, tmp_path))
-    job = _jobs(multirun, overrides)[0]
+    multirun, overrides = run_args(fill_placeholders(cmd.words, tmp_path))
+    job = sweep_jobs(multirun, overrides)[0]
     proc = subprocess.run(
         [sys.executable, "-m", "wsss.run", *job, "--cfg", "job"],
         cwd=tmp_path,
@@ -349,7 +154,7 @@ def test_run_command_prints_the_same_config_with_cfg_job(cmd: Command, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = yaml.safe_load(proc.stdout)
-    assert printed == OmegaConf.to_container(_job_config(_compose(job)))
+    assert printed == OmegaConf.to_container(job_config(compose_job(job)))
 
 
 def test_the_cli_check_covers_quoting_and_a_sweep() -> None:
@@ -440,15 +245,15 @@ def _run_module(words: list[str], monkeypatch) -> int:
     return 0
 
 
-TOOLS = [*_of("report"), *_of("cache"), *_of("script")]
+TOOLS = [*commands_of("report"), *commands_of("cache"), *commands_of("script")]
 
 
-@pytest.mark.parametrize("cmd", TOOLS, ids=_ids(TOOLS))
+@pytest.mark.parametrize("cmd", TOOLS, ids=command_ids(TOOLS))
 def test_tool_command_parses(cmd: Command, tmp_path, monkeypatch, capsys) -> None:
     """The command as written, plus `--help`, exits 0 and its help names every option the command uses."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WSSS_CACHE", str(tmp_path / "cache"))
-    words = _fill(cmd.words, tmp_path)
+    words = fill_placeholders(cmd.words, tmp_path)
     code = _run_module([*words, "--help"], monkeypatch)
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
@@ -458,7 +263,7 @@ def test_tool_command_parses(cmd: Command, tmp_path, monkeypatch, capsys) -> Non
             assert w.split("=")[0] in out, f"{w} is not an option of `{' '.join(words[:3])}`:\n{out}"
 
 
-@pytest.mark.parametrize("cmd", _of("pip"), ids=_ids(_of("pip")))
+@pytest.mark.parametrize("cmd", commands_of("pip"), ids=command_ids(commands_of("pip")))
 def test_pip_command_names_extras_that_exist(cmd: Command) -> None:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     targets = [w for w in cmd.words[2:] if not w.startswith("-")]
@@ -470,7 +275,7 @@ def test_pip_command_names_extras_that_exist(cmd: Command) -> None:
         assert set(named) <= set(extras), f"{cmd.text}: no extra {set(named) - set(extras)} in pyproject.toml"
 
 
-@pytest.mark.parametrize("cmd", _of("pytest"), ids=_ids(_of("pytest")))
+@pytest.mark.parametrize("cmd", commands_of("pytest"), ids=command_ids(commands_of("pytest")))
 def test_pytest_command_uses_registered_markers(cmd: Command) -> None:
     ini = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     registered = {m.split(":")[0].strip() for m in ini["markers"]}

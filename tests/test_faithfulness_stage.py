@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_scale_out import _artifact, _checkpoint, torchrun
-from tests.tiny import run_cli, tiny_cfg
+from tests.tiny import artifact_dir, fixed_checkpoint, run_cli, tiny_cfg, torchrun
 from wsss.artifacts import read_cams
 from wsss.cam import metrics as M
 from wsss.config import validate
@@ -136,17 +135,17 @@ def test_summary_is_the_mean_over_pairs_and_its_interval_a_bootstrap_over_images
 
 @pytest.mark.slow
 def test_stage_values_equal_the_library_on_the_stored_maps_and_evaluate_merges_them(tmp_path):
-    ckpt = _checkpoint(tmp_path / "given.pt")
+    ckpt = fixed_checkpoint(tmp_path / "given.pt")
     run = tmp_path / "run"
     args = [f"model.checkpoint={ckpt}", "faithfulness.enabled=true", *FAST, f"hydra.run.dir={run}"]
     proc = run_cli(tmp_path, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    art = _artifact(tmp_path / "cache", "faithfulness")
+    art = artifact_dir(tmp_path / "cache", "faithfulness")
     per_image = json.loads((art / "per_image.json").read_text())
     summary = json.loads((art / "metrics.json").read_text())
     assert json.loads((run / "metrics.json").read_text())["faithfulness"] == summary
     assert json.loads((run / "faithfulness_per_image.json").read_text()) == per_image  # for the leaderboard
-    maps_dir = _artifact(tmp_path / "cache", "cams") / "maps"
+    maps_dir = artifact_dir(tmp_path / "cache", "cams") / "maps"
     model, names = load_checkpoint(ckpt)
     model.set_output_stride(8)  # cam.output_stride's default: the model the CAMs came from
     model.eval()
@@ -181,7 +180,7 @@ def test_stage_values_equal_the_library_on_the_stored_maps_and_evaluate_merges_t
 def test_two_ranks_give_the_single_process_results_and_batch_size_one_agrees(tmp_path):
     """2 ranks on gloo write the per-image values and summary of 1 process (one thread each, batches of 64);
     batches of 1 agree to float32 convolution rounding (batch_size is not in the key: each run has its cache)."""
-    ckpt = _checkpoint(tmp_path / "given.pt")
+    ckpt = fixed_checkpoint(tmp_path / "given.pt")
     common = [f"model.checkpoint={ckpt}", "stage=faithfulness", *FAST]
     one_thread = {"OMP_NUM_THREADS": "1"}
     runs = {}
@@ -189,10 +188,10 @@ def test_two_ranks_give_the_single_process_results_and_batch_size_one_agrees(tmp
         env = {"WSSS_CACHE": str(tmp_path / name), **one_thread}
         proc = run_cli(tmp_path, [*common, *extra, f"hydra.run.dir={tmp_path / name}_run"], env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        runs[name] = _artifact(tmp_path / name, "faithfulness")
+        runs[name] = artifact_dir(tmp_path / name, "faithfulness")
     two = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'two'}"], "c2")
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = runs["c1"], _artifact(tmp_path / "c2", "faithfulness")
+    a, b = runs["c1"], artifact_dir(tmp_path / "c2", "faithfulness")
     assert json.loads((a / "per_image.json").read_text()) == json.loads((b / "per_image.json").read_text())
     assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
     pa = json.loads((a / "per_image.json").read_text())
@@ -235,14 +234,14 @@ def test_a_background_only_image_of_its_own_size_keeps_all_five_metrics(tmp_path
     ends with all five metrics, that image's record holding every column, empty."""
     from PIL import Image
 
-    from tests.test_folder import _rows, _write_csv, build_folder
+    from tests.data_fixtures import build_folder, read_csv_rows, write_csv_rows
     from wsss.data.folder import FolderSource
     from wsss.models import Classifier, save_checkpoint
 
     root = build_folder(tmp_path, masks="none", n=6)
-    rows = _rows(root / "labels.csv")
+    rows = read_csv_rows(root / "labels.csv")
     rows[1][1] = ""  # background only
-    _write_csv(root / "labels.csv", rows)
+    write_csv_rows(root / "labels.csv", rows)
     odd = next((root / "images").rglob(f"{Path(rows[1][0]).stem}.jpg"))
     Image.open(odd).resize((40, 48)).save(odd)
     torch.manual_seed(3)
@@ -252,7 +251,7 @@ def test_a_background_only_image_of_its_own_size_keeps_all_five_metrics(tmp_path
     args = ["dataset=folder", f"dataset.root={root}", f"model.checkpoint={ckpt}", "stage=faithfulness", *FAST[:3]]
     proc = run_cli(tmp_path, [*args, f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    art = _artifact(tmp_path / "cache", "faithfulness")
+    art = artifact_dir(tmp_path / "cache", "faithfulness")
     summary = json.loads((art / "metrics.json").read_text())
     per_image = json.loads((art / "per_image.json").read_text())
     metrics = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "road")

@@ -6,58 +6,23 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from tests.data_fixtures import FOLDER_CLASSES, build_folder, read_csv_rows, write_csv_rows
 from tests.tiny import assert_reported_iou, error_line, loop_iou, run_cli
 from wsss.artifacts import read_cams, read_json, read_mask
 from wsss.data.base import SampleError
-from wsss.data.folder import FolderSource, held_out, image_id
-from wsss.data.synthetic import SYNTHETIC_CLASSES, SyntheticSpec, ensure_synthetic
+from wsss.data.folder import FolderSource, fingerprint_from_config, held_out, image_id
 
-SORTED = sorted(SYNTHETIC_CLASSES)  # the class order a labels file gives when dataset.class_names is unset
 FOLDER_RUN = ["dataset=folder"]  # with TINY's settings (its dataset.synthetic keys are inert here)
-
-
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
-def _write_csv(path: Path, rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-def build_folder(tmp_path: Path, masks: str = "half", labels: bool = True, n: int = 24) -> Path:
-    """A folder dataset from the synthetic generator's files: images in two nested folders, labels.csv in the
-    names form (the classes of each ground-truth mask), masks for every other image ("half"), all, or none."""
-    src = ensure_synthetic(tmp_path / "syn", SyntheticSpec(num_train=n, num_val=0, image_size=64))
-    root = tmp_path / "mine"
-    rows = [["image", "labels"]]
-    for k, i in enumerate((src / "ImageSets" / "Segmentation" / "train.txt").read_text().split()):
-        sub = "ward_a" if k % 2 else "ward_b/day2"
-        (root / "images" / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / "JPEGImages" / f"{i}.jpg", root / "images" / sub / f"{i}.jpg")
-        mask = read_mask(src / "SegmentationClass" / f"{i}.png")
-        names = [SYNTHETIC_CLASSES[v - 1] for v in np.unique(mask) if 0 < v < 255]
-        rows.append([f"{sub}/{i}.jpg" if k % 3 else f"{sub}/{i}", ";".join(names)])  # with and without suffix
-        if masks == "all" or (masks == "half" and k % 2 == 0):
-            # the folder's masks use the sorted class order: remap the generator's values
-            remap = np.full(256, 255, np.uint8)
-            remap[0] = 0
-            for c, name in enumerate(SYNTHETIC_CLASSES):
-                remap[c + 1] = SORTED.index(name) + 1
-            (root / "masks" / sub).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(remap[mask]).save(root / "masks" / sub / f"{i}.png")
-    if labels:
-        _write_csv(root / "labels.csv", rows)
-    return root
 
 
 # -- the reader ------------------------------------------------------------------------------------------------
@@ -66,12 +31,12 @@ def build_folder(tmp_path: Path, masks: str = "half", labels: bool = True, n: in
 def test_ids_labels_and_class_order_from_the_csv(tmp_path):
     root = build_folder(tmp_path)
     src = FolderSource(root, "train")
-    assert src.class_names == SORTED
+    assert src.class_names == FOLDER_CLASSES
     assert len(src) == 24
     assert {"ward_b/day2/train_00000", "ward_a/train_00001"} <= set(src.ids)
-    rows = _rows(root / "labels.csv")[1:]
+    rows = read_csv_rows(root / "labels.csv")[1:]
     for name, labels in rows:  # every row's names, as indices into the sorted list
-        want = sorted(SORTED.index(n) for n in labels.split(";") if n)
+        want = sorted(FOLDER_CLASSES.index(n) for n in labels.split(";") if n)
         assert src.labels(image_id(name)).tolist() == want
     assert src.has_mask("ward_b/day2/train_00000")
     assert not src.has_mask("ward_a/train_00001")
@@ -82,13 +47,13 @@ def test_ids_labels_and_class_order_from_the_csv(tmp_path):
 def test_column_form_and_json_give_the_same_labels(tmp_path):
     root = build_folder(tmp_path, masks="none")
     names_form = FolderSource(root, "train").label_table()
-    rows = _rows(root / "labels.csv")[1:]
-    cols = ["image", *reversed(SORTED)]  # the header's order is not the class order: names are sorted
-    _write_csv(
+    rows = read_csv_rows(root / "labels.csv")[1:]
+    cols = ["image", *reversed(FOLDER_CLASSES)]  # the header's order is not the class order: names are sorted
+    write_csv_rows(
         root / "labels.csv", [cols, *[[r[0], *("1" if c in r[1].split(";") else "0" for c in cols[1:])] for r in rows]]
     )
     columns = FolderSource(root, "train")
-    assert columns.class_names == SORTED
+    assert columns.class_names == FOLDER_CLASSES
     assert {k: v.tolist() for k, v in columns.label_table().items()} == {k: v.tolist() for k, v in names_form.items()}
     (root / "labels.csv").unlink()
     (root / "labels.json").write_text(json.dumps({r[0]: [n for n in r[1].split(";") if n] for r in rows}))
@@ -101,11 +66,11 @@ def test_a_0_1_column_holding_another_value_is_a_malformed_row(tmp_path, value):
     """docs/own-data.md: "a 0/1 column holding something else" is the bad row `malformed_row`: raised naming
     the line, the column and the value, or skipped and counted (the row's image dropped)."""
     root = build_folder(tmp_path, masks="none")
-    rows = _rows(root / "labels.csv")[1:]
-    cols = ["image", *SORTED]
-    table = [[r[0], *("1" if c in r[1].split(";") else "0" for c in SORTED)] for r in rows]
-    table[4][1 + SORTED.index("ring")] = value
-    _write_csv(root / "labels.csv", [cols, *table])
+    rows = read_csv_rows(root / "labels.csv")[1:]
+    cols = ["image", *FOLDER_CLASSES]
+    table = [[r[0], *("1" if c in r[1].split(";") else "0" for c in FOLDER_CLASSES)] for r in rows]
+    table[4][1 + FOLDER_CLASSES.index("ring")] = value
+    write_csv_rows(root / "labels.csv", [cols, *table])
     with pytest.raises(SampleError, match=rf"labels.csv line 6: column 'ring' is {value!r}, not 0 or 1"):
         FolderSource(root, "train")
     src = FolderSource(root, "train", on_error="skip")
@@ -119,10 +84,10 @@ def test_a_0_1_column_holding_another_value_is_a_malformed_row(tmp_path, value):
 def test_a_labels_file_delimited_otherwise_is_refused_naming_the_delimiter(tmp_path, delimiter, named, form):
     """As a spreadsheet in a comma-decimal locale saves it (`;`), or a tab-separated export: refused, with a hint."""
     root = build_folder(tmp_path, masks="none")
-    rows = _rows(root / "labels.csv")
+    rows = read_csv_rows(root / "labels.csv")
     if form == "columns":
-        table = [[r[0], *("1" if c in r[1].split(";") else "0" for c in SORTED)] for r in rows[1:]]
-        rows = [["image", *SORTED], *table]
+        table = [[r[0], *("1" if c in r[1].split(";") else "0" for c in FOLDER_CLASSES)] for r in rows[1:]]
+        rows = [["image", *FOLDER_CLASSES], *table]
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f, delimiter=delimiter).writerows(rows)
     header = rows[0]
@@ -164,9 +129,9 @@ def test_split_lists_override_the_draw(tmp_path):
 
 def test_empty_label_list_is_a_background_only_image(tmp_path, caplog):
     root = build_folder(tmp_path, masks="none")
-    rows = _rows(root / "labels.csv")
+    rows = read_csv_rows(root / "labels.csv")
     rows[1][1] = ""
-    _write_csv(root / "labels.csv", rows)
+    write_csv_rows(root / "labels.csv", rows)
     with caplog.at_level(logging.INFO):
         src = FolderSource(root, "train")
     assert src.labels(image_id(rows[1][0])).tolist() == []
@@ -178,7 +143,7 @@ def test_empty_label_list_is_a_background_only_image(tmp_path, caplog):
 
 def _break(root: Path, how: str) -> str:
     """Damage the folder one way; return a fragment the error message must hold."""
-    rows = _rows(root / "labels.csv")
+    rows = read_csv_rows(root / "labels.csv")
     if how == "missing_image":
         rows.append(["ward_a/ghost.jpg", "disc"])
         frag = r"labels.csv line 26\): image 'ward_a/ghost' not under"
@@ -198,7 +163,7 @@ def _break(root: Path, how: str) -> str:
         path = root / "images" / "ward_a" / "train_00001.jpg"
         path.write_bytes(path.read_bytes()[:300])
         return "train_00001.jpg: (unreadable|truncated) image"
-    _write_csv(root / "labels.csv", rows)
+    write_csv_rows(root / "labels.csv", rows)
     return frag
 
 
@@ -208,7 +173,7 @@ def _break(root: Path, how: str) -> str:
 def test_bad_input_raises_naming_the_file_or_is_skipped_and_counted(tmp_path, how):
     root = build_folder(tmp_path, masks="none")
     frag = _break(root, how)
-    names = SORTED if how == "unknown_class" else None
+    names = FOLDER_CLASSES if how == "unknown_class" else None
     if how == "unreadable_image":  # found when the image is read (the skip policy reads every header up front)
         with pytest.raises(SampleError, match=frag):
             FolderSource(root, "train").load_image("ward_a/train_00001")
@@ -234,6 +199,37 @@ def test_duplicate_image_files_are_one_id_too_many(tmp_path):
 # -- the pipeline ------------------------------------------------------------------------------------------------
 
 
+def test_the_fingerprint_stamps_every_image_and_mask_below_the_folder_and_nothing_else(tmp_path):
+    """Nested files by relative path with [size, mtime_ns] (one os.walk per tree as the reference); hidden
+    files and folders and other suffixes left out; a touched image changes the images digest only."""
+    root = build_folder(tmp_path)
+    (root / "images" / ".thumbs").mkdir()
+    (root / "images" / ".thumbs" / "a.jpg").write_bytes(b"x")
+    (root / "images" / "ward_a" / "notes.txt").write_text("not an image")
+    (root / "masks" / "ward_b" / "day2" / ".hidden.png").write_bytes(b"x")
+
+    def walked(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[int]]:
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.startswith(".") and Path(name).suffix.lower() in suffixes:
+                    st = (Path(dirpath) / name).stat()
+                    out[(Path(dirpath) / name).relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    fp = fingerprint_from_config(OmegaConf.create({"root": str(root)}), "train")
+    assert fp["images"].entries == walked(root / "images", (".jpg",))
+    assert fp["masks"].entries == walked(root / "masks", (".png",))
+    assert len(fp["images"].entries) == 24
+    assert len(fp["masks"].entries) == 12
+    image = root / "images" / "ward_a" / "train_00001.jpg"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 1))
+    again = fingerprint_from_config(OmegaConf.create({"root": str(root)}), "train")
+    assert again["images"].digest != fp["images"].digest
+    assert [k for k in fp if k != "images" and again[k].digest != fp[k].digest] == []
+
+
 def test_half_the_images_with_ground_truth_score_that_half(tmp_path):
     root = build_folder(tmp_path, masks="half")
     r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -241,7 +237,7 @@ def test_half_the_images_with_ground_truth_score_that_half(tmp_path):
     m = read_json(tmp_path / "run" / "metrics.json")
     assert (m["num_images"], m["no_ground_truth"]) == (12, 12)
     assert "12 of 24 images of folder/train have no ground-truth mask: scoring the other 12" in r.stdout
-    assert m["class_names"] == SORTED
+    assert m["class_names"] == FOLDER_CLASSES
     # the score is the pixel loop's over the 12 masked images, nothing else
     masks_dir = Path(m["masks_dir"])
     pairs = []
@@ -250,7 +246,7 @@ def test_half_the_images_with_ground_truth_score_that_half(tmp_path):
         pairs.append((np.array(Image.open(path)), read_mask(masks_dir / f"{rel}.png")))
     assert len(pairs) == 12
     iou, miou = loop_iou(pairs, 7)
-    assert_reported_iou(m["pseudo_masks"], iou, miou, ["background", *SORTED])
+    assert_reported_iou(m["pseudo_masks"], iou, miou, ["background", *FOLDER_CLASSES])
     saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
     assert "- cross\n  - disc" in saved  # the class names the labels file gave, written into the run's config
     overlays = Path(m["masks_dir"]).parents[2] / "evaluate"
@@ -296,7 +292,7 @@ def test_predicted_labels_for_new_images_follow_the_classifier_scores(tmp_path):
     from wsss.models import load_checkpoint
 
     model, names = load_checkpoint(checkpoint)
-    assert names == SORTED
+    assert names == FOLDER_CLASSES
     model.set_output_stride(8).eval()  # cam.output_stride's default, as the cams stage reads it
     checked = 0
     for key, got in predicted.items():
@@ -320,11 +316,11 @@ def test_a_checkpoint_with_other_classes_is_refused_with_both_lists(tmp_path):
     r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={labelled}", "stage=train", f"hydra.run.dir={tmp_path / 't'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     checkpoint = next((tmp_path / "cache" / "train").glob("*/model.pt"))
-    rows = _rows(labelled / "labels.csv")
-    _write_csv(labelled / "labels.csv", [rows[0], *[[r[0], r[1].replace("cross", "plus")] for r in rows[1:]]])
+    rows = read_csv_rows(labelled / "labels.csv")
+    write_csv_rows(labelled / "labels.csv", [rows[0], *[[r[0], r[1].replace("cross", "plus")] for r in rows[1:]]])
     r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={labelled}", f"model.checkpoint={checkpoint}", "stage=cams"])
     line = error_line(r.stderr)
     assert r.returncode == 2
-    assert str(SORTED) in line
+    assert str(FOLDER_CLASSES) in line
     assert "'plus'" in line
     assert "differ" in line

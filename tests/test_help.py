@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONF_DIR, REPO
-from tests.test_doc_commands import _assert_applied, _compose, _fill, _job_config, _jobs, _run_args
+from tests.doc_commands import assert_applied, compose_job, fill_placeholders, job_config, run_args, sweep_jobs
 from wsss.config import register_configs, validate
 from wsss.help import OVERRIDES, WIDTH, help_body
 
@@ -142,11 +142,11 @@ def test_help_lists_the_overrides_and_where_the_docs_are(rendered: str) -> None:
 @pytest.mark.parametrize("override", [o for o, _ in OVERRIDES])
 def test_every_listed_override_composes_and_validates(override: str, tmp_path) -> None:
     """As `python -m wsss.run <override>` would: every job composes, the values are applied, validation passes."""
-    multirun, overrides = _run_args(_fill(("python", "-m", "wsss.run", *override.split()), tmp_path))
-    for job in _jobs(multirun, overrides):
-        cfg = _compose(job)
-        _assert_applied(cfg, job)
-        validate(_job_config(cfg))
+    multirun, overrides = run_args(fill_placeholders(("python", "-m", "wsss.run", *override.split()), tmp_path))
+    for job in sweep_jobs(multirun, overrides):
+        cfg = compose_job(job)
+        assert_applied(cfg, job)
+        validate(job_config(cfg))
 
 
 def test_help_marks_the_choices_and_needs_of_the_composed_config() -> None:

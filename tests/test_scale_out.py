@@ -16,58 +16,28 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.tiny import TINY, run_cli
+from tests.tiny import TINY, artifact_dir, fixed_checkpoint, run_cli, torchrun, torchrun_env
 from wsss.artifacts import read_mask
 
 pytestmark = pytest.mark.slow
-NAMES = ["disc", "triangle", "square", "star", "ring", "cross"]
-
-
-def _env(root: Path, cache: str = "cache") -> dict[str, str]:
-    return {
-        **os.environ,
-        "WSSS_DATA": str(root / "data"),
-        "WSSS_CACHE": str(root / cache),
-        "OMP_NUM_THREADS": "1",  # two ranks on two cores
-    }
-
-
-def torchrun(root: Path, nproc: int, args: list[str], cache: str = "cache", timeout: float = 600):
-    """`torchrun --standalone --nproc_per_node=N -m wsss.run *TINY *args`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "wsss.run", *TINY, *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(root, cache), capture_output=True, text=True, timeout=timeout)
-
-
-def _checkpoint(path: Path) -> Path:
-    from wsss.models import Classifier, save_checkpoint
-
-    torch.manual_seed(3)
-    save_checkpoint(path, Classifier(6), NAMES)
-    return path
-
-
-def _artifact(cache: Path, stage: str) -> Path:
-    (found,) = [p.parent for p in (cache / stage).glob("*/manifest.json")]
-    return found
 
 
 def test_two_ranks_give_the_single_process_maps_masks_and_metrics(tmp_path):
     """(a) with a fixed checkpoint, and (d) 2 ranks when the artifacts are missing, then when they exist."""
-    ckpt = _checkpoint(tmp_path / "given.pt")
+    ckpt = fixed_checkpoint(tmp_path / "given.pt")
     common = [f"model.checkpoint={ckpt}", "cam.batch_size=1", "pseudo.rle_json=true"]
     one = run_cli(tmp_path, [*common, f"hydra.run.dir={tmp_path / 'one'}"], env={"WSSS_CACHE": str(tmp_path / "c1")})
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'two'}"], cache="c2")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = tmp_path / "c1", tmp_path / "c2"
-    maps_a, maps_b = _artifact(a, "cams") / "maps", _artifact(b, "cams") / "maps"
+    maps_a, maps_b = artifact_dir(a, "cams") / "maps", artifact_dir(b, "cams") / "maps"
     assert sorted(p.name for p in maps_a.iterdir()) == sorted(p.name for p in maps_b.iterdir())
     for p in maps_a.iterdir():
         za, zb = np.load(p), np.load(maps_b / p.name)
         for k in za.files:
             np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{p.name}:{k}")
-    masks_a, masks_b = _artifact(a, "pseudo_masks"), _artifact(b, "pseudo_masks")
+    masks_a, masks_b = artifact_dir(a, "pseudo_masks"), artifact_dir(b, "pseudo_masks")
     for p in (masks_a / "masks").iterdir():
         np.testing.assert_array_equal(read_mask(p), read_mask(masks_b / "masks" / p.name))
     rle_a = json.loads((masks_a / "masks.rle.json").read_text())
@@ -121,7 +91,7 @@ def test_two_rank_training_ends_with_the_same_weights_on_every_rank(tmp_path):
     weights.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     cmd += [*TINY, "stage=train", "train.epochs=2", f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**_env(tmp_path), "WSSS_TEST_WEIGHTS": str(weights)}
+    env = {**torchrun_env(tmp_path), "WSSS_TEST_WEIGHTS": str(weights)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in weights.iterdir()) == ["rank0.pt", "rank1.pt"]
@@ -132,7 +102,7 @@ def test_two_rank_training_ends_with_the_same_weights_on_every_rank(tmp_path):
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k
         assert torch.equal(rank0[k], saved[k]), k
-    manifest = json.loads((_artifact(tmp_path / "cache", "train") / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(tmp_path / "cache", "train") / "manifest.json").read_text())
     assert manifest["counts"]["ranks"] == 2
     assert manifest["config"]["ranks"] == 2
     assert "(rank 1)" in (tmp_path / "run" / "run.rank1.log").read_text()  # rank 1 logs to its own file only
@@ -147,13 +117,13 @@ def test_two_ranks_at_the_default_cam_batch_keep_maps_within_one_float16_step(tm
     """With cam.batch_size > 1 a rank's batches hold other images than one process's and the convolution rounds
     differently: every stored map stays within one float16 step of the single process's, at most 0.1 % of the
     mask pixels change class (a score on the threshold), and mIoU moves by at most 0.05 (docs/scaling.md)."""
-    ckpt = _checkpoint(tmp_path / "given.pt")
+    ckpt = fixed_checkpoint(tmp_path / "given.pt")
     common = [f"model.checkpoint={ckpt}", "cam.batch_size=16"]
     one = run_cli(tmp_path, [*common, f"hydra.run.dir={tmp_path / 'one'}"], env={"WSSS_CACHE": str(tmp_path / "c1")})
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'two'}"], cache="c2")
     assert two.returncode == 0, two.stderr[-3000:]
-    maps_a, maps_b = _artifact(tmp_path / "c1", "cams") / "maps", _artifact(tmp_path / "c2", "cams") / "maps"
+    maps_a, maps_b = artifact_dir(tmp_path / "c1", "cams") / "maps", artifact_dir(tmp_path / "c2", "cams") / "maps"
     names = sorted(p.name for p in maps_a.iterdir())
     assert names == sorted(p.name for p in maps_b.iterdir())
     for name in names:
@@ -162,8 +132,8 @@ def test_two_ranks_at_the_default_cam_batch_keep_maps_within_one_float16_step(tm
         for k in ("maps", "strided"):
             diff = np.abs(za[k].astype(np.float64) - zb[k].astype(np.float64))
             assert diff.max() <= F16_STEP, f"{name}:{k} differs by {diff.max()}"
-    masks_a = _artifact(tmp_path / "c1", "pseudo_masks") / "masks"
-    masks_b = _artifact(tmp_path / "c2", "pseudo_masks") / "masks"
+    masks_a = artifact_dir(tmp_path / "c1", "pseudo_masks") / "masks"
+    masks_b = artifact_dir(tmp_path / "c2", "pseudo_masks") / "masks"
     changed = total = 0
     for p in masks_a.iterdir():
         a, b = read_mask(p), read_mask(masks_b / p.name)
@@ -175,7 +145,7 @@ def test_two_ranks_at_the_default_cam_batch_keep_maps_within_one_float16_step(tm
 
 
 def _final_weights(cache: Path) -> dict[str, torch.Tensor]:
-    return torch.load(_artifact(cache, "train") / "model.pt", weights_only=True)["state_dict"]
+    return torch.load(artifact_dir(cache, "train") / "model.pt", weights_only=True)["state_dict"]
 
 
 def test_kill_in_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -190,7 +160,7 @@ def test_kill_in_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "wsss.run", *TINY, *args, f"hydra.run.dir={tmp_path / 'killed'}"],
         cwd=REPO,
-        env=_env(tmp_path, "c2"),
+        env=torchrun_env(tmp_path, "c2"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -217,7 +187,7 @@ def test_kill_in_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    artifact = _artifact(cache, "train")
+    artifact = artifact_dir(cache, "train")
     assert not (artifact / "train_state.pt").exists()  # done with once the model is final
     rows = list(csv.DictReader((artifact / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
@@ -229,7 +199,7 @@ def test_kill_in_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_amp_bfloat16_trains_on_the_cpu(tmp_path):
     proc = run_cli(tmp_path, ["stage=train", "train.amp_dtype=bfloat16", f"hydra.run.dir={tmp_path / 'r'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    manifest = json.loads((_artifact(tmp_path / "cache", "train") / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(tmp_path / "cache", "train") / "manifest.json").read_text())
     assert manifest["config"]["train"]["amp_dtype"] == "bfloat16"
     assert np.isfinite(manifest["losses"]).all()
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tests.conftest import REPO
-from tests.test_folder import build_folder
+from tests.data_fixtures import build_folder
 from tests.tiny import error_line, run_cli
 from wsss.artifacts import read_json
 from wsss.data.base import MissingFileError, SampleError

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from tests.conftest import CONF_DIR, REPO
+from tests.forkrun import ForkServer
 from wsss.config import register_configs
 
 register_configs()
@@ -38,12 +40,58 @@ def tiny_cfg(tmp_path: Path, overrides: list[str] = ()):
         return compose(config_name="config", overrides=[*TINY, *paths, *overrides])
 
 
+FORK_SERVER = ForkServer(REPO)
+
+
 def run_cli(tmp_path: Path, args: list[str], timeout: float = 600, env: dict | None = None, **kw):
-    """`python -m wsss.run *TINY *args` with data and cache under `tmp_path`; returns the CompletedProcess."""
+    """`python -m wsss.run *TINY *args` with data and cache under `tmp_path`; returns the CompletedProcess.
+
+    It runs in a child of the session's fork server (`tests/forkrun.py`: the same entry point without the
+    interpreter's 4 s start), or as a new subprocess where `kw` asks for one (e.g. `preexec_fn`) or `env` changes
+    what only an interpreter's start reads.
+    """
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache"), **(env or {})}
     flags = [a for a in args if a == "-m"]  # Hydra's flags go before the overrides
-    cmd = [sys.executable, "-m", "wsss.run", *flags, *TINY, *[a for a in args if a != "-m"]]
+    argv = [*flags, *TINY, *[a for a in args if a != "-m"]]
+    if not kw and FORK_SERVER.forkable(env):
+        return FORK_SERVER.run(argv, env, timeout)
+    cmd = [sys.executable, "-m", "wsss.run", *argv]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+SYNTHETIC_NAMES = ["disc", "triangle", "square", "star", "ring", "cross"]
+
+
+def torchrun_env(root: Path, cache: str = "cache") -> dict[str, str]:
+    """The environment of a run with data and cache under `root`, one thread per process."""
+    return {
+        **os.environ,
+        "WSSS_DATA": str(root / "data"),
+        "WSSS_CACHE": str(root / cache),
+        "OMP_NUM_THREADS": "1",  # two ranks on two cores
+    }
+
+
+def torchrun(root: Path, nproc: int, args: list[str], cache: str = "cache", timeout: float = 600):
+    """`torchrun --standalone --nproc_per_node=N -m wsss.run *TINY *args`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "wsss.run", *TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, env=torchrun_env(root, cache), capture_output=True, text=True, timeout=timeout)
+
+
+def fixed_checkpoint(path: Path) -> Path:
+    """A seeded untrained 6-class Classifier saved as a checkpoint at `path` (the synthetic classes)."""
+    from wsss.models import Classifier, save_checkpoint
+
+    torch.manual_seed(3)
+    save_checkpoint(path, Classifier(6), SYNTHETIC_NAMES)
+    return path
+
+
+def artifact_dir(cache: Path, stage: str) -> Path:
+    """The one artifact folder of `stage` in `cache`."""
+    (found,) = [p.parent for p in (cache / stage).glob("*/manifest.json")]
+    return found
 
 
 def kill_when(tmp_path: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:

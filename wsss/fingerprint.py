@@ -55,32 +55,50 @@ class FileGroup:
         return cls(d["label"], dict(d["entries"]))
 
 
-def scan_dir(folder: str | Path, stems: Iterable[str] | None = None, label: str | None = None) -> FileGroup:
-    """Stamp the files of `folder` (not recursive) as name -> [size, mtime_ns].
+def scan_dir(
+    folder: str | Path,
+    stems: Iterable[str] | None = None,
+    label: str | None = None,
+    *,
+    suffixes: tuple[str, ...] | None = None,
+    recursive: bool = False,
+) -> FileGroup:
+    """Stamp the files of `folder` as name -> [size, mtime_ns]; hidden files and folders are left out.
 
     Args:
         folder: The folder; a missing folder gives an empty group (its later appearance changes the digest).
         stems: Only files whose name without its last suffix is one of these (a split's ids); None for all.
         label: Report label; default the folder's name.
+        suffixes: Only files whose last suffix, lower-cased, is one of these (".jpg"); None for all.
+        recursive: Also the files of every sub-folder, named by their posix path relative to `folder`.
     """
     folder = Path(folder)
     wanted = None if stems is None else set(stems)
     entries: dict[str, Stamp] = {}
-    try:
-        it = os.scandir(folder)
-    except FileNotFoundError:
-        return FileGroup(label or folder.name, entries)
-    with it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            if wanted is not None and e.name.rpartition(".")[0] not in wanted:
-                continue
-            if not e.is_file():
-                continue
-            st = e.stat()
-            entries[e.name] = [st.st_size, st.st_mtime_ns]
-    return FileGroup(label or folder.name, entries)
+    pending = [("", folder)]
+    while pending:
+        prefix, here = pending.pop()
+        try:
+            it = os.scandir(here)
+        except FileNotFoundError:
+            continue
+        with it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if recursive and e.is_dir(follow_symlinks=False):  # as os.walk, which the readers use
+                    pending.append((f"{prefix}{e.name}/", Path(e.path)))
+                    continue
+                stem, dot, suffix = e.name.rpartition(".")
+                if wanted is not None and stem not in wanted:
+                    continue
+                if suffixes is not None and (not dot or f".{suffix.lower()}" not in suffixes):
+                    continue
+                if not e.is_file():
+                    continue
+                st = e.stat()
+                entries[prefix + e.name] = [st.st_size, st.st_mtime_ns]
+    return FileGroup(label or folder.name, dict(sorted(entries.items())))
 
 
 def hash_files(paths: Iterable[str | Path], label: str) -> FileGroup:

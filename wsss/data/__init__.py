@@ -14,7 +14,14 @@ from typing import Any
 
 from omegaconf.errors import InterpolationKeyError
 
-from wsss.data.base import ClassificationDataset, ImageBoxes, InferenceDataset, SegmentationSource, collate_list
+from wsss.data.base import (
+    ClassificationDataset,
+    ImageBoxes,
+    InferenceDataset,
+    SegmentationSource,
+    by_size,
+    collate_list,
+)
 from wsss.fingerprint import FileGroup
 
 __all__ = [
@@ -24,6 +31,7 @@ __all__ = [
     "InferenceDataset",
     "SegmentationSource",
     "build_source",
+    "by_size",
     "collate_list",
     "dataset_fingerprint",
     "dataset_identity",

@@ -425,3 +425,11 @@ class InferenceDataset(Dataset):
 def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep variable-size samples as a list."""
     return batch
+
+
+def by_size(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split a list of samples into groups of equal image size (order kept within a group), each one batch."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(tuple(item["image"].shape[-2:]), []).append(item)
+    return list(groups.values())

@@ -52,7 +52,7 @@ from wsss.data.labels_file import (
     image_id,
     read_labels_file,
 )
-from wsss.fingerprint import FileGroup, hash_files
+from wsss.fingerprint import FileGroup, hash_files, scan_dir
 
 log = logging.getLogger(__name__)
 
@@ -294,20 +294,6 @@ class FolderSource(SegmentationSource):
         return out
 
 
-def _stamp_tree(folder: Path, label: str, suffixes: tuple[str, ...]) -> FileGroup:
-    """Name (relative path), size and mtime of every file below `folder` with one of `suffixes`."""
-    entries: dict[str, Any] = {}
-    if folder.is_dir():
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if not name.startswith(".") and Path(name).suffix.lower() in suffixes:
-                    path = Path(dirpath) / name
-                    st = path.stat()
-                    entries[path.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
-    return FileGroup(label, dict(sorted(entries.items())))
-
-
 def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
     """What a folder split reads: the labels file's and split list's bytes; name, size, mtime of images, masks."""
     root = Path(cfg.root)
@@ -316,8 +302,8 @@ def fingerprint_from_config(cfg: Any, split: str) -> dict[str, FileGroup]:
     return {
         "labels": hash_files([root / n for n in LABEL_FILES], "labels file"),
         "split_list": hash_files([root / "splits" / f"{split}.txt"], f"splits/{split}.txt"),
-        "images": _stamp_tree(root / "images", "images", IMAGE_SUFFIXES),
-        "masks": _stamp_tree(root / "masks", "masks", (".png",)),
+        "images": scan_dir(root / "images", None, "images", suffixes=IMAGE_SUFFIXES, recursive=True),
+        "masks": scan_dir(root / "masks", None, "masks", suffixes=(".png",), recursive=True),
     }
 
 

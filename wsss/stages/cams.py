@@ -12,7 +12,7 @@ from wsss import dist
 from wsss.artifacts import read_cams, write_cams, write_json
 from wsss.cam import build_cam
 from wsss.cam.ops import resize_maps
-from wsss.data import InferenceDataset, collate_list, dataset_identity
+from wsss.data import InferenceDataset, by_size, collate_list, dataset_identity
 from wsss.data.loader import Loader
 from wsss.data.transforms import normalize, pil_resize
 from wsss.dist import progress
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 
 AMP_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_IMAGES = 8  # images whose CAMs are timed against a plain forward of the same inputs (the cost ratio)
-
-
-def by_size(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Split a list of samples into groups of equal image size (order kept within a group)."""
-    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for item in items:
-        groups.setdefault(tuple(item["image"].shape[-2:]), []).append(item)
-    return list(groups.values())
 
 
 def _class_table(group: list[dict[str, Any]]) -> torch.Tensor:

@@ -24,13 +24,13 @@ from omegaconf import DictConfig
 from wsss import dist
 from wsss.artifacts import read_cams, read_json, write_json
 from wsss.cam import metrics as M
-from wsss.data import InferenceDataset, collate_list, dataset_identity
+from wsss.data import InferenceDataset, by_size, collate_list, dataset_identity
 from wsss.data.loader import Loader
 from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.metrics.bootstrap import interval, resample_weights
 from wsss.stages.base import Artifact, Need, Stage, StageContext, plain
-from wsss.stages.cams import by_size, cam_model
+from wsss.stages.cams import cam_model
 from wsss.training import loader_workers
 
 log = logging.getLogger(__name__)

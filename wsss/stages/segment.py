@@ -33,7 +33,7 @@ from torch import Tensor
 
 from wsss import dist
 from wsss.artifacts import atomic_open, read_json, rle_results, write_json, write_mask
-from wsss.data import InferenceDataset, collate_list, dataset_identity
+from wsss.data import InferenceDataset, by_size, collate_list, dataset_identity
 from wsss.data.loader import Loader
 from wsss.data.transforms import normalize
 from wsss.dist import progress
@@ -113,10 +113,7 @@ def predict_and_score(ctx: StageContext, model: torch.nn.Module) -> tuple[dict[s
     )
     bar = progress(total=len(ids), desc=f"segment predict {source.split}", unit="img")
     for batch in loader:
-        sizes: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-        for it in batch:
-            sizes.setdefault(tuple(it["image"].shape), []).append(it)
-        for group in sizes.values():
+        for group in by_size(batch):
             raw = torch.stack([it["image"] for it in group]).to(ctx.device)  # (B, 3, H, W) uint8
             probs = predict_probs(model, normalize(raw), list(sc.scales), sc.flip, amp)  # (B, L, H, W)
             for row, it in enumerate(group):

@@ -1,0 +1,160 @@
+"""`python -m wsss.run ...` for the tests, without paying the interpreter's start each time.
+
+A fresh `python -m wsss.run` spends about 4 s of a tiny run's 8 on two cores importing torch, torchvision (which
+imports torch._dynamo) and Hydra before it reads an argument. A fork server pays that once: one process per test
+session imports `wsss.run`'s modules and computes nothing (so no thread pool exists to be copied), and forks a
+child for each command. The child takes the command's working directory, environment, argv and file descriptors,
+runs `wsss.run` as `__main__` exactly as `python -m` does, and exits with its status: the same entry point, exit
+codes, stdout and stderr as a new interpreter, each run in a process of its own.
+
+What a new interpreter reads at its start cannot change after the fork (PYTHON* variables, the dynamic loader's,
+the thread count the OpenMP runtime parsed): a command whose environment changes one of those runs as a real
+subprocess, as does any command that is to be killed mid-run (`tiny.kill_when`). OMP_NUM_THREADS is applied with
+`torch.set_num_threads`, which is what the runtime's parse of it sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+# Variables a running interpreter has already read: a change to one needs a new process.
+_START_ONLY = ("PYTHON", "LD_", "MALLOC", "MKL_", "OPENBLAS", "GOMP", "KMP_", "CUDA", "TORCH_", "NCCL", "WSSS_DIST_")
+_SERVE = "import sys; sys.path.insert(0, sys.argv[1]); import tests.forkrun as f; f.serve()"
+
+
+def _warm() -> None:
+    """Import what `python -m wsss.run` imports before it reads an argument."""
+    import wsss
+    import wsss.run
+
+    # As under `python -m`, wsss.run itself is run as __main__ only (runpy warns when it is already imported)
+    del sys.modules["wsss.run"], wsss.run
+
+
+def _child(req: dict) -> None:
+    """In the forked child: become `python -m wsss.run *argv` in `req`'s cwd, environment and files; never
+    returns."""
+    code = 1
+    try:
+        os.setsid()  # a process group of its own, as start_new_session gives, so a timeout can kill all of it
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        fds = [
+            os.open(os.devnull, os.O_RDONLY),
+            os.open(req["stdout"], os.O_WRONLY),
+            os.open(req["stderr"], os.O_WRONLY),
+        ]
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+        sys.argv = [str(Path(req["cwd"]) / "wsss" / "run.py"), *req["argv"]]
+        sys.modules.pop("__main__", None)
+        runpy.run_module("wsss.run", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve() -> None:
+    """The server's loop: one JSON request per line on stdin, one JSON reply ({"pid"} at the fork, then
+    {"rc"}) per line on stdout."""
+    _warm()
+    out = sys.stdout
+    for line in sys.stdin:
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            sys.stdin.close()
+            _child(req)
+        out.write(json.dumps({"pid": pid}) + "\n")
+        out.flush()
+        _, status = os.waitpid(pid, 0)
+        out.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
+        out.flush()
+
+
+class ForkServer:
+    """The test process's handle on the server: started on first use, one command at a time."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # the server's environment at its start
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.env = dict(os.environ)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _SERVE, str(self.repo)],
+                cwd=self.repo,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
+        return self.proc
+
+    def forkable(self, env: dict[str, str]) -> bool:
+        """Whether a command with environment `env` can run in a child of the server: it changes nothing that an
+        interpreter reads only at its start."""
+        base = self.env if self.proc is not None else dict(os.environ)
+        changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
+        return not any(k.startswith(_START_ONLY) for k in changed)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """`python -m wsss.run *argv` in a forked child; a CompletedProcess as subprocess.run gives, or
+        subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed)."""
+        args = [sys.executable, "-m", "wsss.run", *argv]
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            files = {name: str(Path(tmp) / name) for name in ("stdout", "stderr")}
+            for path in files.values():
+                Path(path).touch()
+            proc = self._start()
+            proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(self.repo), **files}) + "\n")
+            proc.stdin.flush()
+            pid = json.loads(proc.stdout.readline())["pid"]
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                os.killpg(pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout, expire)
+            timer.start()
+            try:
+                reply = proc.stdout.readline()
+            finally:
+                timer.cancel()
+            if not reply:
+                raise RuntimeError("the fork server stopped; its stderr is in the test's output")
+            stdout, stderr = (Path(files[n]).read_text(errors="replace") for n in ("stdout", "stderr"))
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(args, json.loads(reply)["rc"], stdout, stderr)
