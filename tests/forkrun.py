@@ -106,10 +106,21 @@ class ForkServer:
         self.repo = repo
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}  # the server's environment at its start
+        self.stamp: tuple = ()  # the wsss sources it imported (a change restarts it)
         self.lock = threading.Lock()
 
+    def _sources(self) -> tuple:
+        """(path, size, mtime_ns) of every wsss source file: what the server has imported must still be what a
+        new interpreter would import."""
+        files = sorted((self.repo / "wsss").rglob("*.py"))
+        return tuple((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+
     def _start(self) -> subprocess.Popen:
-        if self.proc is None or self.proc.poll() is not None:
+        stamp = self._sources()
+        if self.proc is not None and (self.proc.poll() is not None or stamp != self.stamp):
+            self.close()
+        if self.proc is None:
+            self.stamp = stamp
             self.env = dict(os.environ)
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _SERVE, str(self.repo)],
@@ -120,6 +131,13 @@ class ForkServer:
                 bufsize=1,
             )
         return self.proc
+
+    def close(self) -> None:
+        """Stop the server (it exits at the end of its input)."""
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self.proc = None
 
     def forkable(self, env: dict[str, str]) -> bool:
         """Whether a command with environment `env` can run in a child of the server: it changes nothing that an
