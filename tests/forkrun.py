@@ -59,8 +59,10 @@ def _child(req: dict) -> None:
             os.close(fd)
         import torch
 
+        import wsss
+
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-        sys.argv = [str(Path(req["cwd"]) / "wsss" / "run.py"), *req["argv"]]
+        sys.argv = [str(Path(wsss.__file__).parent / "run.py"), *req["argv"]]  # as `python -m` sets it
         sys.modules.pop("__main__", None)
         runpy.run_module("wsss.run", run_name="__main__", alter_sys=True)
         code = 0
@@ -146,8 +148,11 @@ class ForkServer:
         changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)}
         return not any(k.startswith(_START_ONLY) for k in changed)
 
-    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        """`python -m wsss.run *argv` in a forked child; a CompletedProcess as subprocess.run gives, or
+    def run(
+        self, argv: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        """`python -m wsss.run *argv` in a forked child in `cwd` (default the repository); a CompletedProcess as
+        subprocess.run gives, or
         subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed)."""
         args = [sys.executable, "-m", "wsss.run", *argv]
         with self.lock, tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +160,7 @@ class ForkServer:
             for path in files.values():
                 Path(path).touch()
             proc = self._start()
-            proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(self.repo), **files}) + "\n")
+            proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd or self.repo), **files}) + "\n")
             proc.stdin.flush()
             pid = json.loads(proc.stdout.readline())["pid"]
             expired = threading.Event()

@@ -57,7 +57,7 @@ from tests.doc_commands import (
     shell_blocks,
     sweep_jobs,
 )
-from tests.tiny import TINY
+from tests.tiny import FORK_SERVER, TINY
 from wsss.config import register_configs, validate
 
 if sys.version_info >= (3, 11):
@@ -145,13 +145,7 @@ def test_run_command_prints_the_same_config_with_cfg_job(cmd: Command, tmp_path)
     """`python -m wsss.run <its first job> --cfg job` exits 0 and prints what compose gives in-process."""
     multirun, overrides = run_args(fill_placeholders(cmd.words, tmp_path))
     job = sweep_jobs(multirun, overrides)[0]
-    proc = subprocess.run(
-        [sys.executable, "-m", "wsss.run", *job, "--cfg", "job"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = FORK_SERVER.run([*job, "--cfg", "job"], dict(os.environ), timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = yaml.safe_load(proc.stdout)
     assert printed == OmegaConf.to_container(job_config(compose_job(job)))

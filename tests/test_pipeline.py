@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.tiny import TINY, assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
+from tests.tiny import FORK_SERVER, TINY, assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
 from wsss.config import register_configs
 from wsss.pipeline import Pipeline
 
@@ -198,9 +198,7 @@ def test_cli_default_stage_prints_table(tmp_path):
     [("stage=nope", "stage/nope"), ("cam=nope", "cam/nope"), ("pseudo.threshold=abc", "abc")],
 )
 def test_cli_bad_overrides_fail_at_composition(override, needle):
-    proc = subprocess.run(
-        [sys.executable, "-m", "wsss.run", override], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    proc = FORK_SERVER.run([override], dict(os.environ), timeout=120)
     assert proc.returncode != 0
     assert needle in proc.stderr
 
