@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SCALE_EPS = 1e-7  # pytorch_grad_cam/utils/image.py:51: img / (1e-7 + max)
+CLIP_METHODS = ("clip_es",)  # the config's cam.method for this module (cam=clip_es)
 
 
 @dataclass

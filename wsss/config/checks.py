@@ -9,9 +9,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from wsss.config.schema import CLIP_BACKBONES, CLIP_METHODS
+from wsss.cam.clip_es import CLIP_METHODS
 from wsss.errors import ConfigError
 from wsss.models import BACKBONES
+from wsss.models.clip import CLIP_BACKBONES
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 

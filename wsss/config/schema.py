@@ -9,8 +9,9 @@ from typing import Any
 from omegaconf import MISSING
 
 from wsss.cam import METHODS
+from wsss.cam.clip_es import CLIP_METHODS
 from wsss.models import BACKBONES
-from wsss.models.clip import BACKGROUND, TEMPLATE
+from wsss.models.clip import BACKGROUND, CLIP_BACKBONES, TEMPLATE
 from wsss.models.segmenter import NETWORKS
 from wsss.refine import REFINERS
 
@@ -30,8 +31,6 @@ def _choice(name: str, values: Any) -> type[Choice]:
 
 
 # cam=clip_es on model=clip_vit_b16: CLIP-ES's maps from a frozen CLIP (wsss.cam.clip_es), no classifier
-CLIP_METHODS = ("clip_es",)
-CLIP_BACKBONES = ("clip_vit_b16",)
 CamMethod = _choice("CamMethod", (*METHODS, *CLIP_METHODS))
 Backbone = _choice("Backbone", (*BACKBONES, *CLIP_BACKBONES))
 Optimizer = _choice("Optimizer", ("adamw", "sgd"))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "ViT-B-16"  # open_clip's name; CLIP-ES's README: OpenAI's ViT-B/16
+CLIP_BACKBONES = ("clip_vit_b16",)  # model.backbone of the CLIP model (model=clip_vit_b16)
 PATCH = 16
 # OpenAI CLIP's input normalisation (generate_cams_voc12.py:79)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -84,7 +84,9 @@ def run_clip_es(ctx: StageContext) -> dict[str, Any]:
             maps = image_maps(es, it["image"], it["labels"], ctx.device)
             seconds += time.perf_counter() - t0
             empty += len(it["labels"]) == 0
-            bg = None if power is None else power_background(maps, float(power))
+            # the background from the maps as stored (float16: in float16, as eval_cam.py:61 on CLIP-ES's files)
+            kept = maps.astype(np.float16) if str(cc.store) == "float16" else maps
+            bg = None if power is None else power_background(kept, float(power))
             strided = strided_maps(maps)
             write_cams(maps_dir / f"{it['id']}.npz", it["labels"], maps, strided, str(cc.store), background=bg)
     weights = weights_identity(ctx.cfg.model.weights)
