@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny import error_line, run_cli, tiny_cfg
+from wsss.artifacts import read_cams
 from wsss.cam.clip_es import ClipES, box_mask, caa_refine, caa_transition, scale_maps
 from wsss.config import validate
 from wsss.errors import ConfigError
@@ -217,6 +218,29 @@ def test_no_train_stage_is_declared():
     assert "train" in STAGES["cams"].needs(tiny_cfg_clip(["model=resnet_tiny", "cam=cam"]), "train")
 
 
+def test_its_settings_are_in_its_key_only():
+    """cam.clip_es joins the cams key with cam=clip_es (with the weights), and no other method's key changes."""
+    from wsss.stages import STAGES
+
+    clip = STAGES["cams"].params(tiny_cfg_clip(["model.weights=openai"]), "train")
+    assert clip["cam"]["clip_es"]["box_threshold"] == 0.4
+    assert clip["model"] == {"backbone": "clip_vit_b16", "weights": "openai"}
+    other = STAGES["cams"].params(tiny_cfg_clip(["model=resnet_tiny", "cam=gradcam"]), "train")
+    assert "clip_es" not in other["cam"]
+    assert "model" not in other
+
+
+def test_leaderboard_pairs_a_clip_es_run_with_the_reference():
+    """A CLIP-ES run has no wsss model key: the report pairs it with the first reference row, as imported maps."""
+    from wsss.report import _reference_of
+    from wsss.runs import Run
+
+    ref = Run(Path("a"), {}, {"model": {"key": "k1"}}, None, name="cam")
+    clip = Run(Path("b"), {}, {"model": {"key": None, "clip_es": {"weights": "openai"}}}, None, name="clip")
+    assert _reference_of(clip, [ref]) is ref
+    assert _reference_of(Run(Path("c"), {}, {"model": {"key": "k2"}}, None), [ref]) is None
+
+
 def test_without_weights_one_line_names_both_ways(tmp_path):
     with pytest.raises(ValueError, match=r"model\.weights=PATH") as e:
         load_clip(None, torch.device("cpu"))
@@ -273,3 +297,7 @@ def test_end_to_end_on_the_shared_voc_sample(shared_data, random_weights, tmp_pa
     assert not (tmp_path / "cache" / "train").exists()  # nothing was trained
     maps = sorted((tmp_path / "cache" / "cams").rglob("*.npz"))
     assert len(maps) == 27
+    stored = read_cams(maps[0])  # float16 maps, and CLIP-ES's background (1 - max) ** 1 computed in float16
+    f16 = stored["maps"].astype(np.float16)
+    np.testing.assert_array_equal(stored["background"], (1 - f16.max(axis=0)).astype(np.float32))
+    assert stored["maps"].max() <= 1
