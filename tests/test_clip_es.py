@@ -301,3 +301,27 @@ def test_end_to_end_on_the_shared_voc_sample(shared_data, random_weights, tmp_pa
     f16 = stored["maps"].astype(np.float16)
     np.testing.assert_array_equal(stored["background"], (1 - f16.max(axis=0)).astype(np.float32))
     assert stored["maps"].max() <= 1
+
+
+@pytest.mark.slow
+def test_refinement_and_segment_read_clip_es_maps(shared_data, random_weights, tmp_path):
+    """pseudo.refine=par and stage=segment on CLIP-ES's maps (the one-image train list; a run, not a score)."""
+    root = shared_data / "voc2012_sample" / "VOCdevkit" / "VOC2012"
+    common = [
+        *CLIP,
+        f"model.weights={random_weights}",
+        "dataset=voc12",
+        f"dataset.root={root}",
+        "dataset.train_split=train",
+        "dataset.eval_split=train",
+        "evaluate.bootstrap=0",
+    ]
+    env = {"OMP_NUM_THREADS": "1"}
+    refined = run_cli(tmp_path, [*common, "pseudo.refine=par", f"hydra.run.dir={tmp_path / 'par'}"], env=env)
+    assert refined.returncode == 0, refined.stderr[-2000:]
+    assert json.loads((tmp_path / "par" / "metrics.json").read_text())["refine"] == "par"
+    seg = ["stage=segment", "segment.epochs=1", "segment.crop_size=128", "segment.scales=[1.0]", "segment.flip=false"]
+    proc = run_cli(tmp_path, [*common, *seg, f"hydra.run.dir={tmp_path / 'seg'}"], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "miou" in json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert not (tmp_path / "cache" / "train").exists()
