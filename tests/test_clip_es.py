@@ -20,7 +20,7 @@ from wsss.artifacts import read_cams
 from wsss.cam.clip_es import ClipES, box_mask, caa_refine, caa_transition, scale_maps
 from wsss.config import validate
 from wsss.errors import ConfigError
-from wsss.models.clip import BACKGROUND, NO_WEIGHTS, TEMPLATE, load_clip, prompt_names
+from wsss.models.clip import BACKGROUND, BACKGROUND_COCO, NO_WEIGHTS, TEMPLATE, load_clip, prompt_names
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -48,6 +48,29 @@ def test_prompts_and_background_are_clip_es():
     assert list(cfg.cam.clip_es.background) == list(BACKGROUND)
     assert (cfg.cam.clip_es.attention_layers, cfg.cam.clip_es.box_threshold) == (8, 0.4)
     assert (list(cfg.cam.scales), cfg.cam.flip) == ([1.0], False)
+
+
+def test_coco_prompts_and_background_are_clip_es(shared_data):
+    """clip_text.py:37-53 (new_class_names_coco), 56-58 (its COCO background), from COCO's own category names."""
+    names = json.loads((shared_data / "coco2017_sample" / "annotations" / "instances_val2017.json").read_text())
+    names = [c["name"] for c in sorted(names["categories"], key=lambda c: c["id"])]
+    assert prompt_names(names) == [
+        "person with clothes,people,human", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck",
+        "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird avian", "cat", "dog",
+        "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack,bag", "umbrella,parasol",
+        "handbag,purse", "necktie", "suitcase", "frisbee", "skis", "sknowboard", "sports ball", "kite",
+        "baseball bat", "glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+        "knife", "dessertspoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+        "pizza", "donut", "cake", "chair seat", "sofa", "pottedplant", "bed", "diningtable", "toilet",
+        "tvmonitor screen", "laptop", "mouse", "remote control", "keyboard", "cell phone", "microwave", "oven",
+        "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hairdrier,blowdrier",
+        "toothbrush",
+    ]  # fmt: skip
+    assert list(BACKGROUND_COCO) == [w for w in BACKGROUND if w not in ("keyboard", "sign")]
+    cfg = tiny_cfg(Path("/nonexistent"), ["experiment=clip_es_coco"])
+    assert list(cfg.cam.clip_es.background) == list(BACKGROUND_COCO)
+    assert (cfg.dataset.name, cfg.model.backbone, cfg.cam.method) == ("coco", "clip_vit_b16", "clip_es")
+    validate(cfg)
 
 
 def tiny_cfg_clip(overrides: list[str] = ()):

@@ -34,12 +34,34 @@ BACKGROUND = (
     "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street", "valley",
     "bridge", "sign",
 )  # fmt: skip
-# clip_text.py:6-16: VOC's class names as CLIP-ES prompts them (new_class_names); the others are their own
+# clip_text.py:56-58: COCO's background words (experiment=clip_es_coco)
+BACKGROUND_COCO = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
+    "railroad", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street", "valley", "bridge",
+)  # fmt: skip
+# Class names as CLIP-ES prompts them; any other class is prompted with its own name. VOC: clip_text.py:6-16
+# (new_class_names against class_names). COCO: clip_text.py:19-53 (new_class_names_coco), keyed by COCO's own
+# category names, which CLIP-ES's class_names_coco writes VOC's way (motorbike, aeroplane, sofa, ...).
 PROMPT_NAMES = {
     "bird": "bird avian",
     "chair": "chair seat",
     "person": "person with clothes,people,human",
     "tvmonitor": "tvmonitor screen",
+    "tv": "tvmonitor screen",
+    "motorcycle": "motorbike",
+    "airplane": "aeroplane",
+    "couch": "sofa",
+    "potted plant": "pottedplant",
+    "dining table": "diningtable",
+    "backpack": "backpack,bag",
+    "umbrella": "umbrella,parasol",
+    "handbag": "handbag,purse",
+    "tie": "necktie",
+    "snowboard": "sknowboard",  # sic, clip_text.py:43
+    "baseball glove": "glove",
+    "spoon": "dessertspoon",
+    "remote": "remote control",
+    "hair drier": "hairdrier,blowdrier",
 }
 NO_WEIGHTS = (
     "model.weights: CLIP-ES needs CLIP's weights: model.weights=PATH (OpenAI's ViT-B-16.pt or a CLIP state_dict "
@@ -48,7 +70,7 @@ NO_WEIGHTS = (
 
 
 def prompt_names(class_names: list[str]) -> list[str]:
-    """Each class's name as CLIP-ES prompts it (its synonyms for VOC's bird, chair, person, tvmonitor)."""
+    """Each class's name as CLIP-ES prompts it (its synonyms and spellings for VOC's and COCO's classes)."""
     return [PROMPT_NAMES.get(name, name) for name in class_names]
 
 
