@@ -292,6 +292,18 @@ def test_weights_file_loads_into_open_clip(random_weights):
     assert not model.training
 
 
+def test_a_torchscript_archive_reads_as_its_state_dict(tmp_path):
+    """OpenAI releases ViT-B-16.pt as a TorchScript archive: its weights are read without its code."""
+    from wsss.models.clip import read_state_dict
+
+    model = _tiny_clip()
+    torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
+    state = read_state_dict(tmp_path / "scripted.pt")
+    assert sorted(state) == sorted(model.state_dict())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_end_to_end_on_the_shared_voc_sample(shared_data, random_weights, tmp_path):
     """`python -m wsss.run model=clip_vit_b16 cam=clip_es model.weights=PATH dataset=voc12` through evaluate:

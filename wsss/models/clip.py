@@ -82,19 +82,28 @@ def _open_clip():
     return open_clip
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding `constants.pkl` (a saved state_dict's zip has none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") for n in archive.namelist())
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A CLIP state_dict from a file: a saved state_dict (optionally under "state_dict", keys optionally
     prefixed "module.") or OpenAI's TorchScript archive (its released ViT-B-16.pt)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.weights={path}: no such file")
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if _is_torchscript(path):
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archive keeps these
+    # OpenAI's archive keeps the first three; a scripted open_clip model its causal mask (rebuilt, not a weight)
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)
     return state
 
