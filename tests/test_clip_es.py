@@ -292,6 +292,7 @@ def test_weights_file_loads_into_open_clip(random_weights):
     assert not model.training
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_a_torchscript_archive_reads_as_its_state_dict(tmp_path):
     """OpenAI releases ViT-B-16.pt as a TorchScript archive: its weights are read without its code."""
     from wsss.models.clip import read_state_dict

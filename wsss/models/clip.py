@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"model.weights={path}: no such file")
     if _is_torchscript(path):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # torch.jit is deprecated, and OpenAI's release is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
