@@ -14,7 +14,8 @@ weight to float16 before loading: clip/model.py:445-466, 515), loaded by CLIP-ES
 XML per image from the labels wsss reads (the classes in its mask), in a scratch VOC root beside the images.
 
 Both sides' mIoU: CLIP-ES's `eval_cam.py` (unpatched) on its `attn_highres`, and wsss's evaluate at
-`cam.clip_es.bg_power` 1 and 2 (eval_cam.py's two `attn` settings). Prints a Markdown table.
+`cam.clip_es.bg_power` 1 and 2 (eval_cam.py's two `attn` settings); after the CRF, CLIP-ES's
+`eval_cam_with_crf.py` (unpatched) and wsss's `pseudo.refine=clip_es_crf`. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -128,15 +129,48 @@ def run_clip_es(clip_es: Path, work: Path, weights: Path, split: str, voc: Path)
     return out, seconds, miou
 
 
-def run_wsss(work: Path, weights: Path, split: str, voc: Path, power: int) -> Path:
+def run_clip_es_crf(clip_es: Path, work: Path, cams: Path, split: str, voc: Path) -> tuple[float, Path]:
+    """CLIP-ES's eval_cam_with_crf.py (unpatched): its mIoU (--eval_only) and its pseudo-mask folder (255 band)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "eval_cam_with_crf.py", "--cam_out_dir", str(cams), "--image_root",
+            str(work / "VOC2012" / "JPEGImages"), "--split_file", str(work / f"{split}.txt"),
+            "--gt_root", str(voc / "SegmentationClass")]  # fmt: skip
+    proc = subprocess.run([*args, "--eval_only"], cwd=clip_es, env=env, check=True, capture_output=True, text=True)
+    miou = 100 * float(re.search(r"'Mean IoU': (?:np\.float64\()?([0-9.]+)", proc.stdout).group(1))
+    masks = work / "clip_es_crf_masks"
+    save = [*args, "--pseudo_mask_save_path", str(masks)]
+    subprocess.run(save, cwd=clip_es, env=env, check=True, capture_output=True)
+    return miou, masks
+
+
+def crf_masks(ids: list[str], theirs: Path, run_dir: Path) -> tuple[int, int, int]:
+    """wsss's clip_es_crf masks against CLIP-ES's: differing pixels where CLIP-ES is confident, confident pixels,
+    and CLIP-ES's 255 (below 0.95) pixels, which wsss's masks leave labelled."""
+    import json
+
+    from PIL import Image
+
+    masks_dir = Path(json.loads((run_dir / "metrics.json").read_text())["masks_dir"])
+    diff = confident = band = 0
+    for image_id in ids:
+        ref = np.asarray(Image.open(theirs / f"{image_id}.png"))  # cv2.imwrite of the labels: one channel
+        mine = read_mask(masks_dir / f"{image_id}.png")
+        keep = ref != 255
+        diff += int((mine[keep] != ref[keep]).sum())
+        confident += int(keep.sum())
+        band += int((~keep).sum())
+    return diff, confident, band
+
+
+def run_wsss(work: Path, weights: Path, split: str, voc: Path, power: int, extra: tuple[str, ...] = ()) -> Path:
     """`python -m wsss.run model=clip_vit_b16 cam=clip_es ...` through evaluate; its run directory."""
-    run_dir = work / f"wsss_bg{power}"
+    run_dir = work / (f"wsss_bg{power}" + "".join(f"_{a.split('=')[1]}" for a in extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WSSS_CACHE": str(work / "cache"), "PYTHONPATH": str(REPO)}
     subprocess.run(
         [sys.executable, "-m", "wsss.run", "model=clip_vit_b16", "cam=clip_es", f"model.weights={weights}",
          "dataset=voc12", f"dataset.root={voc}", f"dataset.train_split={split}", f"dataset.eval_split={split}",
          "dataset.num_workers=0", f"cam.clip_es.bg_power={power}", "evaluate.bootstrap=0",
-         "evaluate.overlays=0", f"hydra.run.dir={run_dir}"],
+         "evaluate.overlays=0", f"hydra.run.dir={run_dir}", *extra],
         cwd=REPO, env=env, check=True, capture_output=True,
     )  # fmt: skip
     return run_dir
@@ -241,6 +275,10 @@ def main() -> None:
     runs = {p: run_wsss(args.work, weights, args.split, args.voc, p) for p in (1, 2)}
     ours = (time.perf_counter() - t0) / 2
     r = compare(ids, theirs, runs, args.work)
+    crf_run = run_wsss(args.work, weights, args.split, args.voc, 1, ("pseudo.refine=clip_es_crf",))
+    their_crf, their_crf_masks = run_clip_es_crf(args.clip_es, args.work, theirs, args.split, args.voc)
+    diff, confident, band = crf_masks(ids, their_crf_masks, crf_run)
+    crf_miou = json_miou(crf_run)
     print(f"{len(ids)} images, {r['pixels']} pixels; CLIP-ES {seconds:.1f} s, wsss {ours:.1f} s per run (1 thread)")
     print("| compared | result |\n|---|---|")
     print(f"| patch-grid Grad-CAM maps | max abs difference {r['grid_cam']:.2e} |")
@@ -262,6 +300,15 @@ def main() -> None:
         diff = r[f"mask_diff_bg{p}"]
         print(f"| masks at bg power {p} (eval_cam.py's rule) | {r['pixels'] - diff} of {r['pixels']} pixels equal |")
         print(f"| mIoU at bg power {p} | wsss {r[f'miou_bg{p}']:.4f}, CLIP-ES eval_cam.py {their_miou.get(p)} |")
+    print(f"| CRF masks (eval_cam_with_crf.py) where CLIP-ES is confident | {confident - diff} of {confident} equal |")
+    print(f"| CRF pixels CLIP-ES sets to 255 (largest marginal < 0.95) | {band} (wsss labels them) |")
+    print(f"| mIoU after the CRF | wsss {crf_miou:.4f}, CLIP-ES eval_cam_with_crf.py --eval_only {their_crf:.4f} |")
+
+
+def json_miou(run_dir: Path) -> float:
+    import json
+
+    return json.loads((run_dir / "metrics.json").read_text())["miou"]
 
 
 if __name__ == "__main__":

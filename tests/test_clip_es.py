@@ -216,6 +216,33 @@ def test_box_mask_matches_opencv_contours(seed):
         np.testing.assert_array_equal(got[k], _cv2_boxes(cams[k], 0.4))
 
 
+def test_clip_es_crf_is_eval_cam_with_crf(tmp_path):
+    """pseudo.refine=clip_es_crf against eval_cam_with_crf.py's steps (lines 23-41, 97-118) run here as written
+    there: OpenCV's BGR read minus the mean, cast to uint8; [(1 - max) ** 1, maps] in float16 as the unary."""
+    pytest.importorskip("pydensecrf")
+    import pydensecrf.densecrf as dcrf
+    import pydensecrf.utils as crf_utils
+
+    from wsss.refine import clip_es_crf
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 31, 3), dtype=np.uint8)
+    rgb[:, :12] //= 3  # a dark region: the mean subtraction goes negative there
+    cv2.imwrite(str(tmp_path / "im.png"), rgb[..., ::-1])
+    maps = (rng.random((2, 24, 31)) ** 2).astype(np.float16)
+    image = cv2.imread(str(tmp_path / "im.png"), cv2.IMREAD_COLOR).astype(np.float32)
+    image -= (104.008, 116.669, 122.675)
+    image = image.transpose(2, 0, 1).astype(np.uint8).transpose(1, 2, 0)
+    prob = np.concatenate((np.power(1 - np.max(maps, axis=0, keepdims=True), 1), maps), axis=0)
+    d = dcrf.DenseCRF2D(31, 24, 3)
+    d.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(prob)))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
+    ref = np.array(d.inference(10)).reshape(3, 24, 31)
+    fg, bg = clip_es_crf(rgb, maps)
+    np.testing.assert_array_equal(np.concatenate([bg[None], fg]), ref.astype(np.float32))
+
+
 def test_composition_refuses_what_cannot_work():
     def problems(overrides):
         with pytest.raises(ConfigError) as e:

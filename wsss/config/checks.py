@@ -173,8 +173,8 @@ def _masks_and_scores(p: DictConfig, e: DictConfig, out: _Problems) -> None:
 def _refinement(p: DictConfig, r: DictConfig, a: DictConfig, out: _Problems) -> None:
     import importlib.util
 
-    if p.refine == "crf" and importlib.util.find_spec("pydensecrf") is None:
-        out.append("pseudo.refine=crf: needs pydensecrf2: pip install -e '.[crf]' (builds with Cython and g++)")
+    if p.refine in ("crf", "clip_es_crf") and importlib.util.find_spec("pydensecrf") is None:
+        out.append(f"pseudo.refine={p.refine}: needs pydensecrf2: pip install -e '.[crf]' (builds with Cython and g++)")
     if p.refine != "none" and p.conf_fg is not None:
         out.append(f"pseudo.refine={p.refine}: refines the threshold rule's maps; leave pseudo.conf_fg/conf_bg unset")
     out.need(r.workers >= 1, "refine.workers", r.workers, "must be >= 1")
