@@ -368,7 +368,8 @@ def test_end_to_end_on_the_shared_voc_sample(shared_data, random_weights, tmp_pa
 
 @pytest.mark.slow
 def test_refinement_and_segment_read_clip_es_maps(shared_data, random_weights, tmp_path):
-    """pseudo.refine=par and stage=segment on CLIP-ES's maps (the one-image train list; a run, not a score)."""
+    """pseudo.refine=par and clip_es_crf, and stage=segment, on CLIP-ES's maps (the one-image train list; a run,
+    not a score)."""
     root = shared_data / "voc2012_sample" / "VOCdevkit" / "VOC2012"
     common = [
         *CLIP,
@@ -380,9 +381,12 @@ def test_refinement_and_segment_read_clip_es_maps(shared_data, random_weights, t
         "evaluate.bootstrap=0",
     ]
     env = {"OMP_NUM_THREADS": "1"}
-    refined = run_cli(tmp_path, [*common, "pseudo.refine=par", f"hydra.run.dir={tmp_path / 'par'}"], env=env)
-    assert refined.returncode == 0, refined.stderr[-2000:]
-    assert json.loads((tmp_path / "par" / "metrics.json").read_text())["refine"] == "par"
+    import importlib.util
+
+    for method in ("par", "clip_es_crf") if importlib.util.find_spec("pydensecrf") else ("par",):
+        refined = run_cli(tmp_path, [*common, f"pseudo.refine={method}", f"hydra.run.dir={tmp_path / method}"], env=env)
+        assert refined.returncode == 0, refined.stderr[-2000:]
+        assert json.loads((tmp_path / method / "metrics.json").read_text())["refine"] == method
     seg = ["stage=segment", "segment.epochs=1", "segment.crop_size=128", "segment.scales=[1.0]", "segment.flip=false"]
     proc = run_cli(tmp_path, [*common, *seg, f"hydra.run.dir={tmp_path / 'seg'}"], env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
