@@ -36,8 +36,11 @@ def test_groups_match_the_registries():
 
     assert GROUPS["stage"] == sorted(STAGES)
     assert GROUPS["dataset"] == sorted(DATASETS)
-    assert GROUPS["cam"] == sorted(METHODS)
-    assert GROUPS["model"] == sorted(BACKBONES)
+    from wsss.cam.clip_es import CLIP_METHODS
+    from wsss.models.clip import CLIP_BACKBONES
+
+    assert GROUPS["cam"] == sorted([*METHODS, *CLIP_METHODS])
+    assert GROUPS["model"] == sorted([*BACKBONES, *CLIP_BACKBONES])
 
 
 @pytest.mark.parametrize("group", ["dataset", "model", "cam", "stage", "experiment"])
@@ -49,12 +52,21 @@ def test_every_option_of_every_group_composes_and_validates(group):
         if needs:  # without its required value the option is refused, by name
             with pytest.raises(ConfigError, match=f"{needs[0].split('=')[0]}: required, not set"):
                 validate(_compose([f"{group}={option}"]))
-        cfg = _compose([f"{group}={option}", *needs])
+        partner = PARTNERS.get(f"{group}={option}", [])
+        if partner:  # refused without its partner group option, which the message names
+            with pytest.raises(ConfigError, match=partner[0].split("=")[0]):
+                validate(_compose([f"{group}={option}"]))
+        cfg = _compose([f"{group}={option}", *needs, *partner])
         OmegaConf.to_container(cfg, resolve=True)
         validate(cfg)  # an experiment's weights name too (checked against torchvision's list, nothing loaded)
 
 
 REQUIRED = {"dataset=folder": ["dataset.root=/data/mine"]}  # options with a value the user must give
+# options that work only together (CLIP-ES's model and maps; the weights tag is checked, nothing loaded)
+PARTNERS = {
+    "model=clip_vit_b16": ["cam=clip_es", "model.weights=openai"],
+    "cam=clip_es": ["model=clip_vit_b16", "model.weights=openai"],
+}
 
 
 # Every option of every group appears at least once; datasets and stages (the pairs that interact) in full.

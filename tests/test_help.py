@@ -36,7 +36,15 @@ def _registries() -> dict[str, list[str]]:
     from wsss.stages import STAGES
 
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF_DIR.iterdir() if p.is_dir()}
-    registry = {"stage": STAGES, "dataset": DATASETS, "model": BACKBONES, "cam": METHODS}
+    from wsss.cam.clip_es import CLIP_METHODS
+    from wsss.models.clip import CLIP_BACKBONES
+
+    registry = {
+        "stage": STAGES,
+        "dataset": DATASETS,
+        "model": [*BACKBONES, *CLIP_BACKBONES],
+        "cam": [*METHODS, *CLIP_METHODS],
+    }
     for name, options in registry.items():
         assert groups[name] == sorted(options), f"conf/{name}/ and its registry differ"  # as test_config checks
     return {**groups, "pseudo.refine": sorted(REFINERS)}

@@ -127,16 +127,18 @@ def stage_rows(cfg: DictConfig | None) -> list[tuple[str, str]]:
 def group_options() -> dict[str, list[str]]:
     """Every config group (and the one choice key, pseudo.refine) with its options, from the registries."""
     from wsss.cam import METHODS
+    from wsss.cam.clip_es import CLIP_METHODS
     from wsss.data import DATASETS
     from wsss.models import BACKBONES
+    from wsss.models.clip import CLIP_BACKBONES
     from wsss.refine import REFINERS
     from wsss.stages import STAGES
 
     return {
         "stage": sorted(STAGES),
         "dataset": sorted(DATASETS),
-        "model": sorted(BACKBONES),
-        "cam": sorted(METHODS),
+        "model": sorted([*BACKBONES, *CLIP_BACKBONES]),
+        "cam": sorted([*METHODS, *CLIP_METHODS]),
         "experiment": sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")),
         "pseudo.refine": list(REFINERS),
     }

@@ -154,7 +154,9 @@ def _reference_of(r: Run, refs: list[Run]) -> Run | None:
 
 
 def _imported(r: Run) -> bool:
-    return "imported" in (r.metrics.get("cam") or {}) or "imported" in (r.metrics.get("model") or {})
+    """Maps no wsss-trained model made: imported ones, or CLIP-ES's from a frozen CLIP."""
+    model = r.metrics.get("model") or {}
+    return "imported" in (r.metrics.get("cam") or {}) or "imported" in model or "clip_es" in model
 
 
 def _miou_at(r: Run) -> int | None:

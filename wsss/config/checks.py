@@ -9,8 +9,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from wsss.cam.clip_es import CLIP_METHODS
 from wsss.errors import ConfigError
 from wsss.models import BACKBONES
+from wsss.models.clip import CLIP_BACKBONES
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
@@ -69,6 +71,8 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
         out.need(False, "model.weights", m.weights, "resnet_tiny has no weights; use null")
     elif m.weights is not None and str(m.backbone).startswith("efficientnet_lite"):
         out.need(m.weights == "imagenet", "model.weights", m.weights, f"must be imagenet or null for {m.backbone}")
+    elif m.weights is not None and str(m.backbone) in CLIP_BACKBONES:
+        pass  # a file or "openai": _clip checks it
     elif m.weights is not None:
         import torchvision
 
@@ -138,7 +142,8 @@ def _cams(c: DictConfig, m: DictConfig, out: _Problems) -> None:
     out.need(
         bool(scales) and all(s > 0 for s in scales), "cam.scales", scales, "must be a non-empty list of values > 0"
     )
-    if m.output_stride in (8, 16, 32):  # the model can be built: its module names are what target_layer may name
+    # the model can be built: its module names are what target_layer may name
+    if m.output_stride in (8, 16, 32) and str(m.backbone) in BACKBONES:
         layers = _module_names(str(m.backbone))
         hint = f"must be a module of the model, e.g. {_close(c.target_layer, layers)}"
         out.need(c.target_layer in layers, "cam.target_layer", c.target_layer, hint)
@@ -168,8 +173,8 @@ def _masks_and_scores(p: DictConfig, e: DictConfig, out: _Problems) -> None:
 def _refinement(p: DictConfig, r: DictConfig, a: DictConfig, out: _Problems) -> None:
     import importlib.util
 
-    if p.refine == "crf" and importlib.util.find_spec("pydensecrf") is None:
-        out.append("pseudo.refine=crf: needs pydensecrf2: pip install -e '.[crf]' (builds with Cython and g++)")
+    if p.refine in ("crf", "clip_es_crf") and importlib.util.find_spec("pydensecrf") is None:
+        out.append(f"pseudo.refine={p.refine}: needs pydensecrf2: pip install -e '.[crf]' (builds with Cython and g++)")
     if p.refine != "none" and p.conf_fg is not None:
         out.append(f"pseudo.refine={p.refine}: refines the threshold rule's maps; leave pseudo.conf_fg/conf_bg unset")
     out.need(r.workers >= 1, "refine.workers", r.workers, "must be >= 1")
@@ -339,7 +344,49 @@ def _problems(cfg: DictConfig) -> list[str]:
     _segment(cfg, out)
     _faithfulness(cfg.faithfulness, out)
     _imported(cfg, out)
+    _clip(cfg, out)
     return list(out)
+
+
+def _clip(cfg: DictConfig, out: _Problems) -> None:
+    """cam=clip_es with model=clip_vit_b16: CLIP-ES's maps from a frozen CLIP; what cannot work is refused."""
+    import importlib.util
+
+    from wsss.models.clip import NO_WEIGHTS
+
+    c, m = cfg.cam, cfg.model
+    clip, es = str(m.backbone) in CLIP_BACKBONES, str(c.method) in CLIP_METHODS
+    if c.source is not None:
+        return
+    if clip != es:
+        need = "needs cam=clip_es (CLIP has no classifier head)" if clip else "needs model=clip_vit_b16 (a CLIP ViT)"
+        out.append(f"{'model.backbone' if clip else 'cam.method'}={m.backbone if clip else c.method}: {need}")
+        return
+    if not es:
+        return
+    if m.weights is None:
+        out.append(NO_WEIGHTS)
+    elif m.weights != "openai" and not os.path.isfile(m.weights):
+        out.append(f"model.weights={m.weights}: no such file (a CLIP state_dict, or openai)")
+    if importlib.util.find_spec("open_clip") is None:
+        out.append("cam.method=clip_es: needs open_clip: pip install -e '.[clip]'")
+    why = "CLIP-ES trains nothing and has no classifier"
+    out.need(cfg.stage.name not in ("train", "faithfulness"), "stage.name", cfg.stage.name, f"{why} to run it on")
+    out.need(not cfg.faithfulness.enabled, "faithfulness.enabled", True, f"must be false with cam=clip_es: {why}")
+    out.need(c.labels == "given", "cam.labels", c.labels, "must be given with cam=clip_es (its prompts are the labels)")
+    out.need(m.output_stride == 16, "model.output_stride", m.output_stride, "clip_vit_b16 has stride 16")
+    for key in ("checkpoint", "class_map", "head_init"):
+        out.need(m[key] is None, f"model.{key}", m[key], "must be null with model=clip_vit_b16")
+    one = "CLIP-ES computes one scale without flip (generate_cams_voc12.py:125-126)"
+    out.need(list(c.scales) == [1.0], "cam.scales", list(c.scales), f"must be [1.0]: {one}")
+    out.need(not c.flip, "cam.flip", c.flip, f"must be false: {one}")
+    ce = c.clip_es
+    out.need(1 <= ce.attention_layers <= 12, "cam.clip_es.attention_layers", ce.attention_layers, "must be in [1, 12]")
+    out.unit("cam.clip_es.box_threshold", ce.box_threshold)
+    if ce.bg_power is not None:
+        out.need(ce.bg_power > 0, "cam.clip_es.bg_power", ce.bg_power, "must be > 0 or null")
+    out.need("{}" in ce.template, "cam.clip_es.template", ce.template, "must contain {} (the class name)")
+    out.need(len(ce.background) > 0, "cam.clip_es.background", list(ce.background), "must name a background word")
 
 
 def _imported(cfg: DictConfig, out: _Problems) -> None:

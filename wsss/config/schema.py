@@ -9,7 +9,9 @@ from typing import Any
 from omegaconf import MISSING
 
 from wsss.cam import METHODS
+from wsss.cam.clip_es import CLIP_METHODS
 from wsss.models import BACKBONES
+from wsss.models.clip import BACKGROUND, CLIP_BACKBONES, TEMPLATE
 from wsss.models.segmenter import NETWORKS
 from wsss.refine import REFINERS
 
@@ -28,8 +30,9 @@ def _choice(name: str, values: Any) -> type[Choice]:
     return Choice(name, {str(v): str(v) for v in values})
 
 
-CamMethod = _choice("CamMethod", METHODS)
-Backbone = _choice("Backbone", BACKBONES)
+# cam=clip_es on model=clip_vit_b16: CLIP-ES's maps from a frozen CLIP (wsss.cam.clip_es), no classifier
+CamMethod = _choice("CamMethod", (*METHODS, *CLIP_METHODS))
+Backbone = _choice("Backbone", (*BACKBONES, *CLIP_BACKBONES))
 Optimizer = _choice("Optimizer", ("adamw", "sgd"))
 AmpDtype = _choice("AmpDtype", ("bfloat16", "float16"))
 TrainAmpDtype = _choice("TrainAmpDtype", ("auto", "bfloat16", "float16"))
@@ -127,6 +130,20 @@ class TrainConfig:
 
 
 @dataclass
+class ClipEsConfig:
+    """CLIP-ES's settings (cam=clip_es; linyq2117/CLIP-ES at 3893f81, the files cited; docs/clip-es.md)."""
+
+    template: str = TEMPLATE  # generate_cams_voc12.py:236-237: one prompt per class and per background word
+    background: list[str] = field(default_factory=lambda: list(BACKGROUND))  # clip_text.py:2-4
+    attention_layers: int = 8  # generate_cams_voc12.py:163: CAA averages the last 8 blocks' attention
+    box_threshold: float = 0.4  # generate_cams_voc12.py:168: CAA's boxes around the map above 0.4 of its peak
+    refine: bool = True  # the CAA-refined maps (CLIP-ES's attn_highres); false: the Grad-CAM maps
+    # background (1 - max) ** this, stored with the maps for pseudo_masks (eval_cam.py:61; eval_cam.py picks 1 or
+    # 2 on the scored split, eval_cam_with_crf.py:111 uses 1); null: the constant pseudo.threshold
+    bg_power: float | None = 1.0
+
+
+@dataclass
 class CamConfig:
     """How class activation maps are computed (wsss.cam)."""
 
@@ -155,6 +172,7 @@ class CamConfig:
     source_resize: bool = False  # maps of another size than their image: resized bilinearly (else an error)
     source_bg_power: float | None = None  # background (1 - max) ** this (CLIP-ES cam_eval_thres >= 1); null: the
     # constant pseudo.threshold (IRN's cam_eval_thres, PSA's 0.2)
+    clip_es: ClipEsConfig = field(default_factory=ClipEsConfig)  # cam=clip_es only (in no other method's key)
 
 
 @dataclass

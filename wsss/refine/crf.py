@@ -138,3 +138,32 @@ def crf_label(
     unary = unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
     kernels = (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat)
     return _mean_field(image, unary, n_labels, iterations, *kernels).argmax(0)
+
+
+CLIP_ES_MEAN_BGR = (104.008, 116.669, 122.675)  # eval_cam_with_crf.py:163
+
+
+def clip_es_crf(image: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP-ES's CRF (eval_cam_with_crf.py at 3893f81) of one image's float16 maps, its arithmetic kept.
+
+    Its image is the BGR photo minus VOC's mean, cast back to uint8 (lines 100-115); its unary is
+    [(1 - max) ** 1, maps] in float16 as given, not normalised (108-113), through pydensecrf's
+    `unary_from_softmax`; 10 mean-field steps with a Gaussian kernel sxy 1 compat 3 and a bilateral kernel
+    sxy 67 srgb 3 compat 4 (87-94). Its low-confidence 255 band (122-123) is not applied here.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        maps: (K, H, W) the maps as CLIP-ES stores them (float16 values).
+
+    Returns:
+        (K, H, W) float32 class marginals and (H, W) float32 background marginal.
+    """
+    _, unary_from_softmax = _densecrf()
+    bgr = image[..., ::-1].astype(np.float32)
+    bgr -= CLIP_ES_MEAN_BGR
+    rgbim = bgr.astype(np.uint8)
+    m16 = maps.astype(np.float16)
+    prob = np.concatenate((np.power(1 - np.max(m16, axis=0, keepdims=True), 1), m16), axis=0)
+    unary = np.ascontiguousarray(unary_from_softmax(prob))
+    q = _mean_field(rgbim, unary, prob.shape[0], 10, 1.0, 3.0, 67.0, 3.0, 4.0)
+    return q[1:], q[0]

@@ -18,6 +18,7 @@ from wsss.data.transforms import normalize, pil_resize
 from wsss.dist import progress
 from wsss.models import load_checkpoint
 from wsss.stages.base import Need, Stage, StageContext, check_classes, model_provenance, plain
+from wsss.stages.cams_clip import run_clip_es, weights_identity
 from wsss.stages.cams_import import cam_params, run_cams, source_files
 from wsss.training import loader_workers
 
@@ -230,27 +231,46 @@ def _cost(cost: dict[str, Any], computed: int) -> dict[str, Any] | None:
     }
 
 
+def _clip_es(cfg: Any) -> bool:
+    """CLIP-ES's maps from a frozen CLIP (`cam=clip_es`): no classifier, so no `train` stage."""
+    return cfg.cam.source is None and str(cfg.cam.method) == "clip_es"
+
+
 def _run(ctx: StageContext) -> dict[str, Any]:
-    return run_cams(ctx) if ctx.cfg.cam.source is not None else run(ctx)
+    if ctx.cfg.cam.source is not None:
+        return run_cams(ctx)
+    return run_clip_es(ctx) if _clip_es(ctx.cfg) else run(ctx)
 
 
 def _files(cfg: Any, split: str, fp: Any) -> dict[str, Any]:
     files = dict(fp.dataset(split))
     if cfg.cam.source is not None:  # another method's maps: keyed by their bytes
         files["cam_source"] = source_files(str(cfg.cam.source), str(cfg.cam.source_format), "cam.source")
+    elif _clip_es(cfg) and cfg.model.weights not in (None, "openai"):  # CLIP's weights: keyed by their bytes
+        files["clip_weights"] = fp.content(str(cfg.model.weights), "model.weights")
     return files
+
+
+def _params(cfg: Any, split: str) -> dict[str, Any]:
+    params = {"dataset": dataset_identity(cfg.dataset, split), "cam": cam_params(plain(cfg.cam))}
+    if _clip_es(cfg):
+        params["model"] = {"backbone": str(cfg.model.backbone), "weights": weights_identity(cfg.model.weights)}
+    return params
+
+
+def _needs(cfg: Any, split: str) -> dict[str, Need]:
+    if cfg.cam.source is not None or _clip_es(cfg):
+        return {}
+    return {"train": Need("train", cfg.dataset.train_split)}
 
 
 STAGE = Stage(
     name="cams",
     run=_run,
-    config=("dataset", "cam"),
-    params=lambda cfg, split: {
-        "dataset": dataset_identity(cfg.dataset, split),
-        "cam": cam_params(plain(cfg.cam)),
-    },
-    needs=lambda cfg, split: {} if cfg.cam.source is not None else {"train": Need("train", cfg.dataset.train_split)},
+    config=("dataset", "cam", "model"),
+    params=_params,
+    needs=_needs,
     files=_files,
-    summary="Class activation maps of every image's classes: wsss's classifier's (multi-scale + flip), or another "
-    "method's read from `cam.source`.",
+    summary="Class activation maps of every image's classes: wsss's classifier's (multi-scale + flip), CLIP-ES's "
+    "from a frozen CLIP (`cam=clip_es`), or another method's read from `cam.source`.",
 )

@@ -44,8 +44,9 @@ def source_files(folder: str, fmt: str, label: str) -> FileGroup:
 
 def cam_params(cam: dict[str, Any]) -> dict[str, Any]:
     """The `cam` settings that determine a cams artifact: the import's with `cam.source`, else all but those."""
-    if cam.get("source") is None:
-        return {k: v for k, v in cam.items() if k not in SOURCE_KEYS}
+    if cam.get("source") is None:  # CLIP-ES's settings only where they apply (other methods' keys unchanged)
+        drop = SOURCE_KEYS if cam.get("method") == "clip_es" else (*SOURCE_KEYS, "clip_es")
+        return {k: v for k, v in cam.items() if k not in drop}
     return {"source": str(Path(cam["source"]).resolve())} | {k: cam[k] for k in SOURCE_KEYS[1:]}
 
 

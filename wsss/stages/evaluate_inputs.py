@@ -55,7 +55,7 @@ def mask_rule(pseudo: dict[str, Any]) -> dict[str, Any]:
     """How the masks were made: one background threshold, or the confident fg / bg band (no threshold then)."""
     if pseudo.get("conf_fg") is not None:
         return {"conf_fg": pseudo["conf_fg"], "conf_bg": pseudo["conf_bg"]}
-    if str(pseudo.get("refine", "none")) in ("crf", "rw", "irn"):  # the threshold makes the seeds only
+    if str(pseudo.get("refine", "none")) in ("crf", "clip_es_crf", "rw", "irn"):  # the threshold: seeds only
         return {"threshold": pseudo["threshold"], "refined_against": f"the {pseudo['refine']} background map"}
     return {"threshold": pseudo["threshold"]}
 

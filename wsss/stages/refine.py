@@ -27,7 +27,7 @@ from wsss.data import SegmentationSource, dataset_identity
 from wsss.data.transforms import normalize
 from wsss.dist import progress
 from wsss.parallel import WORKER, pool_map
-from wsss.refine import dense_crf, par_refine, random_walk, superpixel_vote
+from wsss.refine import clip_es_crf, dense_crf, par_refine, random_walk, superpixel_vote
 from wsss.refine.random_walk import background_alpha, background_map
 from wsss.refine.superpixel import segments
 from wsss.stages.base import Need, Stage, StageContext, check_classes, plain
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def _cpu_one(image_id: str) -> str:
-    """Refine one image on the CPU (crf or superpixel) and write its npz; runs in a pool worker."""
+    """Refine one image on the CPU (crf, clip_es_crf or superpixel) and write its npz; runs in a pool worker."""
     w = WORKER
     cams = read_cams(w["maps_dir"] / f"{image_id}.npz")
     image = w["source"].load_image(image_id).permute(1, 2, 0).numpy()  # (H, W, 3) uint8
@@ -52,13 +52,16 @@ def _cpu_one(image_id: str) -> str:
             bilateral_sxy=crf_sxy(rc.crf_bilateral_sxy, image.shape[:2]),
             bilateral_srgb=rc.crf_bilateral_srgb,
         )
+    elif w["method"] == "clip_es_crf":
+        maps, background = clip_es_crf(image, cams["maps"])
     else:
         labels = segments(
             image, rc.superpixel_method, rc.superpixel_segments, rc.superpixel_compactness, rc.superpixel_scale
         )
         maps = superpixel_vote(cams["maps"], labels)
     strided = strided_maps(maps)
-    write_cams(w["out"] / f"{image_id}.npz", cams["keys"], maps, strided, background=background)
+    store = "float32" if w["method"] == "clip_es_crf" else "float16"  # its labels: the argmax of these marginals
+    write_cams(w["out"] / f"{image_id}.npz", cams["keys"], maps, strided, store, background=background)
     return image_id
 
 
@@ -213,7 +216,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     method = str(ctx.cfg.pseudo.refine)
     todo = [i for i in dist.shard(cams.manifest["ids"]) if not (ctx.out_dir / "maps" / f"{i}.npz").is_file()]
     log.info("refine: %s, %d of %d images to do", method, len(todo), len(cams.manifest["ids"]))
-    runners = {"crf": _run_cpu, "superpixel": _run_cpu, "par": _run_par, "rw": _run_rw, "irn": _run_irn}
+    cpu = dict.fromkeys(("crf", "clip_es_crf", "superpixel"), _run_cpu)
+    runners = {**cpu, "par": _run_par, "rw": _run_rw, "irn": _run_irn}
     runners[method](ctx, source, maps_dir, todo)
     return {
         "class_names": cams.manifest["class_names"],
@@ -228,6 +232,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 _METHOD_KEYS = {
     "crf": ("crf_iterations", "crf_bilateral_sxy", "crf_bilateral_srgb"),
+    "clip_es_crf": (),  # CLIP-ES's fixed settings
     "par": ("par_dilations", "par_iterations"),
     "superpixel": ("superpixel_method", "superpixel_segments", "superpixel_compactness", "superpixel_scale"),
     "rw": ("rw_radius", "rw_beta", "rw_steps"),
