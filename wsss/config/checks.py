@@ -71,9 +71,7 @@ def _data_and_model(cfg: DictConfig, out: _Problems) -> None:
         out.need(False, "model.weights", m.weights, "resnet_tiny has no weights; use null")
     elif m.weights is not None and str(m.backbone).startswith("efficientnet_lite"):
         out.need(m.weights == "imagenet", "model.weights", m.weights, f"must be imagenet or null for {m.backbone}")
-    elif m.weights is not None and str(m.backbone) in CLIP_BACKBONES:
-        pass  # a file or "openai": _clip checks it
-    elif m.weights is not None:
+    elif m.weights is not None and str(m.backbone) not in CLIP_BACKBONES:  # CLIP's (a file or "openai"): _clip
         import torchvision
 
         names = [w.name for w in torchvision.models.get_model_weights(BACKBONES[str(m.backbone)][0])]
