@@ -26,6 +26,20 @@ def real_data_root() -> Path:
     return REPO / ".." / "shared" / "data"
 
 
+def voc_sample_subset(shared: Path, dest: Path, split: str, count: int) -> Path:
+    """A VOC 2012 root under `dest` whose `split` list is the first `count` ids of the shared sample's `split`
+    list: the image and mask folders are symlinks to the sample's, so only the list is new. Returns the root."""
+    sample = shared / "voc2012_sample" / "VOCdevkit" / "VOC2012"
+    ids = (sample / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:count]
+    assert len(ids) == count, f"{split}.txt of {sample} has fewer than {count} ids"
+    root = dest / "VOCdevkit" / "VOC2012"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug"):
+        (root / folder).symlink_to(sample / folder, target_is_directory=True)
+    return root
+
+
 def write_jpeg(path: Path, h: int, w: int, seed: int = 0) -> None:
     """A random RGB JPEG of size (h, w)."""
     path.parent.mkdir(parents=True, exist_ok=True)

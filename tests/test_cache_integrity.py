@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.tiny import TINY, error_line, kill_when, run_cli, tiny_cfg
+from wsss.artifacts import read_cams
 from wsss.pipeline import Pipeline
 
 
@@ -46,17 +47,23 @@ def test_truncated_cam_file_is_rebuilt_alone_before_reuse(tmp_path, caplog):
 
 
 def test_unreadable_input_file_is_named_then_rebuilt(tmp_path, caplog):
-    """Same size, damaged bytes: the reader names the file, the pipeline rebuilds that input and goes on."""
-    pipe = _pipe(tmp_path, ["stage=pseudo_masks"])
+    """Same size, damaged bytes: the reader names the file, the pipeline rebuilds that input and goes on.
+
+    One image per CAM batch, so the rebuilt image meets the convolution in the batch it met first: a batch of
+    other images rounds differently (within one float16 step, docs/scaling.md), and the maps compare exactly."""
+    pipe = _pipe(tmp_path, ["stage=pseudo_masks", "cam.batch_size=1"])
     pipe.run("pseudo_masks")
     path = pipe.artifact_dir("cams") / "maps" / "train_00007.npz"
-    good = path.read_bytes()
-    path.write_bytes(b"\0" * len(good))  # listing check passes (same size); reading fails
+    good, size = read_cams(path), path.stat().st_size
+    path.write_bytes(b"\0" * size)  # listing check passes (same size); reading fails
     with caplog.at_level(logging.WARNING):
-        again = _pipe(tmp_path, ["stage=pseudo_masks", "pseudo.threshold=0.3"])
+        again = _pipe(tmp_path, ["stage=pseudo_masks", "cam.batch_size=1", "pseudo.threshold=0.3"])
         again.run("pseudo_masks")
     assert "train_00007.npz: unreadable CAM file" in caplog.text
-    assert path.read_bytes() == good
+    again_maps = read_cams(path)  # the same arrays (the bytes differ: a zip entry carries its write time)
+    assert sorted(again_maps) == sorted(good)
+    for key, want in good.items():
+        np.testing.assert_array_equal(again_maps[key], want, err_msg=key)
     cams = json.loads((again.artifact_dir("cams") / "manifest.json").read_text())
     assert cams["counts"]["computed"] == 1
 

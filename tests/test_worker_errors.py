@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import errno
+import gc
+import multiprocessing
 import pickle
 import re
 from pathlib import Path
@@ -81,6 +83,21 @@ def test_an_error_raised_in_a_worker_reaches_the_main_process_as_raised(error):
     _same(caught.value, error)
     notes = "\n".join(getattr(caught.value, "__notes__", []))
     assert re.search(r"raised in DataLoader worker process \d:\n.*in __getitem__\n", notes, re.S), notes
+
+
+def test_the_workers_are_gone_when_the_error_arrives():
+    """The loader shuts its workers down before it raises, not at a later garbage collection (which, on the next
+    loader's start, waited 10-20 s for them)."""
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        with pytest.raises(DamagedFileError):
+            for _ in distributed_loader(_Raises(ERRORS[2]), 2, 0, 2, torch.device("cpu")):
+                pass
+        left = [p for p in multiprocessing.active_children() if p not in before]
+    finally:
+        gc.enable()
+    assert not left, left
 
 
 def test_every_loader_of_the_package_carries_its_workers_errors():

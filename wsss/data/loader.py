@@ -95,5 +95,10 @@ class Loader(DataLoader):
             else:
                 yield batch
                 continue
-            del batches  # shut the workers down before the error travels up
+            # Shut the workers down before the error travels up. Dropping the iterator is not enough: a reference
+            # cycle keeps it alive until a garbage collection, and that late shutdown took 10-20 s here.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del batches
             raise original
