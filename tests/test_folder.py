@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.data_fixtures import FOLDER_CLASSES, build_folder, read_csv_rows, write_csv_rows
-from tests.tiny import assert_reported_iou, error_line, loop_iou, run_cli
+from tests.tiny import FIGURES, assert_reported_iou, error_line, loop_iou, run_cli
 from wsss.artifacts import read_cams, read_json, read_mask
 from wsss.data.base import SampleError
 from wsss.data.folder import FolderSource, fingerprint_from_config, held_out, image_id
@@ -232,7 +232,7 @@ def test_the_fingerprint_stamps_every_image_and_mask_below_the_folder_and_nothin
 
 def test_half_the_images_with_ground_truth_score_that_half(tmp_path):
     root = build_folder(tmp_path, masks="half")
-    r = run_cli(tmp_path, [*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
+    r = run_cli(tmp_path, [*FOLDER_RUN, *FIGURES, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     m = read_json(tmp_path / "run" / "metrics.json")
     assert (m["num_images"], m["no_ground_truth"]) == (12, 12)
@@ -250,7 +250,7 @@ def test_half_the_images_with_ground_truth_score_that_half(tmp_path):
     saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
     assert "- cross\n  - disc" in saved  # the class names the labels file gave, written into the run's config
     overlays = Path(m["masks_dir"]).parents[2] / "evaluate"
-    assert len(list(overlays.rglob("overlays/**/*.jpg"))) == 2  # evaluate.overlays=2 of TINY
+    assert len(list(overlays.rglob("overlays/**/*.jpg"))) == 2  # evaluate.overlays=2 of FIGURES
 
 
 def test_without_ground_truth_masks_are_made_and_evaluate_says_so(tmp_path):
@@ -261,7 +261,7 @@ def test_without_ground_truth_masks_are_made_and_evaluate_says_so(tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if "pseudo_masks: 24 masks of split 'train' in" in ln)
     masks = Path(line.split(" in ", 1)[1].split(" (palette")[0])
     assert len(list(masks.rglob("*.png"))) == 24
-    r = run_cli(tmp_path, [*common, f"hydra.run.dir={tmp_path / 'r2'}"])  # the default stage: evaluate
+    r = run_cli(tmp_path, [*common, *FIGURES, f"hydra.run.dir={tmp_path / 'r2'}"])  # the default stage: evaluate
     assert r.returncode == 0, r.stderr[-3000:]
     said = [ln for ln in r.stdout.splitlines() if "nothing to score" in ln]
     assert len(said) == 1

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.tiny import FORK_SERVER, TINY, assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
+from tests.tiny import FIGURES, FORK_SERVER, TINY, assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
 from wsss.config import register_configs
 from wsss.pipeline import Pipeline
 
@@ -55,7 +55,7 @@ def _cfg(tmp_path: Path, overrides: list[str]):
 
 
 def test_pipeline_runs_and_reuses(tmp_path):
-    cfg = _cfg(tmp_path, ["stage=evaluate"])
+    cfg = _cfg(tmp_path, ["stage=evaluate", *FIGURES])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     pipe = Pipeline(cfg, run_dir=run_dir)

@@ -317,11 +317,11 @@ def test_refined_run_reports_seeds_and_masks_side_by_side(tmp_path):
 
     from PIL import Image
 
-    from tests.tiny import assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
+    from tests.tiny import FIGURES, assert_reported_iou, ground_truth, irn_mask, loop_iou, tiny_cfg
     from wsss.artifacts import read_cams
     from wsss.pipeline import Pipeline
 
-    pipe = Pipeline(tiny_cfg(tmp_path, ["pseudo.refine=par", "refine.par_dilations=[1,2]"]))
+    pipe = Pipeline(tiny_cfg(tmp_path, ["pseudo.refine=par", "refine.par_dilations=[1,2]", *FIGURES]))
     pipe.run("evaluate")
     out = pipe.artifact_dir("evaluate")
     metrics = json.loads((out / "metrics.json").read_text())

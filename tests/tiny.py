@@ -29,8 +29,11 @@ TINY = [
     "train.batch_size=8",
     "dataset.num_workers=0",
     "cam.scales=[1.0]",
-    "evaluate.overlays=2",
+    "evaluate.overlays=0",  # the plots and overlays take a second a run: FIGURES turns them on where a test reads them
+    "evaluate.figures=false",
 ]
+
+FIGURES = ["evaluate.overlays=2", "evaluate.figures=true"]
 
 
 def tiny_cfg(tmp_path: Path, overrides: list[str] = ()):

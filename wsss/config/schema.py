@@ -267,6 +267,7 @@ class EvaluateConfig:
     select_on: str | None = None  # pick the threshold on this split and report eval_split at it
     overlays: Any = 6  # N: overlays.png of the best and worst N images, and overlays/<id>.jpg of each; all: every
     # image in overlays/ (the grid keeps 6). Without ground truth: the first N images of the split
+    figures: bool = True  # class_iou.png and threshold_curve.png (false: skipped, 0.5 s a run, e.g. in a long sweep)
     boxes: bool = True  # MaxBoxAcc / MaxBoxAccV2 where the dataset has boxes (and the run has maps)
     bootstrap: int = 1000  # resamples of the images for 95 % intervals; 0 turns the intervals off
     bootstrap_seed: int = 0  # fixed, so runs on the same images share their resamples (paired comparisons)

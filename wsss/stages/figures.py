@@ -91,13 +91,15 @@ def write_overlays(
 def write_figures(
     cfg, out_dir: Path, result: dict, source, maps_dir: Path | None, masks_dir: Path, seeds_dir: Path | None = None
 ) -> None:
-    """Plots, overlays and the Markdown summary beside a scored metrics.json."""
+    """Plots (unless `evaluate.figures=false`), overlays (`evaluate.overlays`) and the Markdown summary beside a
+    scored metrics.json."""
     from wsss import viz
 
     names = ["background", *source.class_names]
     iou = [result["iou"][n] if result["iou"][n] is not None else float("nan") for n in names]
-    viz.plot_class_iou(names, iou, out_dir / "class_iou.png")
-    if "sweep" in result:
+    if cfg.evaluate.figures:
+        viz.plot_class_iou(names, iou, out_dir / "class_iou.png")
+    if "sweep" in result and cfg.evaluate.figures:
         sw = result["sweep"]
         curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
         viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
