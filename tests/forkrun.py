@@ -15,15 +15,18 @@ subprocess, as does any command that is to be killed mid-run (`tiny.kill_when`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import traceback
+import uuid
 from pathlib import Path
 
 # Variables a running interpreter has already read: a change to one needs a new process.
@@ -34,8 +37,12 @@ _SERVE = "import sys; sys.path.insert(0, sys.argv[1]); import tests.forkrun as f
 def _warm() -> None:
     """Import what `python -m wsss.run` imports before it reads an argument."""
     import wsss
+    import wsss.provenance
     import wsss.run
 
+    # The import graph every cache key reads (0.7 s of parsing a run): a pure function of the sources, which
+    # cannot change under a server (the test process restarts it when a wsss/*.py changes)
+    wsss.provenance.import_graph()
     # As under `python -m`, wsss.run itself is run as __main__ only (runpy warns when it is already imported)
     del sys.modules["wsss.run"], wsss.run
 
@@ -82,23 +89,41 @@ def _child(req: dict) -> None:
 
 
 def serve() -> None:
-    """The server's loop: one JSON request per line on stdin, one JSON reply ({"pid"} at the fork, then
-    {"rc"}) per line on stdout."""
+    """The server's loop: one JSON request per line on stdin (one or more processes, each with its environment
+    and output files), one JSON reply ({"pids"} at the forks, then {"rc"}) per line on stdout.
+
+    Several processes are the ranks of one run: as torchrun does, the first to fail has the others killed, and
+    the exit status is 1 if any failed (a single process's is its own)."""
     _warm()
     out = sys.stdout
     for line in sys.stdin:
         req = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            sys.stdin.close()
-            _child(req)
-        out.write(json.dumps({"pid": pid}) + "\n")
+        pids = []
+        for proc in req["procs"]:
+            pid = os.fork()
+            if pid == 0:
+                sys.stdin.close()
+                _child({**req, **proc})
+            pids.append(pid)
+        out.write(json.dumps({"pids": pids}) + "\n")
         out.flush()
-        _, status = os.waitpid(pid, 0)
-        out.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
+        codes: dict[int, int] = {}
+        while len(codes) < len(pids):
+            pid, status = os.wait()
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0:
+                for other in set(pids) - set(codes):
+                    _kill_group(other)
+        rc = codes[pids[0]] if len(pids) == 1 else int(any(codes.values()))
+        out.write(json.dumps({"rc": rc}) + "\n")
         out.flush()
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # gone already
+        os.killpg(pid, signal.SIGKILL)
 
 
 class ForkServer:
@@ -154,20 +179,46 @@ class ForkServer:
         """`python -m wsss.run *argv` in a forked child in `cwd` (default the repository); a CompletedProcess as
         subprocess.run gives, or
         subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed)."""
+        return self._run(argv, [env], timeout, cwd)
+
+    def run_ranks(
+        self, argv: list[str], env: dict[str, str], nproc: int, timeout: float
+    ) -> subprocess.CompletedProcess:
+        """`torchrun --standalone --nproc_per_node=N -m wsss.run *argv` as N forked children: each has the
+        variables torchrun gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK,
+        MASTER_ADDR / MASTER_PORT of a free local port, one TORCHELASTIC_RUN_ID), so wsss starts its gloo group
+        from the environment as under torchrun; rank 0 hosts the store (torchrun's agent is not there). stdout
+        and stderr are rank 0's then rank 1's; the exit status is torchrun's (1 if a rank failed)."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        common = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "ROLE_WORLD_SIZE": str(nproc)}
+        common |= {"GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1"}
+        common |= {"MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": uuid.uuid4().hex, "TORCHELASTIC_RESTART_COUNT": "0"}
+        envs = [{**env, **common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)} for r in range(nproc)]
+        return self._run(argv, envs, timeout, None)
+
+    def _run(
+        self, argv: list[str], envs: list[dict[str, str]], timeout: float, cwd: Path | None
+    ) -> subprocess.CompletedProcess:
         args = [sys.executable, "-m", "wsss.run", *argv]
         with self.lock, tempfile.TemporaryDirectory() as tmp:
-            files = {name: str(Path(tmp) / name) for name in ("stdout", "stderr")}
-            for path in files.values():
-                Path(path).touch()
+            procs = []
+            for k, env in enumerate(envs):
+                files = {name: str(Path(tmp) / f"{name}{k}") for name in ("stdout", "stderr")}
+                for path in files.values():
+                    Path(path).touch()
+                procs.append({"env": env, **files})
             proc = self._start()
-            proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": str(cwd or self.repo), **files}) + "\n")
+            proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd or self.repo), "procs": procs}) + "\n")
             proc.stdin.flush()
-            pid = json.loads(proc.stdout.readline())["pid"]
+            pids = json.loads(proc.stdout.readline())["pids"]
             expired = threading.Event()
 
             def expire() -> None:
                 expired.set()
-                os.killpg(pid, signal.SIGKILL)
+                for pid in pids:
+                    _kill_group(pid)
 
             timer = threading.Timer(timeout, expire)
             timer.start()
@@ -177,7 +228,9 @@ class ForkServer:
                 timer.cancel()
             if not reply:
                 raise RuntimeError("the fork server stopped; its stderr is in the test's output")
-            stdout, stderr = (Path(files[n]).read_text(errors="replace") for n in ("stdout", "stderr"))
+            stdout, stderr = (
+                "".join(Path(p[n]).read_text(errors="replace") for p in procs) for n in ("stdout", "stderr")
+            )
         if expired.is_set():
             raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
         return subprocess.CompletedProcess(args, json.loads(reply)["rc"], stdout, stderr)

@@ -42,3 +42,11 @@ def test_what_only_an_interpreters_start_reads_makes_a_real_subprocess():
     assert FORK_SERVER.forkable({**os.environ, "WSSS_CACHE": "/elsewhere", "OMP_NUM_THREADS": "1"})
     for key in ("PYTHONHASHSEED", "LD_PRELOAD", "CUDA_VISIBLE_DEVICES", "WSSS_DIST_TIMEOUT_MIN"):
         assert not FORK_SERVER.forkable({**os.environ, key: "7"}), key
+
+
+def test_forked_ranks_fail_as_torchrun_does(tmp_path):
+    """Two forked ranks of a run both refuse a bad override: each prints its one error line, the status is 1."""
+    env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
+    proc = FORK_SERVER.run_ranks([*TINY, "pseudo.threshold=1.5"], env, 2, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.count("wsss: error: pseudo.threshold=1.5") == 2, proc.stderr[-2000:]

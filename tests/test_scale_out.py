@@ -30,6 +30,7 @@ def test_two_ranks_give_the_single_process_maps_masks_and_metrics(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'two'}"], cache="c2")
     assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "run.rank1.log").is_file()
     a, b = tmp_path / "c1", tmp_path / "c2"
     maps_a, maps_b = artifact_dir(a, "cams") / "maps", artifact_dir(b, "cams") / "maps"
     assert sorted(p.name for p in maps_a.iterdir()) == sorted(p.name for p in maps_b.iterdir())
@@ -51,7 +52,8 @@ def test_two_ranks_give_the_single_process_maps_masks_and_metrics(tmp_path):
     pa = json.loads((masks_a / "manifest.json").read_text())["counts"]
     pb = json.loads((masks_b / "manifest.json").read_text())["counts"]
     assert pa == pb  # the ignored share comes from totals summed over ranks
-    again = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'again'}"], cache="c2", timeout=300)
+    # torchrun itself reuses what the forked ranks wrote: the same keys, the same run-directory layout
+    again = torchrun(tmp_path, 2, [*common, f"hydra.run.dir={tmp_path / 'again'}"], cache="c2", timeout=300, real=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "evaluate: reusing" in again.stdout + again.stderr
     assert (tmp_path / "again" / "run.rank1.log").is_file()  # every rank logs to its own file

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import REPO
-from tests.tiny import error_line, kill_when, loop_iou, run_cli, tiny_cfg
+from tests.tiny import FORK_SERVER, error_line, kill_when, loop_iou, run_cli, tiny_cfg
 from wsss.config import validate
 from wsss.errors import ConfigError
 from wsss.models.segmenter import Segmenter
@@ -54,9 +52,9 @@ def colour_folder(root: Path, n: int = 12, size: int = 48, masks: bool = True) -
 
 
 def _cli(tmp_path: Path, args: list[str], cache: str = "cache") -> subprocess.CompletedProcess:
+    """`python -m wsss.run dataset.num_workers=0 *args` (not TINY's settings), through the fork server."""
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / cache)}
-    cmd = [sys.executable, "-m", "wsss.run", "dataset.num_workers=0", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return FORK_SERVER.run(["dataset.num_workers=0", *args], env, timeout=900)
 
 
 FAST = ["segment.batch_size=4", "segment.crop_size=48", "segment.ema_decay=null", "segment.scale_range=[1,1]"]
@@ -304,15 +302,8 @@ def test_two_ranks_give_the_single_process_masks_and_metrics(tmp_path):
     one = _cli(tmp_path, [*given, f"hydra.run.dir={tmp_path / 'one'}"], cache="c1")
     assert one.returncode == 0, one.stderr[-3000:]
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "c2")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wsss.run"]
-    two = subprocess.run(
-        [*cmd, "dataset.num_workers=0", *given, f"hydra.run.dir={tmp_path / 'two'}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # torchrun's two ranks, forked (tests/forkrun.py; test_scale_out runs torchrun itself)
+    two = FORK_SERVER.run_ranks(["dataset.num_workers=0", *given, f"hydra.run.dir={tmp_path / 'two'}"], env, 2, 600)
     assert two.returncode == 0, two.stderr[-3000:]
     a = sorted((tmp_path / "one" / "artifacts" / "segment" / "masks").glob("*.png"))
     b = sorted((tmp_path / "two" / "artifacts" / "segment" / "masks").glob("*.png"))
