@@ -45,8 +45,10 @@ def test_what_only_an_interpreters_start_reads_makes_a_real_subprocess():
 
 
 def test_forked_ranks_fail_as_torchrun_does(tmp_path):
-    """Two forked ranks of a run both refuse a bad override: each prints its one error line, the status is 1."""
+    """Two forked ranks of a run refuse a bad override: the status is 1, as torchrun's, and the error line is
+    printed (once or twice: the first rank to fail has the other killed, which may not have printed yet)."""
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
-    proc = FORK_SERVER.run_ranks([*TINY, "pseudo.threshold=1.5"], env, 2, timeout=300)
+    argv = [*TINY, "pseudo.threshold=1.5", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = FORK_SERVER.run_ranks(argv, env, 2, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.count("wsss: error: pseudo.threshold=1.5") == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("wsss: error: pseudo.threshold=1.5") in (1, 2), proc.stderr[-2000:]

@@ -96,13 +96,13 @@ def write_figures(
     from wsss import viz
 
     names = ["background", *source.class_names]
-    iou = [result["iou"][n] if result["iou"][n] is not None else float("nan") for n in names]
     if cfg.evaluate.figures:
+        iou = [result["iou"][n] if result["iou"][n] is not None else float("nan") for n in names]
         viz.plot_class_iou(names, iou, out_dir / "class_iou.png")
-    if "sweep" in result and cfg.evaluate.figures:
-        sw = result["sweep"]
-        curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
-        viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
+        if "sweep" in result:
+            sw = result["sweep"]
+            curves = {"mIoU": sw["miou"], "precision": sw["mprecision"], "recall": sw["mrecall"]}
+            viz.plot_threshold_curve(sw["thresholds"], curves, sw["best_threshold"], out_dir / "threshold_curve.png")
     seeds = (seeds_dir, result["masks_rule"]["threshold"], result["refine"]) if seeds_dir is not None else None
     write_overlays(out_dir, cfg.evaluate.overlays, source, masks_dir, maps_dir, seeds, result["per_image_miou"])
     with atomic_open(out_dir / "summary.md", "w") as f:
