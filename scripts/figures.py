@@ -168,12 +168,12 @@ def part_methods(overrides: list[str], out: Path) -> dict:
     return {"leaderboard": (out / "leaderboard" / "leaderboard.md").read_text(), "runs": commands}
 
 
-def part_faithfulness(overrides: list[str], out: Path) -> dict:
+def part_faithfulness(overrides: list[str], out: Path, methods: str = METHODS) -> dict:
     ckpt = f"model.checkpoint={seed0_checkpoint(overrides)}"
     runs = out / "faithfulness_runs"
     command = [
         "-m",
-        f"cam={METHODS}",
+        f"cam={methods}",
         "dataset.eval_split=val",
         ckpt,
         "faithfulness.enabled=true",
@@ -339,6 +339,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=[*PARTS, "all", "tables"])
     parser.add_argument("--out", type=Path, default=Path("figures"))
+    parser.add_argument("--methods", default=METHODS, help="the CAM methods of `faithfulness` (comma-separated)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_intermixed_args()  # overrides also after --out (parse_args leaves them unfilled there)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
@@ -351,7 +352,7 @@ def main() -> None:
             "refine": lambda: part_refine(args.overrides),
             "select": lambda: part_select(args.overrides),
             "methods": lambda: part_methods(args.overrides, args.out),
-            "faithfulness": lambda: part_faithfulness(args.overrides, args.out),
+            "faithfulness": lambda: part_faithfulness(args.overrides, args.out, args.methods),
             "real": lambda: part_real(args.overrides, args.out),
         }[part]
         payload = {"stamp": stamp([part, "--out", str(args.out), *args.overrides]), **run()}

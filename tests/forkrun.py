@@ -9,7 +9,8 @@ codes, stdout and stderr as a new interpreter, each run in a process of its own.
 
 What a new interpreter reads at its start cannot change after the fork (PYTHON* variables, the dynamic loader's,
 the thread count the OpenMP runtime parsed): a command whose environment changes one of those runs as a real
-subprocess, as does any command that is to be killed mid-run (`tiny.kill_when`). OMP_NUM_THREADS is applied with
+subprocess. A command to be killed mid-run (`tiny.kill_when`) has its process group killed by the test
+process, as a real one's would be. OMP_NUM_THREADS is applied with
 `torch.set_num_threads`, which is what the runtime's parse of it sets.
 """
 
@@ -25,8 +26,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 # Variables a running interpreter has already read: a change to one needs a new process.
@@ -34,11 +37,41 @@ _START_ONLY = ("PYTHON", "LD_", "MALLOC", "MKL_", "OPENBLAS", "GOMP", "KMP_", "C
 _SERVE = "import sys; sys.path.insert(0, sys.argv[1]); import tests.forkrun as f; f.serve()"
 
 
+# Imported inside functions by the stages (plots, TensorBoard, refiners, CLIP, COCO): 1.3 s of a tiny run's 3.5
+# when each child imports them itself
+_LAZY = (
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "torch.utils.tensorboard",
+    "scipy.sparse.linalg",
+    "pycocotools.coco",
+    "pycocotools.mask",
+    "pydensecrf.densecrf",
+    "pydensecrf.utils",
+    "open_clip",
+    "timm",
+)
+
+
 def _warm() -> None:
-    """Import what `python -m wsss.run` imports before it reads an argument."""
+    """Import what `python -m wsss.run` imports before it reads an argument, every wsss module, and the
+    libraries the stages import lazily (where installed); no computation, so no thread pool exists."""
+    import importlib
+    import pkgutil
+
+    from hydra.core.plugins import Plugins
+
     import wsss
     import wsss.provenance
     import wsss.run
+
+    for mod in pkgutil.walk_packages(wsss.__path__, "wsss."):
+        if mod.name != "wsss.run":  # run as __main__ only (runpy warns when it is already imported)
+            importlib.import_module(mod.name)
+    for name in _LAZY:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    Plugins.instance()  # Hydra's plugin scan, once
 
     # The import graph every cache key reads (0.7 s of parsing a run): a pure function of the sources, which
     # cannot change under a server (the test process restarts it when a wsss/*.py changes)
@@ -121,6 +154,15 @@ def serve() -> None:
         out.flush()
 
 
+def _kill_once(ready: Callable[[], bool], done: threading.Event, pids: list[int]) -> None:
+    """SIGKILL the process groups of `pids` as soon as `ready()` holds, unless `done` (they exited) comes first."""
+    while not done.is_set() and not ready():
+        time.sleep(0.02)
+    if not done.is_set():
+        for pid in pids:
+            _kill_group(pid)
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # gone already
         os.killpg(pid, signal.SIGKILL)
@@ -181,6 +223,11 @@ class ForkServer:
         subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed)."""
         return self._run(argv, [env], timeout, cwd)
 
+    def kill_when(self, argv: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float) -> int:
+        """`python -m wsss.run *argv` in a forked child whose process group gets SIGKILL as soon as `ready()`
+        holds (or `timeout` seconds pass); its exit status (-9 when killed)."""
+        return self._run(argv, [env], timeout, None, until=ready).returncode
+
     def run_ranks(
         self, argv: list[str], env: dict[str, str], nproc: int, timeout: float
     ) -> subprocess.CompletedProcess:
@@ -199,7 +246,12 @@ class ForkServer:
         return self._run(argv, envs, timeout, None)
 
     def _run(
-        self, argv: list[str], envs: list[dict[str, str]], timeout: float, cwd: Path | None
+        self,
+        argv: list[str],
+        envs: list[dict[str, str]],
+        timeout: float,
+        cwd: Path | None,
+        until: Callable[[], bool] | None = None,
     ) -> subprocess.CompletedProcess:
         args = [sys.executable, "-m", "wsss.run", *argv]
         with self.lock, tempfile.TemporaryDirectory() as tmp:
@@ -222,15 +274,19 @@ class ForkServer:
 
             timer = threading.Timer(timeout, expire)
             timer.start()
+            done = threading.Event()
+            if until is not None:
+                threading.Thread(target=_kill_once, args=(until, done, pids), daemon=True).start()
             try:
                 reply = proc.stdout.readline()
             finally:
+                done.set()
                 timer.cancel()
             if not reply:
                 raise RuntimeError("the fork server stopped; its stderr is in the test's output")
             stdout, stderr = (
                 "".join(Path(p[n]).read_text(errors="replace") for p in procs) for n in ("stdout", "stderr")
             )
-        if expired.is_set():
+        if expired.is_set() and until is None:
             raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
         return subprocess.CompletedProcess(args, json.loads(reply)["rc"], stdout, stderr)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.tiny import TINY, artifact_dir, fixed_checkpoint, run_cli, torchrun, torchrun_env
+from tests.tiny import TINY, artifact_dir, fixed_checkpoint, kill_when, run_cli, torchrun, torchrun_env
 from wsss.artifacts import read_mask
 
 pytestmark = pytest.mark.slow
@@ -159,24 +156,21 @@ def test_kill_in_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     )
     assert clean.returncode == 0, clean.stderr[-2000:]
     cache = tmp_path / "c2"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsss.run", *TINY, *args, f"hydra.run.dir={tmp_path / 'killed'}"],
-        cwd=REPO,
-        env=torchrun_env(tmp_path, "c2"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    history = None
-    while time.time() < deadline and proc.poll() is None:  # wait until two epochs are saved, then kill
+    history = []
+
+    def two_epochs_saved() -> bool:
         found = list(cache.glob("train/*/history.csv"))
         if found and len(list(csv.DictReader(found[0].open()))) >= 2:
-            history = found[0]
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+            history.append(found[0])
+        return bool(history)
+
+    kill_when(
+        tmp_path,
+        [*args, f"hydra.run.dir={tmp_path / 'killed'}"],
+        two_epochs_saved,
+        {**one_thread, "WSSS_CACHE": str(cache)},
+    )
+    history = history[0] if history else None
     assert history is not None
     assert not list(cache.glob("train/*/manifest.json"))
     done = len(list(csv.DictReader(history.open())))

@@ -104,8 +104,12 @@ def artifact_dir(cache: Path, stage: str) -> Path:
 
 def kill_when(tmp_path: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
     """Start `python -m wsss.run *TINY *args` (data and cache under `tmp_path`) and SIGKILL its process group as
-    soon as `ready()` holds (or it exits, or `timeout` seconds pass)."""
+    soon as `ready()` holds (or it exits, or `timeout` seconds pass): in a child of the fork server, or as a new
+    subprocess where `env` changes what only an interpreter's start reads."""
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache"), **(env or {})}
+    if FORK_SERVER.forkable(env):
+        FORK_SERVER.kill_when([*TINY, *args], env, ready, timeout)
+        return
     proc = subprocess.Popen(
         [sys.executable, "-m", "wsss.run", *TINY, *args],
         cwd=REPO,
