@@ -102,9 +102,14 @@ def _child(req: dict) -> None:
         import wsss
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-        sys.argv = [str(Path(wsss.__file__).parent / "run.py"), *req["argv"]]  # as `python -m` sets it
         sys.modules.pop("__main__", None)
-        runpy.run_module("wsss.run", run_name="__main__", alter_sys=True)
+        if req.get("script"):  # `python SCRIPT *argv`: the script's folder first on sys.path, as python puts it
+            sys.argv = [req["script"], *req["argv"]]
+            sys.path.insert(0, str(Path(req["script"]).parent))
+            runpy.run_path(req["script"], run_name="__main__")
+        else:
+            sys.argv = [str(Path(wsss.__file__).parent / "run.py"), *req["argv"]]  # as `python -m` sets it
+            runpy.run_module("wsss.run", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
@@ -223,6 +228,12 @@ class ForkServer:
         subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed)."""
         return self._run(argv, [env], timeout, cwd)
 
+    def run_script(
+        self, script: Path, argv: list[str], env: dict[str, str], timeout: float
+    ) -> subprocess.CompletedProcess:
+        """`python SCRIPT *argv` in a forked child in the repository, as `run` does for `python -m wsss.run`."""
+        return self._run(argv, [env], timeout, None, script=script)
+
     def kill_when(self, argv: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float) -> int:
         """`python -m wsss.run *argv` in a forked child whose process group gets SIGKILL as soon as `ready()`
         holds (or `timeout` seconds pass); its exit status (-9 when killed)."""
@@ -252,8 +263,9 @@ class ForkServer:
         timeout: float,
         cwd: Path | None,
         until: Callable[[], bool] | None = None,
+        script: Path | None = None,
     ) -> subprocess.CompletedProcess:
-        args = [sys.executable, "-m", "wsss.run", *argv]
+        args = [sys.executable, *([str(script)] if script else ["-m", "wsss.run"]), *argv]
         with self.lock, tempfile.TemporaryDirectory() as tmp:
             procs = []
             for k, env in enumerate(envs):
@@ -262,7 +274,10 @@ class ForkServer:
                     Path(path).touch()
                 procs.append({"env": env, **files})
             proc = self._start()
-            proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd or self.repo), "procs": procs}) + "\n")
+            proc.stdin.write(
+                json.dumps({"argv": argv, "cwd": str(cwd or self.repo), "procs": procs, "script": str(script or "")})
+                + "\n"
+            )
             proc.stdin.flush()
             pids = json.loads(proc.stdout.readline())["pids"]
             expired = threading.Event()

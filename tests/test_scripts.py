@@ -19,16 +19,19 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.tiny import TINY, ground_truth, loop_iou
+from tests.tiny import FORK_SERVER, TINY, ground_truth, loop_iou
 
 pytestmark = pytest.mark.slow
 
 
 def _script(name: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python scripts/NAME *args` in the repository: in a child of the fork server (`tests/forkrun.py`), or a
+    new interpreter where `env` changes what only an interpreter's start reads."""
+    env = {**os.environ, **(env or {})}
+    if FORK_SERVER.forkable(env):
+        return FORK_SERVER.run_script(REPO / "scripts" / name, list(args), env, timeout)
     cmd = [sys.executable, str(REPO / "scripts" / name), *args]
-    return subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _module(name: str):
