@@ -168,6 +168,8 @@ def _run_tiny(text: str, root: Path, tag: str) -> subprocess.CompletedProcess:
     """A docs `python -m wsss.run` command with the tiny overrides appended, run in `root/tag`."""
     (root / tag).mkdir()
     words = shlex.split(text)
+    if words[1:3] == ["-m", "wsss.run"]:  # in a child of the fork server (tests/forkrun.py)
+        return FORK_SERVER.run([*words[3:], *TINY, "progress=off"], _tiny_env(root), timeout=600, cwd=root / tag)
     return subprocess.run(
         [sys.executable, *words[1:], *TINY, "progress=off"],
         cwd=root / tag,

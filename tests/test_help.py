@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONF_DIR, REPO
 from tests.doc_commands import assert_applied, compose_job, fill_placeholders, job_config, run_args, sweep_jobs
+from tests.tiny import FORK_SERVER
 from wsss.config import register_configs, validate
 from wsss.help import OVERRIDES, WIDTH, help_body
 
@@ -75,9 +76,7 @@ def _options(row: str) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="module")
 def rendered() -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "wsss.run", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = FORK_SERVER.run(["--help"], dict(os.environ), timeout=300)  # `python -m wsss.run --help`
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -178,14 +177,7 @@ def test_help_marks_the_choices_and_needs_of_the_composed_config() -> None:
 
 def _query(line: str) -> list[str]:
     env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "wsss.run", "-sc", "query=bash"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = FORK_SERVER.run(["-sc", "query=bash"], env, timeout=300)  # `python -m wsss.run -sc query=bash`
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.split()
 
