@@ -17,8 +17,10 @@ process, as a real one's would be. OMP_NUM_THREADS is applied with
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import resource
 import runpy
 import signal
 import socket
@@ -97,6 +99,10 @@ def _child(req: dict) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
+        if req.get("read_only"):
+            _read_only(req["read_only"])
+        if req.get("fsize"):  # the file-size limit a preexec_fn would set
+            resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
         import torch
 
         import wsss
@@ -157,6 +163,28 @@ def serve() -> None:
         rc = codes[pids[0]] if len(pids) == 1 else int(any(codes.values()))
         out.write(json.dumps({"rc": rc}) + "\n")
         out.flush()
+
+
+def _read_only(paths: list[str]) -> None:
+    """What `unshare -rm sh -c 'mount --bind -o ro P P && ...'` gives the command: a user namespace mapping this
+    user to root, a private mount namespace, and each of `paths` bind-mounted over itself read-only."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(ok: int, what: str) -> None:
+        if ok != 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+    uid, gid = os.getuid(), os.getgid()
+    check(libc.unshare(0x10000000 | 0x00020000), "unshare(CLONE_NEWUSER | CLONE_NEWNS)")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
+    check(libc.mount(b"none", b"/", None, ms_rec | ms_private, None), "mount --make-rprivate /")
+    for path in paths:
+        p = os.fsencode(path)
+        check(libc.mount(p, p, None, ms_bind, None), f"mount --bind {path}")
+        check(libc.mount(p, p, None, ms_bind | ms_remount | ms_rdonly, None), f"mount -o remount,ro {path}")
 
 
 def _kill_once(ready: Callable[[], bool], done: threading.Event, pids: list[int]) -> None:
@@ -221,12 +249,22 @@ class ForkServer:
         return not any(k.startswith(_START_ONLY) for k in changed)
 
     def run(
-        self, argv: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        timeout: float,
+        cwd: Path | None = None,
+        read_only: list[Path] = (),
+        fsize: int = 0,
     ) -> subprocess.CompletedProcess:
         """`python -m wsss.run *argv` in a forked child in `cwd` (default the repository); a CompletedProcess as
         subprocess.run gives, or
-        subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed)."""
-        return self._run(argv, [env], timeout, cwd)
+        subprocess.TimeoutExpired once `timeout` seconds pass (the child's process group is killed).
+
+        `read_only`: folders the command sees read-only (bind mounts in a mount namespace of its own, as
+        `unshare -rm` and `mount --bind -o ro` give); `fsize`: a file-size limit in bytes (RLIMIT_FSIZE)."""
+        options = {"read_only": [str(p) for p in read_only], "fsize": fsize}
+        return self._run(argv, [{**env}], timeout, cwd, options=options)
 
     def run_script(
         self, script: Path, argv: list[str], env: dict[str, str], timeout: float
@@ -264,6 +302,7 @@ class ForkServer:
         cwd: Path | None,
         until: Callable[[], bool] | None = None,
         script: Path | None = None,
+        options: dict | None = None,
     ) -> subprocess.CompletedProcess:
         args = [sys.executable, *([str(script)] if script else ["-m", "wsss.run"]), *argv]
         with self.lock, tempfile.TemporaryDirectory() as tmp:
@@ -272,7 +311,7 @@ class ForkServer:
                 files = {name: str(Path(tmp) / f"{name}{k}") for name in ("stdout", "stderr")}
                 for path in files.values():
                     Path(path).touch()
-                procs.append({"env": env, **files})
+                procs.append({"env": env, **files, **(options or {})})
             proc = self._start()
             proc.stdin.write(
                 json.dumps({"argv": argv, "cwd": str(cwd or self.repo), "procs": procs, "script": str(script or "")})

@@ -6,17 +6,14 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
-from tests.tiny import TINY, error_line, kill_when, run_cli, tiny_cfg
+from tests.tiny import FORK_SERVER, TINY, error_line, kill_when, run_cli, tiny_cfg
 from wsss.artifacts import read_cams
 from wsss.pipeline import Pipeline
 
@@ -103,11 +100,8 @@ def test_read_only_cache_is_reused_and_a_missing_artifact_is_a_clear_error(tmp_p
     env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(cache)}
 
     def ro(*args: str) -> subprocess.CompletedProcess:
-        inner = " ".join([sys.executable, "-m", "wsss.run", *TINY, *args])
-        script = f"mount --bind -o ro {cache} {cache} && {inner}"
-        return subprocess.run(
-            ["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
+        # `unshare -rm sh -c "mount --bind -o ro CACHE CACHE && python -m wsss.run ..."`, in a forked child
+        return FORK_SERVER.run([*TINY, *args], env, timeout=300, read_only=[cache])
 
     proc = ro(f"hydra.run.dir={tmp_path / 'run1'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -126,11 +120,10 @@ def test_full_disk_names_the_file_and_leaves_nothing_trusted(tmp_path):
     gen = run_cli(tmp_path, ["stage=train", f"hydra.run.dir={tmp_path / 'gen'}"])
     shutil.rmtree(tmp_path / "cache")  # keep the generated data, drop the model
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
     assert gen.returncode == 0, gen.stderr[-2000:]
-    proc = run_cli(tmp_path, ["stage=train", f"hydra.run.dir={tmp_path / 'run1'}"], preexec_fn=limit)
+    env = {**os.environ, "WSSS_DATA": str(tmp_path / "data"), "WSSS_CACHE": str(tmp_path / "cache")}
+    run1 = [*TINY, "stage=train", f"hydra.run.dir={tmp_path / 'run1'}"]
+    proc = FORK_SERVER.run(run1, env, timeout=600, fsize=1 << 20)  # what preexec_fn=setrlimit(RLIMIT_FSIZE) gives
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.search(r"/train/\w+/train_state\.pt: cannot write \(File too large\)", error_line(proc.stderr))
     assert "Traceback" not in proc.stderr
